@@ -1,0 +1,5 @@
+"""onnxquant: quantize ONNX models for ONNX Runtime."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

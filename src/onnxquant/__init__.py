@@ -1,5 +1,65 @@
-"""onnxquant: quantize ONNX models for ONNX Runtime."""
+"""onnxquant: quantize ONNX models for ONNX Runtime.
+
+The native API is typed: ``quantize_static(model_in, model_out, calibration_data, config)`` with
+a :class:`StaticQuantConfig`. Code written for ``onnxruntime.quantization`` runs unchanged with
+``onnxquant.ort``.
+"""
 
 from __future__ import annotations
 
+from onnxquant.api import QuantizationResult, quantize_static
+from onnxquant.calibration.readers import CalibrationDataReader
+from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
+from onnxquant.errors import (
+    CalibrationError,
+    FeedError,
+    ModelLoadError,
+    NumericsError,
+    OutputPathError,
+    QuantizationError,
+    UnsupportedModelError,
+)
+from onnxquant.plan import QuantPlan
+from onnxquant.qtypes import (
+    FLOAT8E4M3FN,
+    INT4,
+    INT8,
+    INT16,
+    UINT4,
+    UINT8,
+    UINT16,
+    PerAxis,
+    PerBlock,
+    PerTensor,
+    QuantType,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "quantize_static",
+    "QuantizationResult",
+    "StaticQuantConfig",
+    "QuantFormat",
+    "CalibrationMethod",
+    "CalibrationDataReader",
+    "QuantPlan",
+    "QuantType",
+    "INT4",
+    "UINT4",
+    "INT8",
+    "UINT8",
+    "INT16",
+    "UINT16",
+    "FLOAT8E4M3FN",
+    "PerTensor",
+    "PerAxis",
+    "PerBlock",
+    "QuantizationError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "CalibrationError",
+    "FeedError",
+    "NumericsError",
+    "OutputPathError",
+]

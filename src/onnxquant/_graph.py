@@ -1,0 +1,32 @@
+"""Small graph queries shared by the planner, the selection and the emitters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+__all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize"]
+
+
+def iter_nodes(model: ir.Model, *, subgraphs: bool = True) -> Iterator[ir.Node]:
+    """All nodes of the main graph, and of If/Loop/Scan bodies when ``subgraphs``."""
+    if subgraphs:
+        yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    else:
+        yield from model.graph
+
+
+def is_float(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a float32 tensor (the type quantization applies to)."""
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def is_constant(value: ir.Value) -> bool:
+    """An initializer that is not also a graph input (so it cannot be overridden)."""
+    return value.const_value is not None and not value.is_graph_input()
+
+
+def from_dequantize(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"

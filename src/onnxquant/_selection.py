@@ -1,0 +1,98 @@
+"""Settle which selected nodes are quantized, before any parameter is computed.
+
+Compute ops (Conv, MatMul, Add, ...) are quantized when every float activation input is
+constant, already dequantized, or has a calibrated range. Data-movement ops (Reshape,
+Transpose, Gather, ...) and Relu/Clip are quantized only next to a quantized node — on their
+own they would only add QuantizeLinear/DequantizeLinear pairs to a float region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import onnx_ir as ir
+
+from onnxquant._graph import from_dequantize, is_constant, is_float
+from onnxquant.rules import OpRule, rule_for
+
+__all__ = ["Chosen", "choose_nodes"]
+
+
+class Chosen:
+    """The set of nodes to quantize, with the reason for every node left float."""
+
+    def __init__(self) -> None:
+        self.nodes: set[ir.Node] = set()
+        self.reasons: dict[ir.Node, str] = {}
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.nodes
+
+    def reason(self, node: ir.Node) -> str:
+        """Why ``node`` stays float."""
+        return self.reasons.get(node, "")
+
+
+def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object]) -> str | None:
+    usable = False
+    for index, value in enumerate(node.inputs):
+        if value is None or not rule.is_quantized_input(index) or not is_float(value):
+            continue
+        if from_dequantize(value):
+            continue
+        if not is_constant(value) and value.name not in ranges:
+            return f"input '{value.name}' has no calibrated range"
+        usable = True
+    return None if usable else "no float input to quantize"
+
+
+def _is_follower(rule: OpRule) -> bool:
+    return rule.shape_op or rule.removable
+
+
+def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object]) -> Chosen:
+    """Decide which of ``nodes`` are quantized (see the module docstring)."""
+    chosen = Chosen()
+    followers = []
+    for node in nodes:
+        rule = rule_for(node)
+        assert rule is not None
+        missing = _missing_input(node, rule, ranges)
+        if missing:
+            chosen.reasons[node] = missing
+        elif _is_follower(rule):
+            followers.append(node)
+        else:
+            chosen.nodes.add(node)
+    _grow(chosen, followers)
+    return chosen
+
+
+def _grow(chosen: Chosen, followers: list[ir.Node]) -> None:
+    pending = list(followers)
+    changed = True
+    while changed and pending:
+        changed = False
+        for node in list(pending):
+            if _has_quantized_neighbour(node, chosen):
+                chosen.nodes.add(node)
+                pending.remove(node)
+                changed = True
+    for node in pending:
+        chosen.reasons[node] = "no quantized neighbour (it would only add Q/DQ to float code)"
+
+
+def _has_quantized_neighbour(node: ir.Node, chosen: Chosen) -> bool:
+    data = node.inputs[0] if node.inputs else None
+    if data is not None:
+        if is_constant(data) and node.op_type == "Gather":
+            return True  # a quantized embedding table is worth it on its own
+        producer = data.producer()
+        if producer is not None and producer in chosen.nodes:
+            return True
+    for out in node.outputs:
+        for consumer, index in out.uses():
+            rule = rule_for(consumer)
+            if consumer in chosen.nodes and rule is not None and rule.is_quantized_input(index):
+                return True
+    return False

@@ -1,0 +1,131 @@
+"""The native entry point: ``quantize_static`` (load → prepare → select → calibrate → plan →
+emit → save)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxquant import model_io, preprocess
+from onnxquant.calibration.observers import MinMaxObserver
+from onnxquant.calibration.runner import calibrate_ranges
+from onnxquant.config import StaticQuantConfig
+from onnxquant.emitters.qdq import emit_qdq
+from onnxquant.errors import OutputPathError
+from onnxquant.plan import QuantPlan
+from onnxquant.planner import build_plan, select_nodes, tensors_to_calibrate
+
+__all__ = ["QuantizationResult", "quantize_static"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class QuantizationResult:
+    """What a quantization run did.
+
+    Attributes:
+        plan: Every decision and parameter.
+        output_files: Paths written (model, then external data if any).
+        float_bytes: Size of the input model's tensors.
+        quantized_bytes: Size of the written files.
+        calibration_samples: Number of feeds used.
+        seconds: Wall time of the whole run.
+        unobserved: Tensors that calibration could not observe (they stay float).
+    """
+
+    plan: QuantPlan
+    output_files: list[Path]
+    float_bytes: int
+    quantized_bytes: int
+    calibration_samples: int
+    seconds: float
+    unobserved: list[str]
+
+
+def _protected_paths(model_input: Any) -> tuple[str, ...]:
+    if isinstance(model_input, (str, os.PathLike)):
+        return (os.fspath(model_input),)
+    return ()
+
+
+def _check_output(model_input: Any, model_output: str | os.PathLike) -> None:
+    out = Path(model_output)
+    if isinstance(model_input, (str, os.PathLike)) and Path(model_input).absolute() == out.absolute():
+        raise OutputPathError(
+            f"the output path '{out}' is the input model; choose another output path "
+            "(the input model is never overwritten)"
+        )
+    if not out.absolute().parent.is_dir():
+        raise OutputPathError(f"output folder '{out.absolute().parent}' does not exist")
+
+
+def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
+    """Load and prepare a private copy of the model for quantization."""
+    model = model_io.load_model(model_input, upgrade_opset=config.upgrade_opset)
+    required = config.required_opset()
+    if model_io.default_opset(model) < required:
+        model = model_io.convert_opset(model, required)
+    preprocess.prepare(model, fold_bn=config.fold_batchnorm)
+    for graph in (model.graph, *model.graph.subgraphs()):
+        graph.sort()
+    return model
+
+
+def quantize_static(
+    model_input: model_io.ModelInput,
+    model_output: str | os.PathLike,
+    calibration_data: Any,
+    config: StaticQuantConfig | None = None,
+) -> QuantizationResult:
+    """Quantize a float model statically into QDQ format.
+
+    Args:
+        model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
+        model_output: Where to write the quantized model (atomically; never the input path).
+        calibration_data: A reader with ``get_next()`` (ORT style), an iterable of
+            ``{input_name: array}`` dicts, or a folder of ``.npz`` files / ONNX test-data sets.
+        config: Settings; defaults to ``StaticQuantConfig()`` (S8S8 QDQ, MinMax, per tensor).
+
+    Returns:
+        A :class:`QuantizationResult` with the plan and the files written.
+
+    Raises:
+        onnxquant.errors.QuantizationError: With a message naming the file, node, tensor or
+            input at fault. Nothing is written on failure.
+    """
+    config = config or StaticQuantConfig()
+    start = time.perf_counter()
+    _check_output(model_input, model_output)
+    model = prepare_model(model_input, config)
+    float_bytes = model_io.model_size_bytes(model)
+    nodes = select_nodes(model, config)
+    calibration = calibrate_ranges(
+        model,
+        tensors_to_calibrate(nodes),
+        calibration_data,
+        providers=config.providers,
+        observer_factory=lambda: MinMaxObserver(
+            moving_average=config.moving_average, averaging_constant=config.averaging_constant),
+        max_samples=config.max_calibration_samples,
+        progress=config.progress,
+    )
+    plan = build_plan(nodes, calibration.ranges, config)
+    emit_qdq(model, plan)
+    written = model_io.save_model(model, model_output, external_data=config.external_data,
+                                  protected=_protected_paths(model_input))
+    return QuantizationResult(
+        plan=plan,
+        output_files=written,
+        float_bytes=float_bytes,
+        quantized_bytes=sum(p.stat().st_size for p in written),
+        calibration_samples=calibration.samples,
+        seconds=time.perf_counter() - start,
+        unobserved=calibration.unobserved,
+    )

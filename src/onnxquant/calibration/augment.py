@@ -1,0 +1,141 @@
+"""Expose the (min, max) of intermediate tensors — also inside If/Loop/Scan bodies — as outputs.
+
+For every requested tensor the augmented model computes a ``[1, 2]`` float32 pair
+``(min, max)`` next to the tensor, so one inference per batch yields every range and ORT never
+has to hand back full activations. A tensor inside a subgraph is carried out of it as an extra
+output of the control-flow node: an If gets the pair from the branch that ran (the other branch
+yields an empty ``[0, 2]`` tensor); Loop and Scan stack one pair per iteration
+(``[iterations, 1, 2]``). The caller reduces every result with ``reshape(-1, 2)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["expose_ranges"]
+
+_FLOAT = ir.DataType.FLOAT
+_PAIR_TYPE = ir.TensorType(_FLOAT)
+
+
+class _Augmenter:
+    def __init__(self, model: ir.Model, names: set[str]) -> None:
+        self.model = model
+        self.names = names
+        self._ids = itertools.count()
+        shape = ir.Value(name=self._name("shape_1_1"), const_value=ir.tensor([1, 1], ir.DataType.INT64))
+        shape.const_value.name = shape.name  # type: ignore[union-attr]
+        shape.type = ir.TensorType(ir.DataType.INT64)
+        shape.shape = ir.Shape([2])
+        model.graph.register_initializer(shape)
+        self.shape_1_1 = shape
+
+    def _name(self, stem: str) -> str:
+        return f"_oqcal_{next(self._ids)}_{stem}"
+
+    def _add(self, graph: ir.Graph, op: str, inputs: Iterable[ir.Value], **attrs: object) -> ir.Value:
+        node = ir.node(op, list(inputs), attributes=attrs or None, name=self._name(op))
+        graph.append(node)
+        out = node.outputs[0]
+        out.name = self._name(op.lower())
+        return out
+
+    def pair(self, graph: ir.Graph, value: ir.Value) -> ir.Value:
+        """Nodes in ``graph`` computing ``[[min(value), max(value)]]`` as float32."""
+        parts = []
+        for op in ("ReduceMin", "ReduceMax"):
+            reduced = self._add(graph, op, [value], keepdims=1)
+            flat = self._add(graph, "Reshape", [reduced, self.shape_1_1])
+            if value.dtype != _FLOAT:
+                flat = self._add(graph, "Cast", [flat], to=_FLOAT)
+            parts.append(flat)
+        out = self._add(graph, "Concat", parts, axis=1)
+        out.type = _PAIR_TYPE
+        return out
+
+    def empty_pair(self, graph: ir.Graph) -> ir.Value:
+        """A constant ``[0, 2]`` float32 tensor (the branch that did not see the tensor)."""
+        tensor = ir.tensor(np.zeros((0, 2), np.float32))
+        node = ir.node("Constant", [], attributes={"value": tensor}, name=self._name("empty"))
+        graph.append(node)
+        out = node.outputs[0]
+        out.name = self._name("empty_pair")
+        out.type = _PAIR_TYPE
+        return out
+
+    def expose(self, graph: ir.Graph) -> dict[str, ir.Value]:
+        """Pairs, as values of ``graph``, for every requested tensor in ``graph`` and below."""
+        found: dict[str, ir.Value] = {}
+        for value in graph.inputs:
+            if value.name in self.names:
+                found[value.name] = self.pair(graph, value)  # type: ignore[index]
+        for node in list(graph):
+            for out in node.outputs:
+                if out.name in self.names:
+                    found[out.name] = self.pair(graph, out)
+            if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+                found.update(self._through_if(node))
+            elif node.op_type in ("Loop", "Scan") and node.domain in ("", "ai.onnx"):
+                found.update(self._through_loop(node))
+        return found
+
+    def _through_if(self, node: ir.Node) -> dict[str, ir.Value]:
+        branches = [node.attributes[k].as_graph() for k in ("then_branch", "else_branch")]
+        results = [self.expose(branch) for branch in branches]
+        keys = sorted(set(results[0]) | set(results[1]))
+        for branch, result in zip(branches, results):
+            for key in keys:
+                branch.outputs.append(result[key] if key in result else self.empty_pair(branch))
+        return self._new_outputs(node, keys)
+
+    def _through_loop(self, node: ir.Node) -> dict[str, ir.Value]:
+        body = node.attributes["body"].as_graph()
+        result = self.expose(body)
+        keys = sorted(result)
+        for key in keys:
+            body.outputs.append(result[key])
+        if node.op_type == "Scan":
+            for attr_name in ("scan_output_axes", "scan_output_directions"):
+                attr = node.attributes.get(attr_name)
+                if attr is not None:
+                    values = list(attr.as_ints()) + [0] * len(keys)
+                    node.attributes[attr_name] = ir.AttrInt64s(attr_name, values)
+        return self._new_outputs(node, keys)
+
+    def _new_outputs(self, node: ir.Node, keys: list[str]) -> dict[str, ir.Value]:
+        first = len(node.outputs)
+        node.resize_outputs(first + len(keys))
+        found = {}
+        for offset, key in enumerate(keys):
+            out = node.outputs[first + offset]
+            out.name = self._name("carried")
+            out.type = _PAIR_TYPE
+            found[key] = out
+        return found
+
+
+def expose_ranges(model: ir.Model, names: Iterable[str]) -> dict[str, str]:
+    """Add model outputs with the (min, max) pairs of the named tensors, in place.
+
+    Args:
+        model: A private copy of the model (it is changed).
+        names: Names of float tensors (graph inputs or node outputs, at any nesting depth).
+
+    Returns:
+        Tensor name -> name of the model output carrying its pairs. Tensors that were not
+        found (e.g. initializers) are absent.
+    """
+    augmenter = _Augmenter(model, set(names))
+    found = augmenter.expose(model.graph)
+    outputs = {}
+    for key, value in found.items():
+        model.graph.outputs.append(value)
+        outputs[key] = value.name or ""
+    model.graph.sort()
+    for sub in model.graph.subgraphs():
+        sub.sort()
+    return outputs

@@ -1,0 +1,99 @@
+"""Typed configuration of static quantization.
+
+Every numeric choice is a visible field with one default, documented once here. The
+ORT-compatible layer (``onnxquant.ort``) translates its option strings into these fields in one
+place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Collection
+
+from onnxquant.qtypes import INT8, QuantType
+
+__all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig"]
+
+
+class QuantFormat(enum.Enum):
+    """How a quantized model is represented."""
+
+    QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs around float operators
+
+
+class CalibrationMethod(enum.Enum):
+    """How activation ranges are derived from calibration data."""
+
+    MINMAX = "minmax"
+
+
+@dataclasses.dataclass
+class StaticQuantConfig:
+    """Settings of :func:`onnxquant.quantize_static`.
+
+    Attributes:
+        activation_type: Element type of quantized activations (int8 = S8S8 with int8 weights).
+        weight_type: Element type of quantized weights.
+        per_channel: One scale per output channel for Conv/ConvTranspose/Gemm/MatMul weights.
+        reduce_range: Quantize weights to 7 bits (for CPUs without VNNI that overflow on u8s8).
+        activation_symmetric: Symmetric activation ranges (zero point 0 / midpoint).
+        weight_symmetric: Symmetric weights; None means True for signed weight types.
+        format: Output representation (QDQ).
+        calibration_method: How activation ranges are found.
+        moving_average: MinMax: exponential moving average of per-batch ranges.
+        averaging_constant: Weight of the newest batch in the moving average.
+        op_types: Op types to quantize; None means every op type with a rule.
+        op_types_to_exclude: Op types never quantized.
+        nodes_to_quantize: If given, only these node names are quantized.
+        nodes_to_exclude: Node names never quantized.
+        quantize_bias: Store Conv/Gemm biases as int32 (scale = input scale × weight scale).
+        keep_removable_activations: Keep Relu/Clip even when the quantized range clips.
+        min_real_range: Minimum width of every activation range.
+        fold_batchnorm: Fold BatchNormalization into the preceding Conv before quantizing.
+        subgraphs: Quantize inside If/Loop/Scan bodies too.
+        upgrade_opset: Convert models below opset 10 instead of refusing them.
+        external_data: Save tensors to ``<output>.data``; None decides by size (> 2 GB).
+        providers: onnxruntime execution providers used for calibration.
+        max_calibration_samples: Use at most this many feeds.
+        progress: Show progress bars.
+    """
+
+    activation_type: QuantType = INT8
+    weight_type: QuantType = INT8
+    per_channel: bool = False
+    reduce_range: bool = False
+    activation_symmetric: bool = False
+    weight_symmetric: bool | None = None
+    format: QuantFormat = QuantFormat.QDQ
+    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    moving_average: bool = False
+    averaging_constant: float = 0.01
+    op_types: Collection[str] | None = None
+    op_types_to_exclude: Collection[str] = ()
+    nodes_to_quantize: Collection[str] | None = None
+    nodes_to_exclude: Collection[str] = ()
+    quantize_bias: bool = True
+    keep_removable_activations: bool = False
+    min_real_range: float | None = None
+    fold_batchnorm: bool = True
+    subgraphs: bool = True
+    upgrade_opset: bool = False
+    external_data: bool | None = None
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    max_calibration_samples: int | None = None
+    progress: bool = False
+
+    @property
+    def weights_symmetric(self) -> bool:
+        """Resolved weight symmetry (signed types default to symmetric)."""
+        if self.weight_symmetric is None:
+            return self.weight_type.signed
+        return self.weight_symmetric
+
+    def required_opset(self) -> int:
+        """The lowest default-domain opset the output needs."""
+        opset = max(self.activation_type.min_opset, self.weight_type.min_opset)
+        if self.per_channel:
+            opset = max(opset, 13)
+        return opset

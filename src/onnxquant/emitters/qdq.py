@@ -1,0 +1,178 @@
+"""The QDQ emitter: QuantizeLinear/DequantizeLinear pairs around float operators.
+
+It only reads the plan. Activations get a Q→DQ pair in the graph that defines them (If/Loop/Scan
+bodies included); weights are stored quantized behind a DequantizeLinear; biases are stored as
+int32 with scale = input scale × weight scale. Float consumers of a tensor produced by a float
+op keep reading the float tensor; when the producer itself is quantized every consumer — and
+the graph output — reads the dequantized value, so onnxruntime can fuse the whole group into an
+integer kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxquant import numerics
+from onnxquant._graph import iter_nodes
+from onnxquant.plan import BiasQuant, QuantPlan, TensorQuant
+
+__all__ = ["emit_qdq"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Names:
+    """Unique names for new values and nodes."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.used: set[str] = set()
+        for node in iter_nodes(model):
+            self.used.add(node.name or "")
+            self.used.update(v.name or "" for v in node.outputs)
+        for graph in (model.graph, *model.graph.subgraphs()):
+            self.used.update(v.name or "" for v in graph.inputs)
+            self.used.update(graph.initializers)
+
+    def new(self, stem: str) -> str:
+        name, i = stem, 1
+        while name in self.used:
+            name, i = f"{stem}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+class _QDQEmitter:
+    def __init__(self, model: ir.Model, plan: QuantPlan) -> None:
+        self.model = model
+        self.plan = plan
+        self.names = _Names(model)
+        self.nodes = {n.name: n for n in iter_nodes(model)}
+        self.values: dict[str, ir.Value] = {}
+        for graph in (model.graph, *model.graph.subgraphs()):
+            self.values.update({v.name: v for v in graph.inputs if v.name})
+            self.values.update(graph.initializers)
+            for node in graph:
+                self.values.update({v.name: v for v in node.outputs if v.name})
+        self.readers: dict[str, list[tuple[ir.Node, int]]] = defaultdict(list)
+        self.quantized_producers: set[str] = set()
+        for decision in plan.quantized_nodes():
+            node = self.nodes[decision.name]
+            for index, tensor in decision.inputs.items():
+                self.readers[tensor].append((node, index))
+            self.quantized_producers.update(decision.outputs)
+
+    # -- building blocks ---------------------------------------------------------------------
+    def initializer(self, graph: ir.Graph, stem: str, array: np.ndarray) -> ir.Value:
+        name = self.names.new(stem)
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
+                         type=ir.TensorType(tensor.dtype))
+        graph.register_initializer(value)
+        return value
+
+    def node(self, graph: ir.Graph, op: str, inputs: list[ir.Value], stem: str,
+             axis: int | None, dtype: ir.DataType) -> ir.Value:
+        attrs = {"axis": axis} if axis is not None else None
+        node = ir.node(op, inputs, attributes=attrs, name=self.names.new(f"{stem}_{op}"))
+        graph.append(node)
+        out = node.outputs[0]
+        out.name = self.names.new(f"{stem}_{'q' if op == 'QuantizeLinear' else 'dq'}")
+        out.type = ir.TensorType(dtype)
+        if inputs[0].shape is not None:
+            out.shape = inputs[0].shape
+        return out
+
+    def params(self, graph: ir.Graph, tq: TensorQuant) -> list[ir.Value]:
+        scale = self.initializer(graph, f"{tq.name}_scale", tq.scale_array())
+        zero_point = self.initializer(graph, f"{tq.name}_zero_point", tq.zero_point_array())
+        return [scale, zero_point]
+
+    # -- tensors -----------------------------------------------------------------------------
+    def weight(self, value: ir.Value, tq: TensorQuant) -> None:
+        readers = self.readers.get(tq.name, [])
+        if not readers:
+            return
+        graph = value.graph
+        assert graph is not None and value.const_value is not None
+        data = numerics.quantize(value.const_value.numpy(), tq.scale_array(),
+                                 tq.zero_point_array(), tq.quant_type, axis=tq.axis)
+        stored = self.initializer(graph, f"{tq.name}_quantized", data)
+        out = self.node(graph, "DequantizeLinear", [stored, *self.params(graph, tq)], tq.name,
+                        tq.axis, value.dtype or ir.DataType.FLOAT)
+        for node, index in readers:
+            node.replace_input_with(index, out)
+
+    def activation(self, value: ir.Value, tq: TensorQuant) -> None:
+        producer = value.producer()
+        graph = producer.graph if producer is not None else value.graph
+        assert graph is not None
+        quantized_producer = tq.name in self.quantized_producers
+        readers = list(value.uses()) if quantized_producer else self.readers.get(tq.name, [])
+        outputs = [i for i, out in enumerate(graph.outputs) if out is value]
+        if not readers and not (quantized_producer and outputs):
+            return
+        scale, zero_point = self.params(graph, tq)
+        q = self.node(graph, "QuantizeLinear", [value, scale, zero_point], tq.name, tq.axis,
+                      tq.quant_type.onnx_dtype)
+        dq = self.node(graph, "DequantizeLinear", [q, scale, zero_point], tq.name, tq.axis,
+                       value.dtype or ir.DataType.FLOAT)
+        for node, index in readers:
+            if node is not q.producer():
+                node.replace_input_with(index, dq)
+        if quantized_producer and outputs:
+            original = value.name
+            value.name = self.names.new(f"{original}_before_qdq")
+            dq.name = original
+            for i in outputs:
+                graph.outputs[i] = dq
+
+    def bias(self, node: ir.Node, bias: BiasQuant) -> None:
+        value = node.inputs[bias.input]
+        assert value is not None and value.const_value is not None and node.graph is not None
+        scale = np.asarray(bias.scale, dtype=np.float32)
+        scale = scale.reshape(()) if bias.axis is None else scale
+        data, _ = numerics.quantize_bias(value.const_value.numpy(), np.float32(1.0), scale,
+                                         name=bias.tensor)
+        graph = node.graph
+        stored = self.initializer(graph, f"{bias.tensor}_quantized", data.astype(np.int32))
+        scale_value = self.initializer(graph, f"{bias.tensor}_quantized_scale", scale)
+        out = self.node(graph, "DequantizeLinear", [stored, scale_value], bias.tensor, bias.axis,
+                        value.dtype or ir.DataType.FLOAT)
+        node.replace_input_with(bias.input, out)
+
+    # -- the whole model ---------------------------------------------------------------------
+    def remove_folded_activations(self) -> None:
+        for decision in self.plan.nodes.values():
+            if decision.action != "remove":
+                continue
+            node = self.nodes[decision.name]
+            node.outputs[0].replace_all_uses_with(node.inputs[0])  # type: ignore[arg-type]
+            assert node.graph is not None
+            node.graph.remove(node, safe=True)
+
+    def run(self) -> None:
+        self.remove_folded_activations()
+        for name, tq in self.plan.tensors.items():
+            value = self.values.get(name)
+            if value is None:
+                logger.warning("planned tensor '%s' is not in the model; skipped", name)
+            elif tq.role == "weight":
+                self.weight(value, tq)
+            else:
+                self.activation(value, tq)
+        for decision in self.plan.quantized_nodes():
+            if decision.bias is not None:
+                self.bias(self.nodes[decision.name], decision.bias)
+        RemoveUnusedNodesPass()(self.model)
+        for graph in (self.model.graph, *self.model.graph.subgraphs()):
+            graph.sort()
+
+
+def emit_qdq(model: ir.Model, plan: QuantPlan) -> None:
+    """Rewrite ``model`` in place into QDQ form following ``plan``."""
+    _QDQEmitter(model, plan).run()

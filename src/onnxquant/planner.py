@@ -1,0 +1,287 @@
+"""Select the nodes to quantize and turn op rules plus calibrated ranges into a QuantPlan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant import numerics
+from onnxquant._graph import from_dequantize, is_constant, is_float, iter_nodes
+from onnxquant._selection import choose_nodes
+from onnxquant.config import StaticQuantConfig
+from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.qtypes import QuantType
+from onnxquant.rules import OpRule, OutputMode, rule_for, weight_axis
+
+__all__ = ["select_nodes", "tensors_to_calibrate", "build_plan"]
+
+logger = logging.getLogger(__name__)
+
+def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
+    """Nodes that have a rule and pass the op-type and name filters of ``config``."""
+    selected = []
+    for node in iter_nodes(model, subgraphs=config.subgraphs):
+        if rule_for(node) is None or node.op_type in config.op_types_to_exclude:
+            continue
+        if config.op_types is not None and node.op_type not in config.op_types:
+            continue
+        if node.name in config.nodes_to_exclude:
+            continue
+        if config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize:
+            continue
+        selected.append(node)
+    return selected
+
+
+def tensors_to_calibrate(nodes: list[ir.Node]) -> set[str]:
+    """Non-constant float inputs and outputs of the selected nodes."""
+    names = set()
+    for node in nodes:
+        rule = rule_for(node)
+        assert rule is not None
+        for index, value in enumerate(node.inputs):
+            if rule.is_quantized_input(index) and is_float(value) and not is_constant(value):
+                names.add(value.name)  # type: ignore[union-attr]
+        for value in node.outputs:
+            if is_float(value):
+                names.add(value.name)
+    names.discard(None)  # type: ignore[arg-type]
+    return names
+
+
+class _Planner:
+    def __init__(self, config: StaticQuantConfig, ranges: Mapping[str, tuple[float, float]]):
+        self.config = config
+        self.ranges = ranges
+        self.plan = QuantPlan(settings=_settings(config))
+        self.aliases: dict[ir.Value | None, ir.Value] = {}  # removed Relu output -> its input
+
+    # -- Relu/Clip removal -----------------------------------------------------------------
+    def try_remove(self, node: ir.Node) -> bool:
+        """Drop a Relu/Clip whose producer's quantized output range already clips like it."""
+        x, y = self.aliases.get(node.inputs[0], node.inputs[0]), node.outputs[0]
+        producer = x.producer() if x is not None else None
+        if x is None or producer is None or not is_float(x) or y.name not in self.ranges:
+            return False
+        decision = self.plan.nodes.get(producer.name or "")
+        if decision is None or x.name not in decision.outputs:
+            return False
+        if len(x.uses()) != 1 or x.is_graph_output() or y.is_graph_output():
+            return False
+        bounds = clip_bounds(node)
+        if bounds is None:
+            return False
+        params = self.activation(x.name or "", self.ranges[y.name or ""], f"fused:{node.name}")
+        if not _within(params, *bounds):
+            return False
+        self.plan.tensors[x.name or ""] = params
+        self.aliases[y] = x
+        self.plan.nodes[node.name or ""] = NodeDecision(
+            node.name or "", node.op_type, "remove",
+            f"the quantized range of '{x.name}' already clips to [{bounds[0]}, {bounds[1]}]")
+        return True
+
+    # -- parameters ------------------------------------------------------------------------
+    def activation(self, name: str, rng: tuple[float, float], source: str) -> TensorQuant:
+        cfg = self.config
+        scale, zp = numerics.compute_scale_zero_point(
+            rng[0], rng[1], cfg.activation_type, symmetric=cfg.activation_symmetric,
+            min_real_range=cfg.min_real_range)
+        return _tensor(name, "activation", cfg.activation_type, scale, zp, None, source, rng)
+
+    def constant(self, value: ir.Value, axis: int | None, as_weight: bool) -> TensorQuant:
+        cfg = self.config
+        data = value.const_value.numpy()  # type: ignore[union-attr]
+        name = value.name or ""
+        qtype = cfg.weight_type if as_weight else cfg.activation_type
+        symmetric = cfg.weights_symmetric if as_weight else cfg.activation_symmetric
+        low, high = numerics.tensor_range(data, axis, name=name)
+        scale, zp = numerics.compute_scale_zero_point(
+            low, high, qtype, symmetric=symmetric, reduce_range=cfg.reduce_range and as_weight)
+        rng = (float(np.min(low)), float(np.max(high))) if data.size else (0.0, 0.0)
+        return _tensor(name, "weight", qtype, scale, zp, axis, "constant", rng)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def plan_input(self, node: ir.Node, index: int, value: ir.Value, rule: OpRule) -> str | None:
+        """Parameters for one activation input; returns the reason when it cannot be quantized."""
+        name = value.name or ""
+        if name in self.plan.tensors:
+            return None
+        if is_constant(value):
+            rank = len(value.const_value.shape)  # type: ignore[union-attr]
+            as_weight = index in rule.weights
+            axis = weight_axis(node, index, rank) if (as_weight and self.config.per_channel) else None
+            if axis is not None and node.op_type == "ConvTranspose" and _group(node) > 1:
+                axis = None
+            self.plan.tensors[name] = self.constant(value, axis, as_weight)
+            return None
+        if name not in self.ranges:
+            return f"input '{name}' has no calibrated range"
+        self.plan.tensors[name] = self.activation(name, self.ranges[name], "calibrated")
+        return None
+
+    def decide(self, node: ir.Node, rule: OpRule) -> NodeDecision:
+        decision = NodeDecision(node.name or "", node.op_type, "float")
+        for index, value in enumerate(node.inputs):
+            value = self.aliases.get(value, value)
+            if not (rule.is_quantized_input(index) and is_float(value)):
+                continue
+            assert value is not None
+            if from_dequantize(value):
+                continue  # already quantized in the input model
+            reason = self.plan_input(node, index, value, rule)
+            if reason:
+                decision.reason = reason
+                return decision
+            decision.inputs[index] = value.name or ""
+        if not decision.inputs:
+            decision.reason = "no float input to quantize"
+            return decision
+        decision.action = "quantize"
+        self.plan_outputs(node, rule, decision)
+        return decision
+
+    # -- outputs ---------------------------------------------------------------------------
+    def plan_outputs(self, node: ir.Node, rule: OpRule, decision: NodeDecision) -> None:
+        for value in node.outputs:
+            name = value.name or ""
+            if not is_float(value) or rule.output is OutputMode.NONE:
+                continue
+            if rule.output is OutputMode.SHARED:
+                source = self.plan.tensors.get(decision.inputs.get(0, ""))
+                if source is None:
+                    continue
+                params = TensorQuant(**{**source.__dict__, "name": name, "role": "activation",
+                                        "source": f"shared:{source.name}"})
+                if params.axis is not None:
+                    continue  # a per-channel weight cannot be shared with an activation
+            elif rule.output is OutputMode.FIXED:
+                assert rule.fixed_range is not None
+                params = self.activation(name, rule.fixed_range, "fixed")
+            elif name in self.ranges:
+                params = self.activation(name, self.ranges[name], "calibrated")
+            else:
+                continue
+            self.plan.tensors.setdefault(name, params)
+            decision.outputs.append(name)
+
+    # -- bias ------------------------------------------------------------------------------
+    def plan_bias(self, node: ir.Node, rule: OpRule, decision: NodeDecision) -> None:
+        index = rule.bias
+        if index is None or not self.config.quantize_bias or len(node.inputs) <= index:
+            return
+        bias, weight_name = node.inputs[index], decision.inputs.get(1)
+        act = self.plan.tensors.get(decision.inputs.get(0, ""))
+        weight = self.plan.tensors.get(weight_name or "")
+        if bias is None or not is_constant(bias) or not is_float(bias) or act is None:
+            return
+        if weight is None or weight.role != "weight" or act.axis is not None:
+            return
+        if node.op_type == "Gemm" and not _unit_alpha_beta(node):
+            return
+        data = bias.const_value.numpy()  # type: ignore[union-attr]
+        if data.ndim != 1:
+            return
+        w_scale = weight.scale_array()
+        if weight.axis is not None and w_scale.size != data.size:
+            return
+        adjusted = numerics.weight_scale_for_bias(data, act.scale_array(), w_scale)
+        if not np.array_equal(adjusted, w_scale):
+            logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
+                        weight.name, bias.name)
+            weight.scale = [float(s) for s in np.atleast_1d(adjusted)]
+        scale = numerics.bias_scale(act.scale_array(), weight.scale_array())
+        decision.bias = BiasQuant(index, bias.name or "", [float(s) for s in np.atleast_1d(scale)],
+                                  0 if weight.axis is not None else None)
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """``(low, high)`` of a Relu or Clip (None when a bound is not constant)."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    low, high = -float("inf"), float("inf")
+    for key, index in (("min", 1), ("max", 2)):
+        attr = node.attributes.get(key)  # opset < 11
+        if attr is not None:
+            bound = attr.as_float()
+        elif len(node.inputs) > index and node.inputs[index] is not None:
+            value = node.inputs[index]
+            if value.const_value is None:  # type: ignore[union-attr]
+                return None
+            bound = float(value.const_value.numpy().reshape(-1)[0])  # type: ignore[union-attr]
+        else:
+            continue
+        low, high = (bound, high) if key == "min" else (low, bound)
+    return low, high
+
+
+def _within(params: TensorQuant, low: float, high: float) -> bool:
+    qtype = params.quant_type
+    scale, zp = params.scale[0], params.zero_point[0]
+    rep_low, rep_high = scale * (qtype.qmin - zp), scale * (qtype.qmax - zp)
+    tol = 1e-6 * max(1.0, abs(rep_low), abs(rep_high))
+    return rep_low >= low - tol and rep_high <= high + tol
+
+
+def _group(node: ir.Node) -> int:
+    attr = node.attributes.get("group")
+    return attr.as_int() if attr is not None else 1
+
+
+def _unit_alpha_beta(node: ir.Node) -> bool:
+    for key in ("alpha", "beta"):
+        attr = node.attributes.get(key)
+        if attr is not None and attr.as_float() != 1.0:
+            return False
+    return True
+
+
+def _tensor(name, role, qtype: QuantType, scale, zp, axis, source, rng) -> TensorQuant:
+    scales = [float(s) for s in np.atleast_1d(scale)]
+    zps = [int(z) for z in np.atleast_1d(zp).astype(np.int64)]
+    rng = (float(rng[0]), float(rng[1])) if rng is not None else None
+    return TensorQuant(name, role, qtype.name, scales, zps, axis, source, rng)
+
+
+def _settings(config: StaticQuantConfig) -> dict:
+    return {
+        "activation_type": config.activation_type.name,
+        "weight_type": config.weight_type.name,
+        "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
+        "activation_symmetric": config.activation_symmetric,
+        "weight_symmetric": config.weights_symmetric,
+        "format": config.format.value,
+        "calibration_method": config.calibration_method.value,
+    }
+
+
+def build_plan(
+    nodes: list[ir.Node], ranges: Mapping[str, tuple[float, float]], config: StaticQuantConfig
+) -> QuantPlan:
+    """Decide every selected node (given in topological order) and compute all parameters.
+
+    Which nodes are quantized is settled first (``choose_nodes``); parameters are then computed
+    in graph order, so data-movement ops see their input's final parameters and every bias sees
+    its input and weight scales.
+    """
+    chosen = choose_nodes(nodes, ranges)
+    planner = _Planner(config, ranges)
+    for node in nodes:
+        rule = rule_for(node)
+        assert rule is not None
+        if node not in chosen:
+            planner.plan.nodes[node.name or ""] = NodeDecision(
+                node.name or "", node.op_type, "float", chosen.reason(node))
+            continue
+        if rule.removable and not config.keep_removable_activations:
+            if planner.try_remove(node):
+                continue
+        decision = planner.decide(node, rule)
+        if decision.action == "quantize":
+            planner.plan_bias(node, rule, decision)
+        planner.plan.nodes[decision.name] = decision
+    return planner.plan

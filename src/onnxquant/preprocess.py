@@ -1,0 +1,120 @@
+"""Graph preparation before quantization.
+
+Each step is a small function over an ``onnx_ir.Model`` that returns whether it changed the
+model: unique names, weights held in ``Constant`` nodes lifted to initializers (paddle2onnx and
+other exporters keep every weight in a Constant node), Conv+BatchNormalization folding, and
+ONNX shape inference for element types.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    ShapeInferencePass,
+)
+
+__all__ = ["prepare", "fix_names", "lift_constants", "fold_batchnorm", "infer_types"]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(model: ir.Model, *, fold_bn: bool = True) -> None:
+    """Run every preparation step on ``model`` in place."""
+    fix_names(model)
+    lift_constants(model)
+    if fold_bn:
+        count = fold_batchnorm(model)
+        if count:
+            logger.info("folded %d BatchNormalization nodes into their Conv", count)
+    infer_types(model)
+
+
+def fix_names(model: ir.Model) -> bool:
+    """Give every node and value a unique, non-empty name (the plan is keyed by names)."""
+    return NameFixPass()(model).modified
+
+
+def lift_constants(model: ir.Model) -> bool:
+    """Turn tensor-valued ``Constant`` nodes (also inside subgraphs) into initializers."""
+    return LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model).modified
+
+
+def infer_types(model: ir.Model) -> bool:
+    """Fill in element types and shapes with ONNX shape inference (best effort)."""
+    try:
+        return ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(
+            model
+        ).modified
+    except Exception as err:  # shape inference failing must not stop quantization
+        logger.warning("ONNX shape inference failed (%s); element types come from the model", err)
+        return False
+
+
+def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def fold_batchnorm(model: ir.Model) -> int:
+    """Fold ``BatchNormalization`` (inference mode) into a preceding ``Conv``.
+
+    The Conv must be its only consumer, have constant weights (and bias) and the BatchNorm
+    constant parameters. New weight/bias initializers are created; the originals are left to
+    the unused-initializer cleanup. Returns the number of folded nodes.
+    """
+    count = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for bn in list(graph):
+            if bn.op_type == "BatchNormalization" and bn.domain in ("", "ai.onnx"):
+                count += _fold_one(graph, bn)
+    return count
+
+
+def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
+    x = bn.inputs[0]
+    conv = x.producer() if x is not None else None
+    if conv is None or conv.op_type != "Conv" or conv.graph is not graph:
+        return 0
+    if len(x.uses()) != 1 or x.is_graph_output() or len(bn.outputs) != 1:
+        return 0
+    params = [_const_array(v) for v in bn.inputs[1:5]]
+    weight = _const_array(conv.inputs[1])
+    bias_in = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias = _const_array(bias_in) if bias_in is not None else None
+    if weight is None or any(p is None for p in params) or (bias_in is not None and bias is None):
+        return 0
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
+    eps_attr = bn.attributes.get("epsilon")
+    eps = eps_attr.as_float() if eps_attr is not None else 1e-5
+    factor = gamma / np.sqrt(var + eps)
+    w = weight.astype(np.float64) * factor.reshape(-1, *([1] * (weight.ndim - 1)))
+    b = (bias.astype(np.float64) if bias is not None else 0.0) - mean
+    b = b * factor + beta
+    dtype = weight.dtype
+    new_w = ir.Value(name=f"{conv.name}_bn_weight", const_value=ir.tensor(w.astype(dtype)))
+    new_b = ir.Value(name=f"{conv.name}_bn_bias", const_value=ir.tensor(b.astype(dtype)))
+    for value in (new_w, new_b):
+        value.const_value.name = value.name  # type: ignore[union-attr]
+        value.type = ir.TensorType(ir.DataType.from_numpy(dtype))
+        value.shape = ir.Shape(value.const_value.shape)  # type: ignore[union-attr]
+        graph.register_initializer(value)
+    inputs = [conv.inputs[0], new_w, new_b]
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    for i, value in enumerate(inputs):
+        conv.replace_input_with(i, value)
+    y = bn.outputs[0]
+    conv_out = conv.outputs[0]
+    y.replace_all_uses_with(conv_out)
+    for i, out in enumerate(graph.outputs):
+        if out is y:
+            conv_out.name, y.name = y.name, f"{y.name}_unused"
+            graph.outputs[i] = conv_out
+    graph.remove(bn, safe=True)
+    return 1

@@ -1,0 +1,125 @@
+"""The op rule table: how each operator type takes part in static quantization.
+
+A rule only marks intent — which inputs are activations, weights (with their default channel
+axis) or a bias, and how the outputs get their quantization parameters. The planner reads the
+rules; emitters build nodes. Op types without a rule stay float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+
+import onnx_ir as ir
+
+__all__ = ["OutputMode", "OpRule", "RULES", "rule_for", "weight_axis", "DEFAULT_OP_TYPES"]
+
+
+class OutputMode(enum.Enum):
+    """How the float outputs of a quantized node get their parameters."""
+
+    OWN = "own"  # from the output's calibrated range
+    SHARED = "shared"  # the same scale/zero point as input 0 (data movement ops)
+    FIXED = "fixed"  # a fixed range known from the op's math (Softmax, Sigmoid)
+    NONE = "none"  # outputs stay float (ArgMax's int64, ...)
+
+
+ALL = -1  # marker: every float input is an activation
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """How one op type is quantized.
+
+    Attributes:
+        activations: Input indices quantized as activations, or ``(ALL,)`` for every input.
+            A constant input in an activation position is quantized per tensor.
+        weights: Input index -> default channel axis for per-channel quantization
+            (``None`` means per-tensor only). Used only when that input is constant.
+        bias: Index of an int32 bias input (scale = input scale × weight scale), if any.
+        output: How outputs are parameterised.
+        fixed_range: The output range for ``OutputMode.FIXED``.
+        removable: Relu/Clip: dropped when the producer's quantized range already clips.
+        shape_op: Pure data movement: quantized only next to other quantized nodes.
+        max_inputs: Only the first ``max_inputs`` inputs are considered (Resize's scales, ...).
+    """
+
+    activations: tuple[int, ...] = (0,)
+    weights: Mapping[int, int | None] = dataclasses.field(default_factory=dict)
+    bias: int | None = None
+    output: OutputMode = OutputMode.OWN
+    fixed_range: tuple[float, float] | None = None
+    removable: bool = False
+    shape_op: bool = False
+    max_inputs: int | None = None
+
+    def is_activation_input(self, index: int) -> bool:
+        """Whether input ``index`` is quantized as an activation."""
+        if self.max_inputs is not None and index >= self.max_inputs:
+            return False
+        return ALL in self.activations or index in self.activations
+
+    def is_quantized_input(self, index: int) -> bool:
+        """Whether input ``index`` is quantized at all (as an activation or a weight)."""
+        return index in self.weights or self.is_activation_input(index)
+
+
+_SHARED = OpRule(output=OutputMode.SHARED, shape_op=True, max_inputs=1)
+
+RULES: dict[str, OpRule] = {
+    "Conv": OpRule(weights={1: 0}, bias=2),
+    "ConvTranspose": OpRule(weights={1: 1}, bias=2),
+    "Gemm": OpRule(activations=(0, 1), weights={1: 1}, bias=2),
+    "MatMul": OpRule(activations=(0, 1), weights={1: -1}),
+    "Add": OpRule(activations=(ALL,)),
+    "Mul": OpRule(activations=(ALL,)),
+    "Concat": OpRule(activations=(ALL,)),
+    "Relu": OpRule(removable=True),
+    "Clip": OpRule(removable=True, max_inputs=1),
+    "MaxPool": OpRule(output=OutputMode.SHARED, max_inputs=1),
+    "AveragePool": OpRule(),
+    "GlobalAveragePool": OpRule(),
+    "Reshape": _SHARED,
+    "Transpose": _SHARED,
+    "Squeeze": _SHARED,
+    "Unsqueeze": _SHARED,
+    "Flatten": _SHARED,
+    "Resize": _SHARED,
+    "Split": _SHARED,
+    "Slice": _SHARED,
+    "Pad": _SHARED,
+    "Gather": OpRule(output=OutputMode.SHARED, shape_op=True, max_inputs=1),
+    "Softmax": OpRule(output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
+    "Sigmoid": OpRule(output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
+    "LayerNormalization": OpRule(max_inputs=1),
+    "InstanceNormalization": OpRule(max_inputs=1),
+    "Where": OpRule(activations=(1, 2)),
+    "ArgMax": OpRule(output=OutputMode.NONE),
+}
+
+DEFAULT_OP_TYPES: frozenset[str] = frozenset(RULES)
+
+
+def rule_for(node: ir.Node) -> OpRule | None:
+    """The rule for ``node``, or None for op types that stay float (and non-ONNX domains)."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    return RULES.get(node.op_type)
+
+
+def weight_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    """The per-channel axis of weight input ``index`` of ``node`` (non-negative), or None.
+
+    Gemm's weight axis depends on ``transB``; MatMul's is the last axis of B (output columns).
+    """
+    rule = rule_for(node)
+    if rule is None or index not in rule.weights:
+        return None
+    axis = rule.weights[index]
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        axis = 0 if trans_b is not None and trans_b.as_int() else 1
+    if axis is None:
+        return None
+    return axis % rank if rank > 0 else None

@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -292,19 +293,29 @@ def run_all(args, workdir: Path) -> list[dict]:
 
 
 # =========================================================================== report
-def _cell(text: str, width: int = 70) -> str:
+def _cell(text: str, width: int = 90) -> str:
     text = text.replace("|", "\\|")
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_error(text: str) -> str:
+    """onnxruntime's errors without their boilerplate ("[ONNXRuntimeError] : 10 : ...")."""
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed: ?", "", text)
+    head, sep, tail = text.partition(": ")
+    if ", Error " in tail:  # onnx checker: "In Node, (...) , Error <what is wrong>"
+        tail = tail.rsplit(", Error ", 1)[1]
+    return head + sep + tail
 
 
 def _status(rec: dict | None) -> str:
     if rec is None:
         return "–"
     if not rec["ok"]:
-        return _cell(f"✗ {rec['error']}")
+        return _cell(f"✗ {short_error(rec['error'])}")
     if not rec["runs"]:
-        return _cell(f"✗ ORT run: {rec['eval_error']}")
-    return "ok" if "fidelity" in rec else _cell(f"✗ eval: {rec['eval_error']}")
+        return _cell(f"✗ ORT run: {short_error(rec['eval_error'])}")
+    return "ok" if "fidelity" in rec else _cell(f"✗ eval: {short_error(rec['eval_error'])}")
 
 
 def _get(rec: dict | None, key: str):

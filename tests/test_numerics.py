@@ -115,14 +115,17 @@ def quant_cases(draw, types=tuple(INT_TYPES)):
     if qtype.is_float:
         zp = np.zeros(n, np.float32)
         qin_values = st.integers(0, 255).filter(lambda b: b & 0x7F != 0x7F)  # no NaN bytes
-        qin = np.array(draw(st.lists(qin_values, min_size=math.prod(shape),
-                                     max_size=math.prod(shape))), np.uint8)
+        qin = np.array(
+            draw(st.lists(qin_values, min_size=math.prod(shape), max_size=math.prod(shape))),
+            np.uint8,
+        )
         qin = qin.view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(shape)
     else:
         ints = st.integers(qtype.qmin, qtype.qmax)
         zp = np.array(draw(st.lists(ints, min_size=n, max_size=n)), np.int64)
-        qin = np.array(draw(st.lists(ints, min_size=math.prod(shape),
-                                     max_size=math.prod(shape))), np.int64).reshape(shape)
+        qin = np.array(
+            draw(st.lists(ints, min_size=math.prod(shape), max_size=math.prod(shape))), np.int64
+        ).reshape(shape)
     u = np.array(draw(st.lists(units, min_size=math.prod(shape), max_size=math.prod(shape))))
     bshape = [1] * len(shape)
     if axis is not None:
@@ -146,8 +149,9 @@ def test_quantize_dequantize_match_onnxruntime_bit_exactly(case):
     ours_q = quantize(x, scale, zp.astype(qtype.numpy_dtype), qtype, axis=axis)
     assert ours_q.dtype == qtype.numpy_dtype
     np.testing.assert_array_equal(ours_q.astype(np.int32), ref_q)
-    ours_d = dequantize(qin.astype(qtype.numpy_dtype), scale, zp.astype(qtype.numpy_dtype),
-                        axis=axis)
+    ours_d = dequantize(
+        qin.astype(qtype.numpy_dtype), scale, zp.astype(qtype.numpy_dtype), axis=axis
+    )
     assert ours_d.dtype == np.float32
     assert _same_bits(ours_d, ref_d)
 
@@ -160,14 +164,17 @@ def test_float8_quantize_dequantize_match_onnxruntime_bit_exactly(case):
     ours_q = quantize(x, scale, zp.astype(qtype.numpy_dtype), qtype, axis=axis)
     assert ours_q.dtype == np.dtype(ml_dtypes.float8_e4m3fn)
     assert _same_bits(ours_q.astype(np.float32), ref_q)
-    ours_d = dequantize(qin.astype(qtype.numpy_dtype), scale, zp.astype(qtype.numpy_dtype),
-                        axis=axis)
+    ours_d = dequantize(
+        qin.astype(qtype.numpy_dtype), scale, zp.astype(qtype.numpy_dtype), axis=axis
+    )
     assert _same_bits(ours_d, ref_d)
 
 
 def test_rounding_is_half_to_even_and_division_not_reciprocal():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5], np.float32)
     np.testing.assert_array_equal(quantize(x, 1.0, 0, INT8), [0, 2, 2, 0, -2, -2])
+    q0 = quantize(np.float32(1.5), np.float32(1.0), np.uint8(3), UINT8)  # 0-d in, 0-d out
+    assert q0.shape == () and q0.dtype == np.uint8 and int(q0) == 5
     # A case where float32 division and multiplication by the reciprocal round differently.
     x = np.array([24.468054], np.float32)
     s = np.float32(0.8294256)
@@ -182,8 +189,9 @@ def test_quantize_saturates_to_full_grid_not_reduced_or_symmetric_grid():
         q = quantize(x, 1.0, 0, qtype)
         np.testing.assert_array_equal(q.astype(np.int64), [qtype.qmin] * 2 + [qtype.qmax] * 2)
     # int4 symmetric params: -absmax -> -7, but -8 is still reachable by saturation
-    np.testing.assert_array_equal(quantize(np.array([-7.6, 7.6], np.float32), 1.0, 0, INT4)
-                                  .astype(np.int8), [-8, 7])
+    np.testing.assert_array_equal(
+        quantize(np.array([-7.6, 7.6], np.float32), 1.0, 0, INT4).astype(np.int8), [-8, 7]
+    )
 
 
 def test_quantize_rejects_nan_and_bad_parameters():
@@ -255,8 +263,9 @@ def ranges(draw):
 
 
 def _check_params(qtype, rmin, rmax, symmetric, reduce_range):
-    scale, zp = compute_scale_zero_point(rmin, rmax, qtype, symmetric=symmetric,
-                                         reduce_range=reduce_range)
+    scale, zp = compute_scale_zero_point(
+        rmin, rmax, qtype, symmetric=symmetric, reduce_range=reduce_range
+    )
     assert scale.shape == () and zp.shape == ()
     assert scale.dtype == np.float32 and zp.dtype == qtype.numpy_dtype
     assert np.isfinite(scale) and scale >= np.finfo(np.float32).tiny
@@ -332,8 +341,11 @@ def test_quantize_is_monotonic(case, symmetric, xs):
 
 
 @FAST
-@given(st.sampled_from([*INT_TYPES, FLOAT8E4M3FN]), st.booleans(),
-       st.lists(st.tuples(bounds, bounds), min_size=1, max_size=6))
+@given(
+    st.sampled_from([*INT_TYPES, FLOAT8E4M3FN]),
+    st.booleans(),
+    st.lists(st.tuples(bounds, bounds), min_size=1, max_size=6),
+)
 def test_per_axis_equals_per_slice_calls(qtype, symmetric, pairs):
     lo = np.array([min(p) for p in pairs])
     hi = np.array([max(p) for p in pairs])
@@ -386,8 +398,12 @@ def test_float8_params_are_symmetric_absmax_over_448():
 
 @pytest.mark.parametrize(
     ("rmin", "rmax", "match"),
-    [(np.nan, 1.0, "NaN/Inf"), (0.0, np.inf, "NaN/Inf"), (2.0, 1.0, "rmin > rmax"),
-     (-1e300, 1.0, "float32")],
+    [
+        (np.nan, 1.0, "NaN/Inf"),
+        (0.0, np.inf, "NaN/Inf"),
+        (2.0, 1.0, "rmin > rmax"),
+        (-1e300, 1.0, "float32"),
+    ],
 )
 def test_invalid_ranges_raise(rmin, rmax, match):
     with pytest.raises(NumericsError, match=match):
@@ -523,10 +539,27 @@ def test_weight_scale_for_bias_example():
     assert per_tensor.shape == () and per_tensor == new[0]
 
 
+def test_weight_scale_for_bias_with_zero_input_scale():
+    ws = np.array([0.5, 0.25], np.float32)
+    np.testing.assert_array_equal(weight_scale_for_bias(np.zeros(2), 0.0, ws), ws)
+    with pytest.raises(NumericsError, match="input scale is 0"):
+        weight_scale_for_bias(np.array([0.0, 1.0]), 0.0, ws)
+
+
+@pytest.mark.parametrize(("bias", "in_scale"), [(1e-35, 1e-30), (3e-36, 1e-31), (5e-37, 1e-33)])
+def test_weight_scale_for_bias_keeps_bias_scale_normal(bias, in_scale):
+    # input_scale * weight_scale would be subnormal or 0 in float32 here
+    new = weight_scale_for_bias(np.array([bias]), in_scale, np.float32(1e-20))
+    q, s = quantize_bias(np.array([bias]), in_scale, new)
+    assert s >= np.finfo(np.float32).tiny
+    assert abs(int(q[0]) * float(s) - bias) <= float(s) / 2
+
+
 @FAST
 @given(
-    st.lists(st.floats(-9, 9).map(lambda e: math.copysign(10 ** abs(e), e)), min_size=1,
-             max_size=5),
+    st.lists(
+        st.floats(-9, 9).map(lambda e: math.copysign(10 ** abs(e), e)), min_size=1, max_size=5
+    ),
     st.floats(-6, 0).map(lambda e: 10**e),
     st.floats(-10, -1).map(lambda e: 10**e),
     st.booleans(),
@@ -555,8 +588,15 @@ def test_weight_scale_for_bias_makes_quantize_bias_succeed(bias, in_scale, w_sca
 
 def test_public_api():
     assert set(numerics.__all__) == {
-        "quant_range", "tensor_range", "compute_scale_zero_point", "quantize", "dequantize",
-        "QuantizedTensor", "quantize_weight", "bias_scale", "weight_scale_for_bias",
+        "quant_range",
+        "tensor_range",
+        "compute_scale_zero_point",
+        "quantize",
+        "dequantize",
+        "QuantizedTensor",
+        "quantize_weight",
+        "bias_scale",
+        "weight_scale_for_bias",
         "quantize_bias",
     }
     for name in numerics.__all__:
@@ -564,7 +604,10 @@ def test_public_api():
     kw_only = inspect.Parameter.KEYWORD_ONLY
     params = inspect.signature(compute_scale_zero_point).parameters
     assert [p for p in params if params[p].kind == kw_only] == [
-        "symmetric", "reduce_range", "min_real_range"]
+        "symmetric",
+        "reduce_range",
+        "min_real_range",
+    ]
     params = inspect.signature(quantize_weight).parameters
     assert params["symmetric"].default is True and params["axis"].kind == kw_only
     assert dataclass_fields(QuantizedTensor) == ["data", "scale", "zero_point", "qtype", "axis"]

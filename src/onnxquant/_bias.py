@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 _INT32_MAX = 2**31 - 1
 _MARGIN = 1.0001  # head room so float32 rounding of the new scale cannot overflow again
-_MAX_ADJUST_ROUNDS = 4
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _input_scale(input_scale: object) -> np.float32:
@@ -30,7 +30,7 @@ def _input_scale(input_scale: object) -> np.float32:
             f"the input scale must be a single value (per-tensor activation quantization), "
             f"got shape {arr.shape}"
         )
-    value = arr.reshape(())[()]
+    value = np.float32(arr.reshape(()))
     if not np.isfinite(value) or value < 0:
         raise NumericsError(f"the input scale must be finite and >= 0, got {value}")
     return value
@@ -103,8 +103,9 @@ def weight_scale_for_bias(
     """Return a weight scale large enough for ``bias`` to fit in int32.
 
     Per channel (or over the whole bias for a one-element weight scale) the smallest allowed
-    weight scale is ``|bias| / (input_scale * (2**31 - 1)) * 1.0001``; the result is the
-    elementwise maximum of ``weight_scale`` and that bound, in float32. Channels that need no
+    weight scale is ``|bias| / (input_scale * (2**31 - 1)) * 1.0001`` (and, for a non-zero
+    bias, at least what makes the bias scale a normal float32); the result is the elementwise
+    maximum of ``weight_scale`` and that bound, in float32. Channels that need no
     change keep their exact value, so ``np.array_equal(result, weight_scale)`` tells whether the
     weight must be re-quantized. Enlarging the scale is only meaningful for weights with zero
     point 0 (symmetric signed); for other weights the zero point must be recomputed.
@@ -132,16 +133,11 @@ def weight_scale_for_bias(
             )
         return w_scale.copy()
     needed = abs_bias / (float(in_scale) * _INT32_MAX) * _MARGIN
-    needed32 = needed.astype(np.float32)
-    needed32 = np.where(needed32 < needed, np.nextafter(needed32, np.float32(np.inf)), needed32)
-    result = np.maximum(w_scale, needed32).astype(np.float32)
-    for _ in range(_MAX_ADJUST_ROUNDS):
-        ratio = _divide(abs_bias, in_scale * result)
-        too_big = ratio > _INT32_MAX
-        if not np.any(too_big):
-            break
-        grown = result.astype(np.float64) * (ratio / _INT32_MAX) * _MARGIN
-        result = np.where(too_big, grown.astype(np.float32), result).astype(np.float32)
+    # A non-zero bias also needs a normal (not subnormal, not 0) float32 bias scale; with that,
+    # the float32 roundings of the new scale and of input_scale * weight_scale (2**-24
+    # relative each) stay far inside the 1e-4 margin, so the bias cannot overflow int32.
+    needed = np.where(abs_bias > 0, np.maximum(needed, _TINY / float(in_scale)), 0.0)
+    result = np.maximum(w_scale, needed.astype(np.float32)).astype(np.float32)
     if not np.all(np.isfinite(result)):
         raise NumericsError("the bias is too large for any float32 weight scale; keep it in float")
     if not np.array_equal(result, w_scale):

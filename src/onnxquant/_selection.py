@@ -1,9 +1,11 @@
 """Settle which selected nodes are quantized, before any parameter is computed.
 
-Compute ops (Conv, MatMul, Add, ...) are quantized when every float activation input is
-constant, already dequantized, or has a calibrated range. Data-movement ops (Reshape,
-Transpose, Gather, ...) and Relu/Clip are quantized only next to a quantized node — on their
-own they would only add QuantizeLinear/DequantizeLinear pairs to a float region.
+Anchor ops (Conv, ConvTranspose, Gemm, MatMul) are quantized when every float input is
+constant, already dequantized, or has a calibrated range. All other ops (Add, Mul, pools,
+Reshape, Relu, LayerNormalization, ...) are quantized only when they touch a quantized node:
+on their own they would only add QuantizeLinear/DequantizeLinear pairs to a float region, and
+elementwise math outside the compute path (the variance of a decomposed LayerNorm, attention
+masks) is where 8-bit grids do the most harm.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object]) ->
         if not is_constant(value) and value.name not in ranges:
             return f"input '{value.name}' has no calibrated range"
         usable = True
+    if not rule.activations and not rule.weights:
+        return None  # output-only rule (Softmax)
     return None if usable else "no float input to quantize"
 
 
 def _is_follower(rule: OpRule) -> bool:
-    return rule.shape_op or rule.removable
+    return not rule.anchor
 
 
 def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object]) -> Chosen:

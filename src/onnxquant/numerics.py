@@ -137,7 +137,7 @@ def _int_params(
         return np.clip(zp, qmin, qmax)
 
     zp = zero_points(scale)
-    for _ in range(0):
+    for _ in range(_MAX_NUDGES):
         outside = (_unsaturated(lo, scale, zp) < qmin) | (_unsaturated(hi, scale, zp) > qmax)
         outside &= ~degenerate
         if not np.any(outside):
@@ -210,8 +210,6 @@ def compute_scale_zero_point(
             f"range has NaN/Inf bounds (rmin={lo.tolist()}, rmax={hi.tolist()}); check the "
             f"calibration data or weights for non-finite values"
         )
-    if np.any(np.abs(lo) > _F32_MAX) or np.any(np.abs(hi) > _F32_MAX):
-        raise NumericsError("range bounds exceed the float32 range and cannot be quantized")
     if np.any(lo > hi):
         raise NumericsError(f"rmin > rmax in range (rmin={lo.tolist()}, rmax={hi.tolist()})")
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
@@ -219,12 +217,12 @@ def compute_scale_zero_point(
         if not np.isfinite(min_real_range) or min_real_range < 0:
             raise NumericsError(f"min_real_range must be finite and >= 0, got {min_real_range}")
         hi = np.maximum(hi, lo + min_real_range)
+    if np.any(lo < -_F32_MAX) or np.any(hi > _F32_MAX):
+        raise NumericsError("range bounds exceed the float32 range and cannot be quantized")
     if qtype.is_float:
         scale, zp = _float_params(lo, hi, qtype, reduce_range)
     else:
         scale, zp = _int_params(lo, hi, qtype, symmetric, reduce_range)
-    if not np.all(np.isfinite(scale)):
-        raise NumericsError("range is too wide: its float32 scale overflows")
     if scalar:
         return scale.reshape(()), zp.reshape(())
     return scale, zp
@@ -283,8 +281,9 @@ def quantize(
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise NumericsError("scale must be finite and > 0 to quantize")
     z = _param(zero_point, "zero point", np.float32, x32.ndim, axis, length)
+    y = np.empty(x32.shape, np.float32)
     with np.errstate(over="ignore"):
-        y = x32 / s
+        np.divide(x32, s, out=y)
     if qtype.is_float:
         if np.any(z != 0):
             raise NumericsError(f"{qtype} quantization needs zero point 0")
@@ -293,10 +292,12 @@ def quantize(
     qmin, qmax = qtype.qmin, qtype.qmax
     if np.any(z != np.rint(z)) or np.any(z < qmin) or np.any(z > qmax):
         raise NumericsError(f"zero point must be an integer in [{qmin}, {qmax}] for {qtype}")
-    y = np.rint(y) + z
+    np.rint(y, out=y)
+    y += z  # in place: one float32 temporary for large weights
     if np.any(np.isnan(y)):
         raise NumericsError(f"input has NaN values, which cannot be quantized to {qtype}")
-    return np.clip(y, qmin, qmax).astype(np.int32).astype(qtype.numpy_dtype)
+    np.clip(y, qmin, qmax, out=y)
+    return y.astype(np.int32).astype(qtype.numpy_dtype)
 
 
 def dequantize(

@@ -14,7 +14,7 @@ from onnxquant._selection import choose_nodes
 from onnxquant.config import StaticQuantConfig
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.qtypes import QuantType
-from onnxquant.rules import OpRule, OutputMode, rule_for, weight_axis
+from onnxquant.rules import FLOAT_INPUT_OPS, OpRule, OutputMode, rule_for, weight_axis
 
 __all__ = ["select_nodes", "tensors_to_calibrate", "build_plan"]
 
@@ -137,7 +137,7 @@ class _Planner:
                 decision.reason = reason
                 return decision
             decision.inputs[index] = value.name or ""
-        if not decision.inputs:
+        if not decision.inputs and rule.output is not OutputMode.FIXED:
             decision.reason = "no float input to quantize"
             return decision
         decision.action = "quantize"
@@ -148,7 +148,7 @@ class _Planner:
     def plan_outputs(self, node: ir.Node, rule: OpRule, decision: NodeDecision) -> None:
         for value in node.outputs:
             name = value.name or ""
-            if not is_float(value) or rule.output is OutputMode.NONE:
+            if not is_float(value) or rule.output is OutputMode.NONE or _feeds_float_ops(value):
                 continue
             if rule.output is OutputMode.SHARED:
                 source = self.plan.tensors.get(decision.inputs.get(0, ""))
@@ -196,6 +196,11 @@ class _Planner:
         scale = numerics.bias_scale(act.scale_array(), weight.scale_array())
         decision.bias = BiasQuant(index, bias.name or "", [float(s) for s in np.atleast_1d(scale)],
                                   0 if weight.axis is not None else None)
+
+
+def _feeds_float_ops(value: ir.Value) -> bool:
+    uses = value.uses()
+    return bool(uses) and all(n.op_type in FLOAT_INPUT_OPS for n, _ in uses)
 
 
 def clip_bounds(node: ir.Node) -> tuple[float, float] | None:

@@ -13,7 +13,10 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-__all__ = ["OutputMode", "OpRule", "RULES", "rule_for", "weight_axis", "DEFAULT_OP_TYPES"]
+__all__ = [
+    "OutputMode", "OpRule", "RULES", "rule_for", "weight_axis", "DEFAULT_OP_TYPES",
+    "FLOAT_INPUT_OPS",
+]
 
 
 class OutputMode(enum.Enum):
@@ -41,7 +44,9 @@ class OpRule:
         output: How outputs are parameterised.
         fixed_range: The output range for ``OutputMode.FIXED``.
         removable: Relu/Clip: dropped when the producer's quantized range already clips.
-        shape_op: Pure data movement: quantized only next to other quantized nodes.
+        anchor: Quantized on its own (ops with weights and integer kernels). Every other op is
+            quantized only next to a quantized node, so that elementwise math outside the
+            compute path (decomposed LayerNorm variance, masks, ...) stays float.
         max_inputs: Only the first ``max_inputs`` inputs are considered (Resize's scales, ...).
     """
 
@@ -51,7 +56,7 @@ class OpRule:
     output: OutputMode = OutputMode.OWN
     fixed_range: tuple[float, float] | None = None
     removable: bool = False
-    shape_op: bool = False
+    anchor: bool = False
     max_inputs: int | None = None
 
     def is_activation_input(self, index: int) -> bool:
@@ -65,13 +70,13 @@ class OpRule:
         return index in self.weights or self.is_activation_input(index)
 
 
-_SHARED = OpRule(output=OutputMode.SHARED, shape_op=True, max_inputs=1)
+_SHARED = OpRule(output=OutputMode.SHARED, max_inputs=1)
 
 RULES: dict[str, OpRule] = {
-    "Conv": OpRule(weights={1: 0}, bias=2),
-    "ConvTranspose": OpRule(weights={1: 1}, bias=2),
-    "Gemm": OpRule(activations=(0, 1), weights={1: 1}, bias=2),
-    "MatMul": OpRule(activations=(0, 1), weights={1: -1}),
+    "Conv": OpRule(weights={1: 0}, bias=2, anchor=True),
+    "ConvTranspose": OpRule(weights={1: 1}, bias=2, anchor=True),
+    "Gemm": OpRule(activations=(0, 1), weights={1: 1}, bias=2, anchor=True),
+    "MatMul": OpRule(activations=(0, 1), weights={1: -1}, anchor=True),
     "Add": OpRule(activations=(ALL,)),
     "Mul": OpRule(activations=(ALL,)),
     "Concat": OpRule(activations=(ALL,)),
@@ -89,8 +94,10 @@ RULES: dict[str, OpRule] = {
     "Split": _SHARED,
     "Slice": _SHARED,
     "Pad": _SHARED,
-    "Gather": OpRule(output=OutputMode.SHARED, shape_op=True, max_inputs=1),
-    "Softmax": OpRule(output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
+    "Gather": OpRule(output=OutputMode.SHARED, max_inputs=1),
+    # Softmax inputs stay float: attention masks put -1e4..-3e38 into them, which no 8-bit
+    # grid survives; the output has the fixed range [0, 1].
+    "Softmax": OpRule(activations=(), output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
     "Sigmoid": OpRule(output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
     "LayerNormalization": OpRule(max_inputs=1),
     "InstanceNormalization": OpRule(max_inputs=1),
@@ -99,6 +106,9 @@ RULES: dict[str, OpRule] = {
 }
 
 DEFAULT_OP_TYPES: frozenset[str] = frozenset(RULES)
+
+# Tensors read only by these ops are not quantized as outputs of their producer.
+FLOAT_INPUT_OPS: frozenset[str] = frozenset({"Softmax"})
 
 
 def rule_for(node: ir.Node) -> OpRule | None:

@@ -272,7 +272,7 @@ def _check_shape(array: np.ndarray, spec: InputSpec, index: int) -> None:
             f"({_expect(spec)})."
         )
     for axis, (size, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-        if isinstance(want, int) and size != want:
+        if isinstance(want, int) and want >= 0 and size != want:
             raise FeedError(
                 f"{where}, but the model fixes axis {axis} to {want} ({_expect(spec)}); "
                 "only dynamic axes ('?' or named) accept any size."

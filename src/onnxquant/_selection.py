@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 import onnx_ir as ir
 
 from onnxquant._graph import from_dequantize, is_constant, is_float
-from onnxquant.rules import OpRule, rule_for
+from onnxquant.rules import OpRule, OutputMode, rule_for
 
 __all__ = ["Chosen", "choose_nodes"]
 
@@ -25,6 +25,7 @@ class Chosen:
 
     def __init__(self) -> None:
         self.nodes: set[ir.Node] = set()
+        self.weight_only: set[ir.Node] = set()  # anchors whose activations were not observed
         self.reasons: dict[ir.Node, str] = {}
 
     def __contains__(self, node: object) -> bool:
@@ -50,6 +51,21 @@ def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object]) ->
     return None if usable else "no float input to quantize"
 
 
+def _has_constant_weight(node: ir.Node, rule: OpRule) -> bool:
+    return any(
+        i < len(node.inputs) and node.inputs[i] is not None and is_constant(node.inputs[i])
+        and is_float(node.inputs[i])
+        for i in rule.weights
+    )
+
+
+LARGE_CONSTANT = 256  # elements
+
+
+def _large_constant(value: ir.Value) -> bool:
+    return is_constant(value) and is_float(value) and value.const_value.size >= LARGE_CONSTANT  # type: ignore[union-attr]
+
+
 def _is_follower(rule: OpRule) -> bool:
     return not rule.anchor
 
@@ -61,8 +77,14 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object]) -> Chos
     for node in nodes:
         rule = rule_for(node)
         assert rule is not None
+        if rule.weight_only:
+            chosen.weight_only.add(node)
+            continue
         missing = _missing_input(node, rule, ranges)
-        if missing:
+        if missing and rule.anchor and _has_constant_weight(node, rule):
+            chosen.weight_only.add(node)
+            chosen.reasons[node] = missing
+        elif missing:
             chosen.reasons[node] = missing
         elif _is_follower(rule):
             followers.append(node)
@@ -89,8 +111,8 @@ def _grow(chosen: Chosen, followers: list[ir.Node]) -> None:
 def _has_quantized_neighbour(node: ir.Node, chosen: Chosen) -> bool:
     data = node.inputs[0] if node.inputs else None
     if data is not None:
-        if is_constant(data) and node.op_type == "Gather":
-            return True  # a quantized embedding table is worth it on its own
+        if _large_constant(data) and rule_for(node).output is OutputMode.SHARED:  # type: ignore[union-attr]
+            return True  # an embedding table or a sliced weight is worth storing quantized
         producer = data.producer()
         if producer is not None and producer in chosen.nodes:
             return True

@@ -83,8 +83,9 @@ class NodeDecision:
     Attributes:
         name: Node name.
         op_type: Operator type.
-        action: ``"quantize"``, ``"remove"`` (Relu/Clip folded into the producer's range) or
-            ``"float"``.
+        action: ``"quantize"``, ``"weights"`` (weight-only: constant weights stored quantized,
+            activations float — ops without calibrated activations or integer kernels),
+            ``"remove"`` (Relu/Clip folded into the producer's range) or ``"float"``.
         reason: Why a node stays float or is removed.
         inputs: Input index -> tensor name, for inputs read through a DequantizeLinear.
         outputs: Names of outputs that get a QuantizeLinear/DequantizeLinear pair.
@@ -109,8 +110,8 @@ class QuantPlan:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def quantized_nodes(self) -> list[NodeDecision]:
-        """Decisions with action ``quantize``."""
-        return [d for d in self.nodes.values() if d.action == "quantize"]
+        """Decisions that read quantized inputs (actions ``quantize`` and ``weights``)."""
+        return [d for d in self.nodes.values() if d.action in ("quantize", "weights")]
 
     def counts_by_op_type(self) -> dict[str, collections.Counter]:
         """``{op_type: Counter(action)}`` for the summary."""

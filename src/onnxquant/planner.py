@@ -144,6 +144,20 @@ class _Planner:
         self.plan_outputs(node, rule, decision)
         return decision
 
+    def decide_weights(self, node: ir.Node, rule: OpRule, why: str) -> NodeDecision:
+        """Weight-only: constant weights stored quantized, activations float."""
+        decision = NodeDecision(node.name or "", node.op_type, "weights",
+                                f"weight-only ({why})" if why else "weight-only op")
+        for index in rule.weights:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is None or not is_float(value) or not is_constant(value):
+                continue
+            self.plan_input(node, index, value, rule)
+            decision.inputs[index] = value.name or ""
+        if not decision.inputs:
+            decision.action, decision.reason = "float", "no constant float weight"
+        return decision
+
     # -- outputs ---------------------------------------------------------------------------
     def plan_outputs(self, node: ir.Node, rule: OpRule, decision: NodeDecision) -> None:
         for value in node.outputs:
@@ -278,6 +292,10 @@ def build_plan(
     for node in nodes:
         rule = rule_for(node)
         assert rule is not None
+        if rule.weight_only or node in chosen.weight_only:
+            planner.plan.nodes[node.name or ""] = planner.decide_weights(node, rule,
+                                                                         chosen.reason(node))
+            continue
         if node not in chosen:
             planner.plan.nodes[node.name or ""] = NodeDecision(
                 node.name or "", node.op_type, "float", chosen.reason(node))

@@ -48,6 +48,8 @@ class OpRule:
             quantized only next to a quantized node, so that elementwise math outside the
             compute path (decomposed LayerNorm variance, masks, ...) stays float.
         max_inputs: Only the first ``max_inputs`` inputs are considered (Resize's scales, ...).
+        weight_only: Only the constant weights are stored quantized (behind a DequantizeLinear);
+            activations stay float (recurrent ops without integer kernels in this format).
     """
 
     activations: tuple[int, ...] = (0,)
@@ -58,6 +60,7 @@ class OpRule:
     removable: bool = False
     anchor: bool = False
     max_inputs: int | None = None
+    weight_only: bool = False
 
     def is_activation_input(self, index: int) -> bool:
         """Whether input ``index`` is quantized as an activation."""
@@ -80,6 +83,9 @@ RULES: dict[str, OpRule] = {
     "Add": OpRule(activations=(ALL,)),
     "Mul": OpRule(activations=(ALL,)),
     "Concat": OpRule(activations=(ALL,)),
+    "LSTM": OpRule(activations=(), weights={1: 1, 2: 1}, anchor=True, weight_only=True),
+    "GRU": OpRule(activations=(), weights={1: 1, 2: 1}, anchor=True, weight_only=True),
+    "RNN": OpRule(activations=(), weights={1: 1, 2: 1}, anchor=True, weight_only=True),
     "Relu": OpRule(removable=True),
     "Clip": OpRule(removable=True, max_inputs=1),
     "MaxPool": OpRule(output=OutputMode.SHARED, max_inputs=1),

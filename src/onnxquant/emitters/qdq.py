@@ -170,7 +170,15 @@ class _QDQEmitter:
                 self.bias(self.nodes[decision.name], decision.bias)
         RemoveUnusedNodesPass()(self.model)
         for graph in (self.model.graph, *self.model.graph.subgraphs()):
+            _remove_unused_initializers(graph)
             graph.sort()
+
+
+def _remove_unused_initializers(graph: ir.Graph) -> None:
+    outputs = {id(v) for v in graph.outputs}
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_input() and id(value) not in outputs:
+            del graph.initializers[name]
 
 
 def emit_qdq(model: ir.Model, plan: QuantPlan) -> None:

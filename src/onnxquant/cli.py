@@ -1,0 +1,223 @@
+"""The ``onnxquant`` command line: a thin layer over the Python API.
+
+``onnxquant static MODEL -o OUT --calib DATA [options]`` quantizes a float model statically
+(QDQ, MinMax calibration) and prints a summary. Arguments are turned into a
+:class:`~onnxquant.config.StaticQuantConfig` in one place, :func:`static_config_from_args`.
+
+Exit codes: 0 on success, 2 for usage errors and for any
+:class:`~onnxquant.errors.QuantizationError` (printed as ``error: <message>``, with a traceback
+only under ``-v``), 1 when the operating system refuses a file operation, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from onnxquant import __version__
+from onnxquant.api import quantize_static
+from onnxquant.config import StaticQuantConfig
+from onnxquant.errors import QuantizationError
+from onnxquant.qtypes import quant_type_from_name
+from onnxquant.summary import format_summary
+
+__all__ = ["main", "build_parser", "static_config_from_args"]
+
+logger = logging.getLogger(__name__)
+
+QUANT_TYPE_CHOICES = ("int8", "uint8", "int16", "uint16")
+EXIT_OK = 0
+EXIT_OS_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _name_list(text: str) -> list[str]:
+    """``"Conv, MatMul"`` -> ``["Conv", "MatMul"]`` (argparse type for comma-separated lists)."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like Conv,MatMul")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar and no summary (errors and warnings still shown)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-vv: debug detail) and show tracebacks on errors")
+
+
+def _add_static(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "static",
+        help="quantize a float model statically (QDQ) with calibration data",
+        description="Quantize a float ONNX model statically into QDQ format: activation ranges "
+                    "come from running calibration data through the model with onnxruntime.",
+    )
+    p.add_argument("model", metavar="MODEL", type=Path, help="float .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                   help="where to write the quantized model (must differ from MODEL)")
+    p.add_argument("--calib", required=True, type=Path, metavar="DATA",
+                   help="calibration data: a folder of .npz files (keys = input names), a single "
+                        ".npz file, or a folder of ONNX test_data_set_* folders")
+    p.add_argument("--max-samples", type=_positive_int, metavar="N",
+                   help="use at most N calibration feeds")
+
+    numerics = p.add_argument_group("numerics")
+    numerics.add_argument("--activation-type", choices=QUANT_TYPE_CHOICES, default="int8",
+                          help="element type of quantized activations (default: int8)")
+    numerics.add_argument("--weight-type", choices=QUANT_TYPE_CHOICES, default="int8",
+                          help="element type of quantized weights (default: int8)")
+    numerics.add_argument("--per-channel", action="store_true",
+                          help="one scale per output channel for Conv/Gemm/MatMul weights")
+    numerics.add_argument("--reduce-range", action="store_true",
+                          help="7-bit weights (for CPUs without VNNI)")
+    numerics.add_argument("--symmetric-activations", action="store_true",
+                          help="symmetric activation ranges")
+    numerics.add_argument("--asymmetric-weights", action="store_true",
+                          help="asymmetric weight ranges (default: symmetric for signed types)")
+    numerics.add_argument("--no-bias-quantization", action="store_true",
+                          help="keep Conv/Gemm biases float instead of int32")
+
+    select = p.add_argument_group("what to quantize (comma-separated lists, may be repeated)")
+    select.add_argument("--op-types", type=_name_list, action="extend", metavar="OPS",
+                        help="quantize only these op types, e.g. Conv,MatMul")
+    select.add_argument("--exclude-op-types", type=_name_list, action="extend", metavar="OPS",
+                        help="never quantize these op types")
+    select.add_argument("--nodes", type=_name_list, action="extend", metavar="NAMES",
+                        help="quantize only the nodes with these names")
+    select.add_argument("--exclude-nodes", type=_name_list, action="extend", metavar="NAMES",
+                        help="never quantize the nodes with these names")
+    select.add_argument("--keep-relu", action="store_true",
+                        help="keep Relu/Clip even where the quantized range already clips")
+    select.add_argument("--no-subgraphs", action="store_true",
+                        help="do not quantize inside If/Loop/Scan bodies")
+
+    model = p.add_argument_group("model handling")
+    model.add_argument("--no-fold-bn", action="store_true",
+                       help="do not fold BatchNormalization into the preceding Conv")
+    model.add_argument("--upgrade-opset", action="store_true",
+                       help="convert models older than opset 10 instead of refusing them")
+    model.add_argument("--external-data", action="store_true",
+                       help="store tensors in OUT.data next to the model "
+                            "(default: only when the model exceeds 2 GB)")
+    model.add_argument("--plan-json", type=Path, metavar="PATH",
+                       help="also write the quantization plan (every decision and parameter) "
+                            "as JSON")
+    _add_common(p)
+    p.set_defaults(run=_run_static)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``onnxquant`` command, with all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="onnxquant",
+        description="Quantize ONNX models for ONNX Runtime.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxquant {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_static(subparsers)
+    return parser
+
+
+def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
+    """Translate parsed ``static`` arguments into a :class:`StaticQuantConfig`.
+
+    This is the only place where command-line options become config fields.
+    """
+    return StaticQuantConfig(
+        activation_type=quant_type_from_name(args.activation_type),
+        weight_type=quant_type_from_name(args.weight_type),
+        per_channel=args.per_channel,
+        reduce_range=args.reduce_range,
+        activation_symmetric=args.symmetric_activations,
+        weight_symmetric=False if args.asymmetric_weights else None,
+        op_types=frozenset(args.op_types) if args.op_types else None,
+        op_types_to_exclude=frozenset(args.exclude_op_types or ()),
+        nodes_to_quantize=frozenset(args.nodes) if args.nodes else None,
+        nodes_to_exclude=frozenset(args.exclude_nodes or ()),
+        quantize_bias=not args.no_bias_quantization,
+        keep_removable_activations=args.keep_relu,
+        fold_batchnorm=not args.no_fold_bn,
+        subgraphs=not args.no_subgraphs,
+        upgrade_opset=args.upgrade_opset,
+        external_data=True if args.external_data else None,
+        max_calibration_samples=args.max_samples,
+        progress=not args.quiet,
+    )
+
+
+def _run_static(args: argparse.Namespace) -> int:
+    config = static_config_from_args(args)
+    result = quantize_static(args.model, args.output, args.calib, config)
+    if args.plan_json is not None:
+        try:
+            result.plan.to_json(args.plan_json)
+        except OSError as err:
+            raise QuantizationError(
+                f"the model was written to '{args.output}', but the plan could not be written "
+                f"to '{args.plan_json}': {err.strerror or err}"
+            ) from err
+    if not args.quiet:
+        print(format_summary(result))
+    return EXIT_OK
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("onnxquant")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(level)
+    package_logger.propagate = False
+
+
+def _fail(message: str, verbose: int, code: int) -> int:
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``onnxquant`` command.
+
+    Args:
+        argv: Arguments without the program name; ``None`` means ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 2 for usage and quantization errors, 1 for operating-system
+        errors, 130 when interrupted. (argparse itself exits with 2 on bad arguments.)
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        return run(args)
+    except QuantizationError as err:
+        return _fail(str(err), args.verbose, EXIT_USAGE)
+    except OSError as err:
+        where = f" ('{err.filename}')" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}", args.verbose, EXIT_OS_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,123 @@
+"""Plain-text summary of a quantization run, printed at the end of every CLI command.
+
+:func:`format_summary` shows what happened per op type (quantized / removed / left float), why
+nodes were left float, the size before and after, the calibration samples and the wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Iterable
+
+from onnxquant.api import QuantizationResult
+from onnxquant.plan import NodeDecision
+
+__all__ = ["format_summary", "format_size"]
+
+_COLUMNS = ("quantized", "removed", "float")
+_ACTIONS = ("quantize", "remove", "float")
+_MAX_REASONS = 5
+_MAX_EXAMPLES = 3
+_QUOTED = re.compile(r"'[^']*'")
+
+
+def format_size(num_bytes: int) -> str:
+    """A byte count in decimal units: ``"512 B"``, ``"8.37 KB"``, ``"0.79 MB"`` is ``"789.50 KB"``.
+
+    Values of one megabyte and more are shown in MB (or GB from 1000 MB).
+    """
+    if num_bytes < 1000:
+        return f"{num_bytes} B"
+    for unit, factor in (("KB", 1e3), ("MB", 1e6)):
+        if num_bytes < factor * 1000:
+            return f"{num_bytes / factor:.2f} {unit}"
+    return f"{num_bytes / 1e9:.2f} GB"
+
+
+def _table(decisions: Iterable[NodeDecision]) -> list[str]:
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for decision in decisions:
+        counts[decision.op_type][decision.action] += 1
+    rows = sorted(counts.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    totals: collections.Counter = collections.Counter()
+    for _, counter in rows:
+        totals.update(counter)
+    width = max([len("op type"), len("total"), *(len(op) for op, _ in rows)])
+    widths = [len(c) for c in _COLUMNS]
+
+    def line(label: str, values: Iterable[object]) -> str:
+        cells = "  ".join(f"{v!s:>{w}}" for v, w in zip(values, widths, strict=True))
+        return f"  {label:<{width}}  {cells}".rstrip()
+
+    lines = [line("op type", _COLUMNS)]
+    lines += [line(op, [c[a] for a in _ACTIONS]) for op, c in rows]
+    lines.append(line("total", [totals[a] for a in _ACTIONS]))
+    return lines
+
+
+def _float_reasons(floats: list[NodeDecision]) -> list[str]:
+    """Float nodes grouped by reason (quoted names generalised), most common first."""
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for decision in floats:
+        key = _QUOTED.sub("'...'", decision.reason) if decision.reason else "(no reason given)"
+        groups[key].append(decision.name or "<unnamed>")
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    width = len(str(len(ordered[0][1]))) if ordered else 1
+    lines = []
+    for reason, names in ordered[:_MAX_REASONS]:
+        examples = ", ".join(names[:_MAX_EXAMPLES]) + (", ..." if len(names) > _MAX_EXAMPLES else "")
+        lines.append(f"  {len(names):>{width}}  {reason} ({examples})")
+    if len(ordered) > _MAX_REASONS:
+        rest = sum(len(names) for _, names in ordered[_MAX_REASONS:])
+        lines.append(f"  {rest:>{width}}  other reasons ({len(ordered) - _MAX_REASONS} more)")
+    return lines
+
+
+def _size_line(result: QuantizationResult) -> str:
+    before, after = result.float_bytes, result.quantized_bytes
+    text = f"size:         {format_size(before)} -> {format_size(after)}"
+    if before > 0 and after > 0:
+        ratio = before / after
+        text += f" ({ratio:.2f}x smaller)" if ratio >= 1 else f" ({1 / ratio:.2f}x larger)"
+    return text
+
+
+def format_summary(result: QuantizationResult) -> str:
+    """Describe a quantization run in a few lines of plain text (no trailing newline).
+
+    The text has: a headline with node counts, a table of nodes per op type (quantized,
+    removed = Relu/Clip folded into the producer's range, float), the number of float nodes
+    grouped by their most common reasons, size before -> after with the ratio, the number of
+    calibration samples, tensors calibration never saw, the wall time and the files written.
+
+    Args:
+        result: What :func:`onnxquant.quantize_static` returned.
+    """
+    decisions = list(result.plan.nodes.values())
+    by_action = collections.Counter(d.action for d in decisions)
+    floats = [d for d in decisions if d.action == "float"]
+    lines = [
+        f"quantized {by_action['quantize']} of {len(decisions)} candidate nodes "
+        f"({by_action['remove']} removed, {len(floats)} left float)"
+    ]
+    if decisions:
+        lines += ["", *_table(decisions)]
+    lines.append("")
+    if floats:
+        lines.append(f"float nodes:  {len(floats)}, by reason:")
+        lines += _float_reasons(floats)
+    else:
+        lines.append("float nodes:  0")
+    lines.append(_size_line(result))
+    lines.append(f"calibration:  {result.calibration_samples} "
+                 f"sample{'s' if result.calibration_samples != 1 else ''}")
+    if result.unobserved:
+        names = ", ".join(result.unobserved[:_MAX_EXAMPLES])
+        more = ", ..." if len(result.unobserved) > _MAX_EXAMPLES else ""
+        lines.append(f"unobserved:   {len(result.unobserved)} tensors never computed by the "
+                     f"calibration data stay float ({names}{more})")
+    lines.append(f"time:         {result.seconds:.2f} s")
+    for index, path in enumerate(result.output_files):
+        lines.append(f"{'written:' if index == 0 else '':<14}{path}")
+    return "\n".join(lines)

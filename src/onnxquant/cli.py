@@ -20,6 +20,7 @@ from pathlib import Path
 
 from onnxquant import __version__
 from onnxquant.api import quantize_static
+from onnxquant.calibration.readers import load_feed_folder
 from onnxquant.config import StaticQuantConfig
 from onnxquant.errors import QuantizationError
 from onnxquant.qtypes import quant_type_from_name
@@ -42,6 +43,10 @@ def _name_list(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like Conv,MatMul")
     return names
+
+
+def _unique(names: list[str] | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names or ()))
 
 
 def _positive_int(text: str) -> int:
@@ -146,10 +151,10 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         reduce_range=args.reduce_range,
         activation_symmetric=args.symmetric_activations,
         weight_symmetric=False if args.asymmetric_weights else None,
-        op_types=frozenset(args.op_types) if args.op_types else None,
-        op_types_to_exclude=frozenset(args.exclude_op_types or ()),
-        nodes_to_quantize=frozenset(args.nodes) if args.nodes else None,
-        nodes_to_exclude=frozenset(args.exclude_nodes or ()),
+        op_types=_unique(args.op_types) if args.op_types else None,
+        op_types_to_exclude=_unique(args.exclude_op_types),
+        nodes_to_quantize=_unique(args.nodes) if args.nodes else None,
+        nodes_to_exclude=_unique(args.exclude_nodes),
         quantize_bias=not args.no_bias_quantization,
         keep_removable_activations=args.keep_relu,
         fold_batchnorm=not args.no_fold_bn,
@@ -163,6 +168,7 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
 
 def _run_static(args: argparse.Namespace) -> int:
     config = static_config_from_args(args)
+    load_feed_folder(args.calib)  # lists the data now: a bad path fails before the model loads
     result = quantize_static(args.model, args.output, args.calib, config)
     if args.plan_json is not None:
         try:

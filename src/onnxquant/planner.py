@@ -138,7 +138,7 @@ class _Planner:
                 return decision
             decision.inputs[index] = value.name or ""
         if not decision.inputs and rule.output is not OutputMode.FIXED:
-            decision.reason = "no float input to quantize"
+            decision.reason = rule.note or "no float input to quantize"
             return decision
         decision.action = "quantize"
         self.plan_outputs(node, rule, decision)

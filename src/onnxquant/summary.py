@@ -1,6 +1,7 @@
 """Plain-text summary of a quantization run, printed at the end of every CLI command.
 
-:func:`format_summary` shows what happened per op type (quantized / removed / left float), why
+:func:`format_summary` shows what happened per op type (quantized / weight-only / removed /
+left float), why
 nodes were left float, the size before and after, the calibration samples and the wall time.
 """
 
@@ -15,18 +16,19 @@ from onnxquant.plan import NodeDecision
 
 __all__ = ["format_summary", "format_size"]
 
-_COLUMNS = ("quantized", "removed", "float")
-_ACTIONS = ("quantize", "remove", "float")
+# Column title of each known NodeDecision action, in table order. "weights" (weight-only) and
+# any action this module does not know get a column only when some node has them.
+_TITLES = {"quantize": "quantized", "weights": "weight-only", "remove": "removed",
+           "float": "float"}
+_ALWAYS = ("quantize", "remove", "float")
 _MAX_REASONS = 5
 _MAX_EXAMPLES = 3
 _QUOTED = re.compile(r"'[^']*'")
 
 
 def format_size(num_bytes: int) -> str:
-    """A byte count in decimal units: ``"512 B"``, ``"8.37 KB"``, ``"0.79 MB"`` is ``"789.50 KB"``.
-
-    Values of one megabyte and more are shown in MB (or GB from 1000 MB).
-    """
+    """A byte count in decimal units with two decimals: ``"512 B"``, ``"789.50 KB"``,
+    ``"12.30 MB"``, ``"1.50 GB"``."""
     if num_bytes < 1000:
         return f"{num_bytes} B"
     for unit, factor in (("KB", 1e3), ("MB", 1e6)):
@@ -35,24 +37,22 @@ def format_size(num_bytes: int) -> str:
     return f"{num_bytes / 1e9:.2f} GB"
 
 
-def _table(decisions: Iterable[NodeDecision]) -> list[str]:
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for decision in decisions:
-        counts[decision.op_type][decision.action] += 1
+def _table(counts: dict[str, collections.Counter], totals: collections.Counter) -> list[str]:
+    """Nodes per op type and action, most frequent op types first, then a total row."""
+    actions = [a for a in _TITLES if a in _ALWAYS or totals[a]]
+    actions += sorted(a for a in totals if a not in _TITLES)
+    titles = [_TITLES.get(a, a) for a in actions]
     rows = sorted(counts.items(), key=lambda item: (-sum(item[1].values()), item[0]))
-    totals: collections.Counter = collections.Counter()
-    for _, counter in rows:
-        totals.update(counter)
-    width = max([len("op type"), len("total"), *(len(op) for op, _ in rows)])
-    widths = [len(c) for c in _COLUMNS]
+    width = max([len("op type"), len("total"), *(len(op) for op in counts)])
+    widths = [max(len(t), len(str(totals[a]))) for t, a in zip(titles, actions, strict=True)]
 
     def line(label: str, values: Iterable[object]) -> str:
         cells = "  ".join(f"{v!s:>{w}}" for v, w in zip(values, widths, strict=True))
-        return f"  {label:<{width}}  {cells}".rstrip()
+        return f"  {label:<{width}}  {cells}"
 
-    lines = [line("op type", _COLUMNS)]
-    lines += [line(op, [c[a] for a in _ACTIONS]) for op, c in rows]
-    lines.append(line("total", [totals[a] for a in _ACTIONS]))
+    lines = [line("op type", titles)]
+    lines += [line(op, [counter[a] for a in actions]) for op, counter in rows]
+    lines.append(line("total", [totals[a] for a in actions]))
     return lines
 
 
@@ -66,8 +66,10 @@ def _float_reasons(floats: list[NodeDecision]) -> list[str]:
     width = len(str(len(ordered[0][1]))) if ordered else 1
     lines = []
     for reason, names in ordered[:_MAX_REASONS]:
-        examples = ", ".join(names[:_MAX_EXAMPLES]) + (", ..." if len(names) > _MAX_EXAMPLES else "")
-        lines.append(f"  {len(names):>{width}}  {reason} ({examples})")
+        examples = ", ".join(names[:_MAX_EXAMPLES])
+        if len(names) > _MAX_EXAMPLES:
+            examples += ", ..."
+        lines.append(f"  {len(names):>{width}}  {reason} [{examples}]")
     if len(ordered) > _MAX_REASONS:
         rest = sum(len(names) for _, names in ordered[_MAX_REASONS:])
         lines.append(f"  {rest:>{width}}  other reasons ({len(ordered) - _MAX_REASONS} more)")
@@ -87,22 +89,26 @@ def format_summary(result: QuantizationResult) -> str:
     """Describe a quantization run in a few lines of plain text (no trailing newline).
 
     The text has: a headline with node counts, a table of nodes per op type (quantized,
-    removed = Relu/Clip folded into the producer's range, float), the number of float nodes
+    weight-only when there are any, removed = Relu/Clip folded into the producer's range,
+    float), the number of float nodes
     grouped by their most common reasons, size before -> after with the ratio, the number of
     calibration samples, tensors calibration never saw, the wall time and the files written.
 
     Args:
         result: What :func:`onnxquant.quantize_static` returned.
     """
-    decisions = list(result.plan.nodes.values())
-    by_action = collections.Counter(d.action for d in decisions)
-    floats = [d for d in decisions if d.action == "float"]
+    counts = result.plan.counts_by_op_type()
+    totals: collections.Counter = collections.Counter()
+    for counter in counts.values():
+        totals.update(counter)
+    floats = [d for d in result.plan.nodes.values() if d.action == "float"]
+    weight_only = f"{totals['weights']} weight-only, " if totals["weights"] else ""
     lines = [
-        f"quantized {by_action['quantize']} of {len(decisions)} candidate nodes "
-        f"({by_action['remove']} removed, {len(floats)} left float)"
+        f"quantized {totals['quantize']} of {len(result.plan.nodes)} candidate nodes "
+        f"({weight_only}{totals['remove']} removed, {len(floats)} left float)"
     ]
-    if decisions:
-        lines += ["", *_table(decisions)]
+    if counts:
+        lines += ["", *_table(counts, totals)]
     lines.append("")
     if floats:
         lines.append(f"float nodes:  {len(floats)}, by reason:")

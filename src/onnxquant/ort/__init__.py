@@ -1,0 +1,29 @@
+"""Drop-in replacement for ``onnxruntime.quantization``: change the import, keep the code.
+
+``from onnxquant.ort import quantize_static, QuantFormat, QuantType, CalibrationMethod,
+CalibrationDataReader`` gives onnxruntime's names, signatures, enum values and ``extra_options``
+keys, backed by onnxquant's static QDQ quantizer. Module paths mirror onnxruntime's:
+:mod:`onnxquant.ort.quantize`, :mod:`onnxquant.ort.quant_utils`, :mod:`onnxquant.ort.calibrate`.
+
+What is supported, what differs on purpose and how each ``extra_options`` key is handled is
+listed in :mod:`onnxquant.ort.quantize` and :mod:`onnxquant.ort._options`. This package never
+imports ``onnxruntime.quantization``.
+"""
+
+from __future__ import annotations
+
+from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
+from onnxquant.ort.quant_utils import QuantFormat, QuantizationMode, QuantType
+from onnxquant.ort.quantize import QuantConfig, StaticQuantConfig, quantize, quantize_static
+
+__all__ = [
+    "quantize_static",
+    "quantize",
+    "QuantConfig",
+    "StaticQuantConfig",
+    "QuantFormat",
+    "QuantType",
+    "QuantizationMode",
+    "CalibrationMethod",
+    "CalibrationDataReader",
+]

@@ -1,0 +1,281 @@
+"""The one place where onnxruntime-style arguments become an :class:`onnxquant.StaticQuantConfig`.
+
+:func:`_to_native_config` takes every option of ``onnxruntime.quantization.quantize_static``
+(except the model paths and the reader) and returns one typed native config, or raises.
+
+``extra_options`` policy (each key is handled in exactly one of these ways):
+
+* **Mapped** to a native field (see ``_MAPPED``): ``ActivationSymmetric``, ``WeightSymmetric``,
+  ``QuantizeBias``, ``MinimumRealRange``, ``QDQKeepRemovableActivations``, ``EnableSubgraph``,
+  ``CalibMovingAverage``, ``CalibMovingAverageConstant``. Values are type-checked: a bad value
+  raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
+  ``EnableSubgraph``: onnxruntime's QDQ quantizer never quantizes If/Loop/Scan bodies, whatever
+  this key says; onnxquant quantizes them by default and turns that off only when the key is given
+  explicitly as ``False``.
+* **Accepted, no effect** (``_NO_EFFECT``; logged at INFO): keys that onnxruntime's static QDQ
+  path ignores too, or whose job onnxquant does another way with the same result.
+* **Off values accepted** (``_OFF_ONLY``): keys of features not implemented yet. A value that
+  means "off" (``False``, ``0``, ``{}``, ``[]``, ``None``) is what onnxquant does anyway and is
+  accepted silently. Any other value either
+  - logs one WARNING (the model is still of the kind asked for, numerics or layout differ a
+    little: ``CalibTensorRangeSymmetric``, ``DedicatedQDQPair``,
+    ``OpTypesToExcludeOutputQuantization``, ``QDQOpTypePerChannelSupportToAxis``,
+    ``QDQDisableWeightAdjustForInt32Bias``, ``UseQDQContribOps``), or
+  - raises :class:`~onnxquant.errors.QuantizationError`, because ignoring it would give a model of
+    another kind than the user relies on (explicit per-tensor types/scales, block-wise weights,
+    float weights with Q/DQ, restricted zero points, SmoothQuant): ``TensorQuantOverrides``,
+    ``BlockSize``, ``AddQDQPairToWeight``, ``ActivationRestrictedAsymmetric``, ``SmoothQuant``.
+* **Unknown keys** log one WARNING each (with the closest known key, for typos) and are ignored.
+
+Arguments that select something not implemented yet (``QuantFormat.QOperator``, calibration
+methods other than ``MinMax``, float8 types, ``calibration_cache_path``) raise
+:class:`~onnxquant.errors.QuantizationError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import logging
+import math
+import numbers
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from onnxquant.config import CalibrationMethod as NativeCalibrationMethod
+from onnxquant.config import QuantFormat as NativeQuantFormat
+from onnxquant.config import StaticQuantConfig as NativeStaticQuantConfig
+from onnxquant.errors import QuantizationError
+from onnxquant.ort._errors import InvalidOptionError
+from onnxquant.ort.calibrate import CalibrationMethod
+from onnxquant.ort.quant_utils import QuantFormat, QuantType
+
+__all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise InvalidOptionError(f"extra_options[{key!r}] must be True or False, got {value!r}")
+
+
+def _optional_bool(key: str, value: Any) -> bool | None:
+    return None if value is None else _bool(key, value)
+
+
+def _real(key: str, value: Any, what: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+        if math.isfinite(number) and ok(number):
+            return number
+    raise InvalidOptionError(f"extra_options[{key!r}] must be {what}, got {value!r}")
+
+
+def _min_real_range(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    return _real(key, value, "None or a finite number >= 0", lambda x: x >= 0)
+
+
+def _fraction(key: str, value: Any) -> float:
+    return _real(key, value, "a number in (0, 1]", lambda x: 0 < x <= 1)
+
+
+# extra_options key -> (native StaticQuantConfig field, parser)
+_MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "ActivationSymmetric": ("activation_symmetric", _bool),
+    "WeightSymmetric": ("weight_symmetric", _optional_bool),
+    "QuantizeBias": ("quantize_bias", _bool),
+    "MinimumRealRange": ("min_real_range", _min_real_range),
+    "QDQKeepRemovableActivations": ("keep_removable_activations", _bool),
+    "EnableSubgraph": ("subgraphs", _bool),
+    "CalibMovingAverage": ("moving_average", _bool),
+    "CalibMovingAverageConstant": ("averaging_constant", _fraction),
+}
+
+# extra_options key -> why it has no effect here
+_NO_EFFECT: dict[str, str] = {
+    "ForceQuantizeNoInputCheck": "onnxquant decides whether to quantize data-movement ops "
+    "(Transpose, Reshape, MaxPool, ...) by their quantized neighbours",
+    "MatMulConstBOnly": "onnxruntime applies it only to QOperator and dynamic quantization; "
+    "QDQ quantization ignores it there too",
+    "CalibMaxIntermediateOutputs": "calibration streams one feed at a time, so memory does not "
+    "grow with the number of feeds",
+    "CalibStridedMinMax": "calibration streams one feed at a time, so memory does not grow with "
+    "the number of feeds",
+    "CalibPercentile": "it applies only to CalibrationMethod.Percentile",
+    "SmoothQuantAlpha": "it applies only with SmoothQuant=True",
+    "SmoothQuantFolding": "it applies only with SmoothQuant=True",
+    "extra.Sigmoid.nnapi": "it applies only to QuantFormat.QOperator",
+    "DefaultTensorType": "it applies only to QuantFormat.QOperator",
+}
+
+# extra_options key -> (raise instead of warn, advice) for values other than "off"
+_OFF_ONLY: dict[str, tuple[bool, str]] = {
+    "CalibTensorRangeSymmetric": (False, "activation ranges stay as calibrated; "
+                                  "ActivationSymmetric=True gives symmetric activations"),
+    "DedicatedQDQPair": (False, "consumers of a tensor share one Q/DQ pair "
+                         "(numerically the same)"),
+    "OpTypesToExcludeOutputQuantization": (False, "outputs of those op types are quantized "
+                                           "when their consumers are; use nodes_to_exclude "
+                                           "to keep whole nodes float"),
+    "QDQOpTypePerChannelSupportToAxis": (False, "per-channel weights use each op's output-"
+                                         "channel axis"),
+    "QDQDisableWeightAdjustForInt32Bias": (False, "weight scales are handled as by default"),
+    "UseQDQContribOps": (False, "Q/DQ nodes use the standard ONNX domain (opset 21 for "
+                         "16-bit and 4-bit types)"),
+    "TensorQuantOverrides": (True, "remove the key to quantize every tensor with the "
+                             "global settings, or use nodes_to_exclude for tensors that "
+                             "must stay float"),
+    "BlockSize": (True, "remove the key (or set 0) for per-tensor/per-channel weights"),
+    "AddQDQPairToWeight": (True, "remove the key to store weights pre-quantized before "
+                           "their DequantizeLinear"),
+    "ActivationRestrictedAsymmetric": (True, "remove the key, or use "
+                                       "ActivationSymmetric=True for fixed zero points"),
+    "SmoothQuant": (True, "remove the key to quantize without SmoothQuant"),
+}
+
+_KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY)
+
+
+def _enum(value: Any, cls: type[_E], arg: str) -> _E:
+    """Accepts our member, a member of onnxruntime's same-named enum, a name or the int value."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, enum.Enum) and value.name in cls.__members__:
+        return cls[value.name]
+    if isinstance(value, str):
+        folded = {name.lower(): member for name, member in cls.__members__.items()}
+        if value.strip().lower() in folded:
+            return folded[value.strip().lower()]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return cls(value)
+        except ValueError:
+            pass
+    raise InvalidOptionError(
+        f"{arg}={value!r} is not a {cls.__name__}; use one of "
+        + ", ".join(f"{cls.__name__}.{name}" for name in cls.__members__)
+    )
+
+
+def _names(value: Collection[str] | None, arg: str) -> frozenset[str] | None:
+    """``None`` or empty means "no restriction", as in onnxruntime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise InvalidOptionError(f"{arg} must be a list of names, got the string {value!r}")
+    return frozenset(value) or None
+
+
+def _extra_fields(extra_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Native config fields from ``extra_options``, applying the policy of the module docstring."""
+    fields: dict[str, Any] = {}
+    for key, value in extra_options.items():
+        if key in _MAPPED:
+            field, parse = _MAPPED[key]
+            fields[field] = parse(key, value)
+        elif key in _NO_EFFECT:
+            logger.info("extra_options[%r] has no effect: %s.", key, _NO_EFFECT[key])
+        elif key in _OFF_ONLY:
+            if value is None or (not isinstance(value, np.ndarray) and not value):
+                continue
+            fatal, advice = _OFF_ONLY[key]
+            if fatal:
+                raise QuantizationError(
+                    f"extra_options[{key!r}]={value!r} is not supported yet by onnxquant, and "
+                    f"ignoring it would change the model you asked for; {advice}."
+                )
+            logger.warning("extra_options[%r]=%r is not supported yet and is ignored: %s.",
+                           key, value, advice)
+        else:
+            close = difflib.get_close_matches(str(key), _KNOWN, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            logger.warning("Unknown extra_options key %r is ignored.%s", key, hint)
+    return fields
+
+
+def _to_native_config(
+    *,
+    quant_format: Any = QuantFormat.QDQ,
+    op_types_to_quantize: Collection[str] | None = None,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    activation_type: Any = QuantType.QInt8,
+    weight_type: Any = QuantType.QInt8,
+    nodes_to_quantize: Collection[str] | None = None,
+    nodes_to_exclude: Collection[str] | None = None,
+    use_external_data_format: bool = False,
+    calibrate_method: Any = CalibrationMethod.MinMax,
+    calibration_providers: Collection[str] | None = None,
+    extra_options: Mapping[str, Any] | None = None,
+    calibration_cache_path: Any = None,
+) -> NativeStaticQuantConfig:
+    """Translates onnxruntime's ``quantize_static`` options into one native config.
+
+    Enum arguments may be members of these enums or of onnxruntime's, their names or int values.
+    ``use_external_data_format=False`` means "decide by size" (a single file below 2 GB, where
+    onnxruntime would fail above it).
+
+    Raises:
+        InvalidOptionError: A value is invalid, or activation QInt8 with weight QUInt8.
+        QuantizationError: The options ask for something not supported yet.
+    """
+    fmt = _enum(quant_format, QuantFormat, "quant_format")
+    method = _enum(calibrate_method, CalibrationMethod, "calibrate_method")
+    act = _enum(activation_type, QuantType, "activation_type")
+    wgt = _enum(weight_type, QuantType, "weight_type")
+    if fmt is QuantFormat.QOperator:
+        raise QuantizationError(
+            "QuantFormat.QOperator is not supported yet by this version of onnxquant; use "
+            "quant_format=QuantFormat.QDQ (onnxruntime fuses Q/DQ pairs into the same integer "
+            "kernels)."
+        )
+    if method is not CalibrationMethod.MinMax:
+        raise QuantizationError(
+            f"calibrate_method=CalibrationMethod.{method.name} is not supported yet by this "
+            "version of onnxquant; use CalibrationMethod.MinMax."
+        )
+    if QuantType.QFLOAT8E4M3FN in (act, wgt):
+        raise QuantizationError(
+            "QuantType.QFLOAT8E4M3FN is not supported yet by this version of onnxquant; use an "
+            "integer type (QInt8, QUInt8, QInt16, QUInt16, QInt4, QUInt4)."
+        )
+    if act is QuantType.QInt8 and wgt is QuantType.QUInt8:
+        raise InvalidOptionError(
+            "activation_type=QuantType.QInt8 with weight_type=QuantType.QUInt8 is not supported "
+            "(no kernel takes int8 activations with uint8 weights); use QInt8 weights (S8S8) or "
+            "QUInt8 activations (U8U8 / U8S8)."
+        )
+    if calibration_cache_path is not None:
+        raise QuantizationError(
+            "calibration_cache_path is not supported yet by this version of onnxquant; remove "
+            "it (ranges are calibrated from the reader on every call)."
+        )
+    if isinstance(calibration_providers, str):
+        raise InvalidOptionError(
+            f"calibration_providers must be a list, got the string {calibration_providers!r}"
+        )
+    fields = _extra_fields(extra_options or {})
+    native = NativeStaticQuantConfig(
+        activation_type=act.qtype,
+        weight_type=wgt.qtype,
+        per_channel=bool(per_channel),
+        reduce_range=bool(reduce_range),
+        format=NativeQuantFormat.QDQ,
+        calibration_method=NativeCalibrationMethod.MINMAX,
+        op_types=_names(op_types_to_quantize, "op_types_to_quantize"),
+        nodes_to_quantize=_names(nodes_to_quantize, "nodes_to_quantize"),
+        nodes_to_exclude=_names(nodes_to_exclude, "nodes_to_exclude") or frozenset(),
+        external_data=True if use_external_data_format else None,
+        **fields,
+    )
+    if calibration_providers:
+        native.providers = tuple(calibration_providers)
+    return native

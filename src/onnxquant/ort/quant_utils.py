@@ -1,0 +1,120 @@
+"""Enums of ``onnxruntime.quantization.quant_utils``: same member names and integer values.
+
+Each enum prints as its member name and has ``from_string`` (exact member name first, then
+case-insensitive, so ``"QUInt8"`` and the CLI spelling ``"quint8"`` both work).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from onnx import TensorProto
+
+from onnxquant import qtypes
+from onnxquant.ort._errors import InvalidOptionError
+
+__all__ = ["QuantType", "QuantFormat", "QuantizationMode"]
+
+
+def _member(cls: type[enum.Enum], text: str) -> enum.Enum:
+    if text in cls.__members__:
+        return cls[text]
+    folded = {name.lower(): member for name, member in cls.__members__.items()}
+    key = str(text).strip().lower()
+    if key in folded:
+        return folded[key]
+    raise InvalidOptionError(
+        f"unknown {cls.__name__} {text!r}; choose one of {', '.join(cls.__members__)}"
+    )
+
+
+class QuantType(enum.Enum):
+    """Quantized element type, as in onnxruntime (``QInt8`` = 0 … ``QUInt4`` = 6)."""
+
+    QInt8 = 0
+    QUInt8 = 1
+    QFLOAT8E4M3FN = 2
+    QInt16 = 3
+    QUInt16 = 4
+    QInt4 = 5
+    QUInt4 = 6
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def from_string(t: str) -> QuantType:
+        """Returns the member named ``t`` (e.g. ``"QUInt8"`` or ``"quint8"``).
+
+        Raises:
+            ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
+        """
+        return _member(QuantType, t)  # type: ignore[return-value]
+
+    @property
+    def tensor_type(self) -> int:
+        """The ONNX ``TensorProto`` element type (``TensorProto.INT8`` …)."""
+        return _TENSOR_TYPES[self]
+
+    @property
+    def qtype(self) -> qtypes.QuantType:
+        """The onnxquant value object for this type (``onnxquant.INT8`` …)."""
+        return _QTYPES[self]
+
+
+_QTYPES = {
+    QuantType.QInt8: qtypes.INT8,
+    QuantType.QUInt8: qtypes.UINT8,
+    QuantType.QFLOAT8E4M3FN: qtypes.FLOAT8E4M3FN,
+    QuantType.QInt16: qtypes.INT16,
+    QuantType.QUInt16: qtypes.UINT16,
+    QuantType.QInt4: qtypes.INT4,
+    QuantType.QUInt4: qtypes.UINT4,
+}
+_TENSOR_TYPES = {
+    QuantType.QInt8: TensorProto.INT8,
+    QuantType.QUInt8: TensorProto.UINT8,
+    QuantType.QFLOAT8E4M3FN: TensorProto.FLOAT8E4M3FN,
+    QuantType.QInt16: TensorProto.INT16,
+    QuantType.QUInt16: TensorProto.UINT16,
+    QuantType.QInt4: TensorProto.INT4,
+    QuantType.QUInt4: TensorProto.UINT4,
+}
+
+
+class QuantFormat(enum.Enum):
+    """Output representation: ``QOperator`` = 0 (QLinear* operators), ``QDQ`` = 1."""
+
+    QOperator = 0
+    QDQ = 1
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def from_string(format: str) -> QuantFormat:  # noqa: A002 - onnxruntime's parameter name
+        """Returns the member named ``format`` (case-insensitive fallback).
+
+        Raises:
+            ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
+        """
+        return _member(QuantFormat, format)  # type: ignore[return-value]
+
+
+class QuantizationMode(enum.Enum):
+    """onnxruntime's quantizer mode: ``IntegerOps`` = 0 (dynamic), ``QLinearOps`` = 1 (static)."""
+
+    IntegerOps = 0
+    QLinearOps = 1
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def from_string(mode: str) -> QuantizationMode:
+        """Returns the member named ``mode`` (case-insensitive fallback).
+
+        Raises:
+            ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
+        """
+        return _member(QuantizationMode, mode)  # type: ignore[return-value]

@@ -33,7 +33,7 @@ class QuantizationResult:
     Attributes:
         plan: Every decision and parameter.
         output_files: Paths written (model, then external data if any).
-        float_bytes: Size of the input model's tensors.
+        float_bytes: Size of the input model (file plus external data; tensors when in memory).
         quantized_bytes: Size of the written files.
         calibration_samples: Number of feeds used.
         seconds: Wall time of the whole run.
@@ -57,13 +57,28 @@ def _protected_paths(model_input: Any) -> tuple[str, ...]:
 
 def _check_output(model_input: Any, model_output: str | os.PathLike) -> None:
     out = Path(model_output)
-    if isinstance(model_input, (str, os.PathLike)) and Path(model_input).absolute() == out.absolute():
+    if isinstance(model_input, (str, os.PathLike)) and Path(model_input).resolve() == out.resolve():
         raise OutputPathError(
             f"the output path '{out}' is the input model; choose another output path "
             "(the input model is never overwritten)"
         )
     if not out.absolute().parent.is_dir():
         raise OutputPathError(f"output folder '{out.absolute().parent}' does not exist")
+
+
+def _input_bytes(model_input: Any, model: ir.Model) -> int:
+    """Size of the float model on disk (file plus its external data), or of its tensors."""
+    if isinstance(model_input, (str, os.PathLike)):
+        path = Path(model_input)
+        locations = {
+            t.location for g in (model.graph, *model.graph.subgraphs())
+            for v in g.initializers.values()
+            if isinstance(t := v.const_value, ir.ExternalTensor)
+        }
+        extra = sum((path.parent / loc).stat().st_size for loc in locations
+                    if (path.parent / loc).is_file())
+        return path.stat().st_size + extra
+    return model_io.model_size_bytes(model)
 
 
 def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
@@ -104,7 +119,7 @@ def quantize_static(
     start = time.perf_counter()
     _check_output(model_input, model_output)
     model = prepare_model(model_input, config)
-    float_bytes = model_io.model_size_bytes(model)
+    float_bytes = _input_bytes(model_input, model)
     nodes = select_nodes(model, config)
     calibration = calibrate_ranges(
         model,

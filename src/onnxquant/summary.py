@@ -1,8 +1,8 @@
 """Plain-text summary of a quantization run, printed at the end of every CLI command.
 
 :func:`format_summary` shows what happened per op type (quantized / weight-only / removed /
-left float), why
-nodes were left float, the size before and after, the calibration samples and the wall time.
+left float), why nodes were left float, the size before and after, the calibration samples
+and the wall time.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def _run(session, output_names, keys, observers, data, specs, optional, *, max_s
     samples = 0
     bar = tqdm(total=total, desc="calibrating", unit="sample", disable=not progress)
     try:
-        for index, raw in enumerate(iter_feeds(data)):
+        for index, raw in enumerate(iter_feeds(data, specs=specs)):
             if max_samples is not None and samples >= max_samples:
                 break
             feed = validate_feed(raw, specs, index=index, optional=optional)

@@ -9,6 +9,9 @@
   ``QuantizeBias``, ``MinimumRealRange``, ``QDQKeepRemovableActivations``, ``EnableSubgraph``,
   ``CalibMovingAverage``, ``CalibMovingAverageConstant``. Values are type-checked: a bad value
   raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
+  ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
+  ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
+  plain mean of the per-feed ranges, so a WARNING says that the ranges differ.
   ``EnableSubgraph``: onnxruntime's QDQ quantizer never quantizes If/Loop/Scan bodies, whatever
   this key says; onnxquant quantizes them by default and turns that off only when the key is given
   explicitly as ``False``.
@@ -198,6 +201,12 @@ def _extra_fields(extra_options: Mapping[str, Any]) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key), _KNOWN, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             logger.warning("Unknown extra_options key %r is ignored.%s", key, hint)
+    if fields.get("moving_average"):
+        logger.warning(
+            "extra_options['CalibMovingAverage']=True: onnxquant tracks an exponential moving "
+            "average of the per-feed ranges with weight CalibMovingAverageConstant (%s) for the "
+            "newest feed; onnxruntime's quantize_static averages all per-feed ranges equally, so "
+            "the ranges differ.", fields.get("averaging_constant", 0.01))
     return fields
 
 

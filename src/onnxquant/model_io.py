@@ -27,6 +27,8 @@ __all__ = [
     "load_model",
     "save_model",
     "model_size_bytes",
+    "clone_model",
+    "convert_opset",
     "default_opset",
     "PROTOBUF_LIMIT",
 ]
@@ -71,9 +73,16 @@ def _describe(source: ModelInput) -> str:
     return f"model '{getattr(getattr(source, 'graph', None), 'name', '') or '<in memory>'}'"
 
 
+def clone_model(model: ir.Model) -> ir.Model:
+    """A deep copy of ``model``; external tensors stay memory-mapped references to their files."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    _copy_external_base_dir(model, copy)
+    return copy
+
+
 def _read(source: ModelInput) -> ir.Model:
     if isinstance(source, ir.Model):
-        return ir.serde.deserialize_model(ir.serde.serialize_model(source))
+        return clone_model(source)
     if isinstance(source, onnx.ModelProto):
         return ir.serde.deserialize_model(source)
     if not isinstance(source, (str, os.PathLike)):

@@ -25,7 +25,7 @@ from onnxquant.calibration.augment import expose_ranges
 from onnxquant.calibration.observers import MinMaxObserver
 from onnxquant.calibration.readers import InputSpec, count_feeds, iter_feeds, validate_feed
 from onnxquant.errors import CalibrationError
-from onnxquant.model_io import PROTOBUF_LIMIT, model_size_bytes
+from onnxquant.model_io import PROTOBUF_LIMIT, clone_model, model_size_bytes
 
 __all__ = ["CalibrationResult", "calibrate_ranges", "input_specs", "make_session"]
 
@@ -111,7 +111,7 @@ def calibrate_ranges(
     Raises:
         CalibrationError: No feeds, a feed onnxruntime rejects, or no finite range for a tensor.
     """
-    augmented = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    augmented = clone_model(model)
     outputs = expose_ranges(augmented, tensor_names)
     specs, optional = input_specs(model)
     observers = {name: observer_factory() for name in outputs}

@@ -1,0 +1,78 @@
+"""Model I/O: external data in and out, the 2 GB switch, atomic saves, input never modified."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import model_zoo as zoo
+import onnxquant
+from onnxquant import model_io
+
+
+def _save_external(model: onnx.ModelProto, path) -> None:
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=0)
+
+
+def test_external_data_input_and_output(tmp_path):
+    model = zoo.matmul_chain(n=3, dim=64)
+    src = tmp_path / "src" / "float.onnx"
+    src.parent.mkdir()
+    _save_external(zoo.matmul_chain(n=3, dim=64), src)  # onnx.save mutates its argument
+    before = {p.name: p.read_bytes() for p in src.parent.iterdir()}
+    out = tmp_path / "q.onnx"
+    calib = zoo.random_feeds(model, 8, seed=1)
+    result = onnxquant.quantize_static(src, out, calib,
+                                       onnxquant.StaticQuantConfig(external_data=True))
+    assert [p.name for p in result.output_files] == ["q.onnx", "q.onnx.data"]
+    data_file = tmp_path / "q.onnx.data"
+    assert data_file.stat().st_size > 0
+    loaded = onnx.load(str(out), load_external_data=False)
+    external = [t.name for t in loaded.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external, "large tensors should live in the external data file"
+    feeds = zoo.random_feeds(model, 2, seed=2)
+    ref, got = zoo.run(model, feeds), zoo.run(str(out), feeds)
+    assert zoo.sqnr_db(ref[0][0], got[0][0]) > 20
+    assert {p.name: p.read_bytes() for p in src.parent.iterdir()} == before
+
+
+def test_large_models_switch_to_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1 << 26)  # pretend 64 MB is the limit
+    model = ir.from_proto(zoo.matmul_chain(n=1, dim=16))
+    big = ir.Value(name="big", const_value=ir.tensor(np.ones((1 << 24,), np.float32), name="big"))
+    model.graph.register_initializer(big)  # 64 MB of float
+    written = model_io.save_model(model, tmp_path / "big.onnx")
+    assert [p.name for p in written] == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx").stat().st_size < 1 << 20
+
+
+def test_save_refuses_input_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(zoo.matmul_chain(), str(path))
+    original = path.read_bytes()
+    model = model_io.load_model(path)
+    with pytest.raises(onnxquant.OutputPathError, match="input model"):
+        model_io.save_model(model, path, protected=(path,))
+    assert path.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_load_copies_ir_model_and_proto():
+    proto = zoo.matmul_chain()
+    before = proto.SerializeToString()
+    model = model_io.load_model(proto)
+    model.graph.remove(list(model.graph)[0], safe=False)
+    assert proto.SerializeToString() == before
+    original = ir.from_proto(zoo.matmul_chain())
+    copy = model_io.load_model(original)
+    copy.graph.remove(list(copy.graph)[0], safe=False)
+    assert len(list(original.graph)) == len(proto.graph.node)
+
+
+def test_unknown_source_type():
+    with pytest.raises(onnxquant.ModelLoadError, match="cannot load a model from int"):
+        model_io.load_model(3)  # type: ignore[arg-type]

@@ -212,9 +212,12 @@ EXPECTED_QDQ = {
         "else_branch": (2, 4),  # else_conv W, B; else_conv_out; else_out (branch output)
     },
     "loop_model": {"loop_body": (2, 3)},  # state_in, body_W, body_matmul_out
-    # 39 activations and 18 constants (8 weights/biases of the linear layers are 12 with
-    # q/k/v, embeddings, mask fill, attention scale, GELU constants).
-    "transformer_block": {"transformer_block": (39, 57)},
+    # 38 activations (LayerNorm outputs are quantized by their readers, so the graph output
+    # last_hidden_state has none); 18 constants: word/position embeddings, 6 MatMul weights,
+    # 6 Add biases, the mask fill, the attention scale and GELU's 'one' and 'half'.
+    # Fixing the LayerNorm-input bug (see test_layernorm_reads_float_input) removes the pairs
+    # of pos_add_out, attn_residual_out and ffn_residual_out: (35, 53).
+    "transformer_block": {"transformer_block": (38, 56)},
 }
 FLOAT_OPS_LEFT = {
     "cnn": {"Conv": 3, "Gemm": 1, "Relu": 0, "Clip": 0, "BatchNormalization": 0},
@@ -474,6 +477,16 @@ def test_sigmoid_output_fixed_range(qcache) -> None:
     assert const(resize_q.inputs[1]) == BYTE_SCALE and int(const(resize_q.inputs[2])) == -128
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "rules.FLOAT_INPUT_OPS lacks LayerNormalization: the residual Add is quantized, so its "
+    "output gets a Q/DQ pair and LayerNorm reads the dequantized value"))
+def test_layernorm_reads_float_input(qcache) -> None:
+    q = qcache("transformer_block")
+    for name in ("ln_emb", "ln_attn", "ln_out"):
+        producer = q.node(name).inputs[0].producer()
+        assert producer is not None and producer.op_type == "Add", name
+
+
 def test_transformer_matmul_weights_are_int8(qcache) -> None:
     q = qcache("transformer_block")
     tensors = zoo_tensors(zoo.transformer_block())
@@ -632,9 +645,10 @@ def test_input_file_unchanged(tmp_path) -> None:
     path = tmp_path / "cnn.onnx"
     onnx.save(zoo.cnn(), path)
     before = path.read_bytes()
-    quantize(str(path), tmp_path / "q.onnx", StaticQuantConfig(per_channel=True),
-             feeds=zoo.random_feeds(zoo.cnn(), 2, seed=1))
+    quantize_static(str(path), tmp_path / "q.onnx", zoo.random_feeds(zoo.cnn(), 2, seed=1),
+                    StaticQuantConfig(per_channel=True))
     assert path.read_bytes() == before
+    assert any(n.op_type == Q for n in onnx.load(tmp_path / "q.onnx").graph.node)
 
 
 @pytest.mark.parametrize("name", ["cnn", "if_subgraph_model", "constant_weights_cnn"])
@@ -646,10 +660,11 @@ def test_input_objects_unchanged(tmp_path, name) -> None:
     assert proto.SerializeToString(deterministic=True) == before
 
     model = ir.serde.deserialize_model(onnx.load_from_string(before))
-    quantize_static(model, tmp_path / "b.onnx", feeds,
+    model_before = ir.serde.serialize_model(model).SerializeToString(deterministic=True)
+    quantize_static(model, tmp_path / "b.onnx", feeds,  # int16: also an opset conversion
                     StaticQuantConfig(activation_type=onnxquant.INT16))
-    after = ir.serde.serialize_model(model).SerializeToString(deterministic=True)
-    assert after == before
+    assert ir.serde.serialize_model(model).SerializeToString(deterministic=True) == model_before
+    assert model.opset_imports[""] == proto.opset_import[0].version
 
 
 @pytest.mark.parametrize("name", ["cnn", "if_subgraph_model", "transformer_block"])

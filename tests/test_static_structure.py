@@ -626,18 +626,20 @@ def test_shared_weight_quantized_once(qcache) -> None:
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.xfail(strict=True, reason=(
-    "planner._Planner.plan_bias enlarges a shared weight's scale for a later bias after an "
-    "earlier Conv's bias scale was computed from the old weight scale"))
 def test_shared_weight_with_a_bias_that_needs_a_larger_weight_scale(tmp_path,
                                                                     per_channel) -> None:
+    # conv_b's bias forces a larger scale on the shared weight; conv_a's bias scale must be
+    # computed from that final scale too (it used to keep the old one).
     model = zoo.model_with_shared_weight()
     for init in model.graph.initializer:
         if init.name == "conv_b_B":  # |bias| / (x_scale * w_scale) > 2**31: w_scale must grow
             init.CopyFrom(numpy_helper.from_array(np.full(4, 1e6, np.float32), "conv_b_B"))
     q = quantize(model, tmp_path / "q.onnx", StaticQuantConfig(per_channel=per_channel))
-    check_bias(q.node("conv_b"), None)
-    check_bias(q.node("conv_a"), None)
+    weight = zoo_tensors(model)["shared_W"]
+    scale = const(dequantizer(q.node("conv_a").inputs[1]).inputs[1])
+    assert np.all(scale > 2 * np.abs(weight).max() / 127)  # enlarged for conv_b's bias
+    check_bias(q.node("conv_b"), np.full(4, 1e6))
+    check_bias(q.node("conv_a"), zoo_tensors(model)["conv_a_B"])
 
 
 # -- the input is never changed; the plan round-trips ----------------------------------------

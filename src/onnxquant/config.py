@@ -36,6 +36,9 @@ class StaticQuantConfig:
         activation_type: Element type of quantized activations (int8 = S8S8 with int8 weights).
         weight_type: Element type of quantized weights.
         per_channel: One scale per output channel for Conv/ConvTranspose/Gemm/MatMul weights.
+        per_channel_fallback_db: With per-tensor weights, a weight whose per-tensor quantization
+            SQNR is below this many dB (outlier channels, e.g. depthwise convs or folded
+            BatchNorm) is quantized per channel instead; the plan records it. None disables it.
         reduce_range: Quantize weights to 7 bits (for CPUs without VNNI that overflow on u8s8).
         activation_symmetric: Symmetric activation ranges (zero point 0 / midpoint).
         weight_symmetric: Symmetric weights; None means True for signed weight types.
@@ -62,6 +65,7 @@ class StaticQuantConfig:
     activation_type: QuantType = INT8
     weight_type: QuantType = INT8
     per_channel: bool = False
+    per_channel_fallback_db: float | None = 30.0
     reduce_range: bool = False
     activation_symmetric: bool = False
     weight_symmetric: bool | None = None
@@ -94,6 +98,6 @@ class StaticQuantConfig:
     def required_opset(self) -> int:
         """The lowest default-domain opset the output needs."""
         opset = max(self.activation_type.min_opset, self.weight_type.min_opset)
-        if self.per_channel:
+        if self.per_channel or self.per_channel_fallback_db is not None:
             opset = max(opset, 13)
         return opset

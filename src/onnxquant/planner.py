@@ -104,6 +104,18 @@ class _Planner:
         rng = (float(np.min(low)), float(np.max(high))) if data.size else (0.0, 0.0)
         return _tensor(name, "weight", qtype, scale, zp, axis, "constant", rng)
 
+    def _per_channel_fallback(self, node, index, value, params: TensorQuant) -> TensorQuant:
+        data = value.const_value.numpy()  # type: ignore[union-attr]
+        axis = weight_axis(node, index, data.ndim)
+        if axis is None or data.ndim < 2 or (node.op_type == "ConvTranspose" and _group(node) > 1):
+            return params
+        db = _sqnr_db(data, params)
+        if db >= self.config.per_channel_fallback_db:  # type: ignore[operator]
+            return params
+        fallback = self.constant(value, axis, True)
+        fallback.source = f"constant: per channel (per-tensor SQNR {db:.1f} dB)"
+        return fallback
+
     # -- inputs ----------------------------------------------------------------------------
     def plan_input(self, node: ir.Node, index: int, value: ir.Value, rule: OpRule) -> str | None:
         """Parameters for one activation input; returns the reason when it cannot be quantized."""
@@ -116,7 +128,10 @@ class _Planner:
             axis = weight_axis(node, index, rank) if (as_weight and self.config.per_channel) else None
             if axis is not None and node.op_type == "ConvTranspose" and _group(node) > 1:
                 axis = None
-            self.plan.tensors[name] = self.constant(value, axis, as_weight)
+            params = self.constant(value, axis, as_weight)
+            if as_weight and axis is None and self.config.per_channel_fallback_db is not None:
+                params = self._per_channel_fallback(node, index, value, params)
+            self.plan.tensors[name] = params
             return None
         if name not in self.ranges:
             return f"input '{name}' has no calibrated range"
@@ -183,33 +198,55 @@ class _Planner:
             decision.outputs.append(name)
 
     # -- bias ------------------------------------------------------------------------------
-    def plan_bias(self, node: ir.Node, rule: OpRule, decision: NodeDecision) -> None:
+    def _bias_operands(self, node: ir.Node, rule: OpRule, decision: NodeDecision):
+        """(bias value, bias data, input params, weight params) when the bias can be int32."""
         index = rule.bias
         if index is None or not self.config.quantize_bias or len(node.inputs) <= index:
-            return
+            return None
         bias, weight_name = node.inputs[index], decision.inputs.get(1)
         act = self.plan.tensors.get(decision.inputs.get(0, ""))
         weight = self.plan.tensors.get(weight_name or "")
         if bias is None or not is_constant(bias) or not is_float(bias) or act is None:
-            return
+            return None
         if weight is None or weight.role != "weight" or act.axis is not None:
-            return
+            return None
         if node.op_type == "Gemm" and not _unit_alpha_beta(node):
-            return
+            return None
         data = bias.const_value.numpy()  # type: ignore[union-attr]
-        if data.ndim != 1:
-            return
-        w_scale = weight.scale_array()
-        if weight.axis is not None and w_scale.size != data.size:
-            return
-        adjusted = numerics.weight_scale_for_bias(data, act.scale_array(), w_scale)
-        if not np.array_equal(adjusted, w_scale):
-            logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
-                        weight.name, bias.name)
-            weight.scale = [float(s) for s in np.atleast_1d(adjusted)]
-        scale = numerics.bias_scale(act.scale_array(), weight.scale_array())
-        decision.bias = BiasQuant(index, bias.name or "", [float(s) for s in np.atleast_1d(scale)],
-                                  0 if weight.axis is not None else None)
+        if data.ndim != 1 or (weight.axis is not None and len(weight.scale) != data.size):
+            return None
+        return bias, data, act, weight
+
+    def plan_biases(self, items: list[tuple[ir.Node, OpRule, NodeDecision]]) -> None:
+        """int32 biases: first enlarge weight scales wherever a bias would overflow (scales only
+        grow, so a weight shared by several nodes satisfies all of them), then derive every
+        bias scale from the final input and weight scales."""
+        operands = []
+        for node, rule, decision in items:
+            found = self._bias_operands(node, rule, decision)
+            if found is not None:
+                operands.append((rule.bias, decision, *found))
+        for _, _, bias, data, act, weight in operands:
+            w_scale = weight.scale_array()
+            adjusted = numerics.weight_scale_for_bias(data, act.scale_array(), w_scale)
+            if not np.array_equal(adjusted, w_scale):
+                logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
+                            weight.name, bias.name)
+                weight.scale = [float(x) for x in np.atleast_1d(adjusted)]
+        for index, decision, bias, _, act, weight in operands:
+            scale = numerics.bias_scale(act.scale_array(), weight.scale_array())
+            decision.bias = BiasQuant(index, bias.name or "",
+                                      [float(x) for x in np.atleast_1d(scale)],
+                                      0 if weight.axis is not None else None)
+
+
+def _sqnr_db(data: np.ndarray, params: TensorQuant) -> float:
+    q = numerics.quantize(data, params.scale_array(), params.zero_point_array(), params.quant_type,
+                          axis=params.axis)
+    err = data.astype(np.float64) - numerics.dequantize(q, params.scale_array(),
+                                                        params.zero_point_array(), axis=params.axis)
+    noise = float(np.sum(err * err))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(data.astype(np.float64) ** 2)) / noise)
 
 
 def _feeds_float_ops(value: ir.Value) -> bool:
@@ -289,6 +326,7 @@ def build_plan(
     """
     chosen = choose_nodes(nodes, ranges)
     planner = _Planner(config, ranges)
+    quantized: list[tuple[ir.Node, OpRule, NodeDecision]] = []
     for node in nodes:
         rule = rule_for(node)
         assert rule is not None
@@ -305,6 +343,7 @@ def build_plan(
                 continue
         decision = planner.decide(node, rule)
         if decision.action == "quantize":
-            planner.plan_bias(node, rule, decision)
+            quantized.append((node, rule, decision))
         planner.plan.nodes[decision.name] = decision
+    planner.plan_biases(quantized)
     return planner.plan

@@ -275,10 +275,6 @@ def test_nan_inside_a_batch_is_left_out(workdir, cnn_path, clean_result) -> None
     assert _ranges(result)["image"] == _ranges(clean_result)["image"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "calibration/runner.py documents CalibrationError for 'no finite range for a tensor', but "
-    "when every batch is NaN it returns no ranges and quantize_static writes a weight-only "
-    "model without an error"))
 def test_all_batches_nan_is_an_error(workdir, cnn_path) -> None:
     data = [{"image": np.full_like(f["image"], np.nan)} for f in feeds(2)]
     with pytest.raises(CalibrationError, match="image"):

@@ -111,10 +111,12 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
         conv.replace_input_with(i, value)
     y = bn.outputs[0]
     conv_out = conv.outputs[0]
-    y.replace_all_uses_with(conv_out)
     for i, out in enumerate(graph.outputs):
         if out is y:
-            conv_out.name, y.name = y.name, f"{y.name}_unused"
             graph.outputs[i] = conv_out
+            conv_out.name, y.name = y.name, f"{y.name}_unused"
+            conv_out.type = conv_out.type or y.type
+            conv_out.shape = conv_out.shape or y.shape
+    y.replace_all_uses_with(conv_out)
     graph.remove(bn, safe=True)
     return 1

@@ -118,7 +118,7 @@ RULES: dict[str, OpRule] = {
 DEFAULT_OP_TYPES: frozenset[str] = frozenset(RULES)
 
 # Tensors read only by these ops are not quantized as outputs of their producer.
-FLOAT_INPUT_OPS: frozenset[str] = frozenset({"Softmax"})
+FLOAT_INPUT_OPS: frozenset[str] = frozenset({"Softmax", "LayerNormalization"})
 
 
 def rule_for(node: ir.Node) -> OpRule | None:

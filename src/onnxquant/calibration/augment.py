@@ -4,7 +4,7 @@ For every requested tensor the augmented model computes a ``[1, 2]`` float32 pai
 ``(min, max)`` next to the tensor, so one inference per batch yields every range and ORT never
 has to hand back full activations. A tensor inside a subgraph is carried out of it as an extra
 output of the control-flow node: an If gets the pair from the branch that ran (the other branch
-yields an empty ``[0, 2]`` tensor); Loop and Scan stack one pair per iteration
+yields ``[[+inf, -inf]]``, meaning "no data"); Loop and Scan stack one pair per iteration
 (``[iterations, 1, 2]``). The caller reduces every result with ``reshape(-1, 2)``.
 """
 
@@ -58,8 +58,12 @@ class _Augmenter:
         return out
 
     def empty_pair(self, graph: ir.Graph) -> ir.Value:
-        """A constant ``[0, 2]`` float32 tensor (the branch that did not see the tensor)."""
-        tensor = ir.tensor(np.zeros((0, 2), np.float32))
+        """A constant ``[[+inf, -inf]]`` pair (the branch that did not see the tensor).
+
+        It has the same shape as a real pair, so Loop/Scan can stack it across iterations in
+        which different branches run; observers treat ``(+inf, -inf)`` as "no data".
+        """
+        tensor = ir.tensor(np.array([[np.inf, -np.inf]], np.float32))
         node = ir.node("Constant", [], attributes={"value": tensor}, name=self._name("empty"))
         graph.append(node)
         out = node.outputs[0]

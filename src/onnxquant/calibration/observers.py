@@ -19,7 +19,8 @@ class MinMaxObserver:
     """Running minimum and maximum of a tensor.
 
     ``update`` takes the ``(min, max)`` pairs the augmented model produces for one batch (any
-    shape ending in 2; empty arrays are ignored). Non-finite batch ranges are counted in
+    shape ending in 2; empty arrays and ``(+inf, -inf)`` rows — an untaken If branch, an
+    empty tensor — carry no data). Batches whose range is NaN or ±Inf are counted in
     ``nonfinite_batches`` and left out of the range.
 
     Attributes:
@@ -40,6 +41,8 @@ class MinMaxObserver:
     def update(self, pairs: np.ndarray) -> None:
         """Fold one batch's ``(min, max)`` pairs into the running range."""
         pairs = np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
+        no_data = (pairs[:, 0] == np.inf) & (pairs[:, 1] == -np.inf)  # untaken branch, empty
+        pairs = pairs[~no_data]
         if pairs.size == 0:
             return
         low, high = float(pairs[:, 0].min()), float(pairs[:, 1].max())
@@ -48,8 +51,8 @@ class MinMaxObserver:
             return
         if self.moving_average and self.batches:
             c = self.averaging_constant
-            self.low += c * (low - self.low)
-            self.high += c * (high - self.high)
+            self.low = (1 - c) * self.low + c * low
+            self.high = (1 - c) * self.high + c * high
         else:
             self.low, self.high = min(self.low, low), max(self.high, high)
         self.batches += 1

@@ -167,6 +167,13 @@ def _collect(observers: dict[str, MinMaxObserver], samples: int) -> CalibrationR
             ranges[name] = obs.result()
         else:
             unobserved.append(name)
+    only_nonfinite = [n for n in nonfinite if n in unobserved]
+    if only_nonfinite:
+        raise CalibrationError(
+            f"every calibration batch gave NaN/Inf values for tensor '{only_nonfinite[0]}'"
+            f"{f' (and {len(only_nonfinite) - 1} more)' if len(only_nonfinite) > 1 else ''}; "
+            "check the calibration data (NaN/Inf inputs) and that the float model is finite on it"
+        )
     if nonfinite:
         worst = ", ".join(f"'{n}' ({c} batches)" for n, c in list(nonfinite.items())[:5])
         logger.warning(

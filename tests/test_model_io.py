@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import model_zoo as zoo
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
-import model_zoo as zoo
 import onnxquant
 from onnxquant import model_io
 

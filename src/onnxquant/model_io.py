@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
 
 import onnx
 import onnx_ir as ir
@@ -35,7 +34,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ModelInput = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
+ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 PROTOBUF_LIMIT = 2**31 - 1
 MIN_OPSET = 10
 

@@ -125,7 +125,8 @@ class _Planner:
         if is_constant(value):
             rank = len(value.const_value.shape)  # type: ignore[union-attr]
             as_weight = index in rule.weights
-            axis = weight_axis(node, index, rank) if (as_weight and self.config.per_channel) else None
+            per_channel = as_weight and self.config.per_channel
+            axis = weight_axis(node, index, rank) if per_channel else None
             if axis is not None and node.op_type == "ConvTranspose" and _group(node) > 1:
                 axis = None
             params = self.constant(value, axis, as_weight)
@@ -246,7 +247,8 @@ def _sqnr_db(data: np.ndarray, params: TensorQuant) -> float:
     err = data.astype(np.float64) - numerics.dequantize(q, params.scale_array(),
                                                         params.zero_point_array(), axis=params.axis)
     noise = float(np.sum(err * err))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(data.astype(np.float64) ** 2)) / noise)
+    signal = float(np.sum(data.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * float(np.log10(signal / noise))
 
 
 def _feeds_float_ops(value: ir.Value) -> bool:

@@ -8,7 +8,6 @@ a granularity (:class:`PerTensor`, :class:`PerAxis`, :class:`PerBlock`) describe
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 import ml_dtypes
 import numpy as np
@@ -127,4 +126,4 @@ class PerBlock:
     size: int
 
 
-Granularity = Union[PerTensor, PerAxis, PerBlock]
+Granularity = PerTensor | PerAxis | PerBlock

@@ -27,17 +27,23 @@ class _Augmenter:
         self.model = model
         self.names = names
         self._ids = itertools.count()
-        shape = ir.Value(name=self._name("shape_1_1"), const_value=ir.tensor([1, 1], ir.DataType.INT64))
-        shape.const_value.name = shape.name  # type: ignore[union-attr]
-        shape.type = ir.TensorType(ir.DataType.INT64)
-        shape.shape = ir.Shape([2])
-        model.graph.register_initializer(shape)
-        self.shape_1_1 = shape
+        self.shape_1_1 = self._initializer(np.array([1, 1], np.int64), "shape_1_1")
+        self.zero = self._initializer(np.array(0.0, np.float32), "zero")
+
+    def _initializer(self, array: np.ndarray, stem: str) -> ir.Value:
+        name = self._name(stem)
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
+                         type=ir.TensorType(tensor.dtype))
+        self.model.graph.register_initializer(value)
+        return value
 
     def _name(self, stem: str) -> str:
         return f"_oqcal_{next(self._ids)}_{stem}"
 
-    def _add(self, graph: ir.Graph, op: str, inputs: Iterable[ir.Value], **attrs: object) -> ir.Value:
+    def _add(
+        self, graph: ir.Graph, op: str, inputs: Iterable[ir.Value], **attrs: object
+    ) -> ir.Value:
         node = ir.node(op, list(inputs), attributes=attrs or None, name=self._name(op))
         graph.append(node)
         out = node.outputs[0]
@@ -45,17 +51,25 @@ class _Augmenter:
         return out
 
     def pair(self, graph: ir.Graph, value: ir.Value) -> ir.Value:
-        """Nodes in ``graph`` computing ``[[min(value), max(value)]]`` as float32."""
-        parts = []
-        for op in ("ReduceMin", "ReduceMax"):
-            reduced = self._add(graph, op, [value], keepdims=1)
-            flat = self._add(graph, "Reshape", [reduced, self.shape_1_1])
-            if value.dtype != _FLOAT:
-                flat = self._add(graph, "Cast", [flat], to=_FLOAT)
-            parts.append(flat)
-        out = self._add(graph, "Concat", parts, axis=1)
+        """Nodes in ``graph`` computing ``[[min(value), max(value)]]`` as float32.
+
+        onnxruntime's ReduceMin/ReduceMax skip a NaN that is not the first element, so
+        ``sum(value) * 0`` — NaN when any element is NaN or ±Inf — is added to the pair to
+        mark such a batch as non-finite.
+        """
+        parts = [self._reduced(graph, op, value) for op in ("ReduceMin", "ReduceMax", "ReduceSum")]
+        pair = self._add(graph, "Concat", parts[:2], axis=1)
+        poison = self._add(graph, "Mul", [parts[2], self.zero])
+        out = self._add(graph, "Add", [pair, poison])
         out.type = _PAIR_TYPE
         return out
+
+    def _reduced(self, graph: ir.Graph, op: str, value: ir.Value) -> ir.Value:
+        reduced = self._add(graph, op, [value], keepdims=1)
+        flat = self._add(graph, "Reshape", [reduced, self.shape_1_1])
+        if value.dtype != _FLOAT:
+            flat = self._add(graph, "Cast", [flat], to=_FLOAT)
+        return flat
 
     def empty_pair(self, graph: ir.Graph) -> ir.Value:
         """A constant ``[[+inf, -inf]]`` pair (the branch that did not see the tensor).
@@ -91,7 +105,7 @@ class _Augmenter:
         branches = [node.attributes[k].as_graph() for k in ("then_branch", "else_branch")]
         results = [self.expose(branch) for branch in branches]
         keys = sorted(set(results[0]) | set(results[1]))
-        for branch, result in zip(branches, results):
+        for branch, result in zip(branches, results, strict=True):
             for key in keys:
                 branch.outputs.append(result[key] if key in result else self.empty_pair(branch))
         return self._new_outputs(node, keys)

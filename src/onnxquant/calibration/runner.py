@@ -144,7 +144,7 @@ def _run(session, output_names, keys, observers, data, specs, optional, *, max_s
                 raise CalibrationError(
                     f"onnxruntime failed on calibration feed {index}: {err}"
                 ) from err
-            for key, pairs in zip(keys, results):
+            for key, pairs in zip(keys, results, strict=True):
                 observers[key].update(pairs)
             samples += 1
             bar.update(1)

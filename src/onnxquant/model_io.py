@@ -73,10 +73,12 @@ def _describe(source: ModelInput) -> str:
 
 
 def clone_model(model: ir.Model) -> ir.Model:
-    """A deep copy of ``model``; external tensors stay memory-mapped references to their files."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    _copy_external_base_dir(model, copy)
-    return copy
+    """A structural copy of ``model``: new graphs, nodes and values, shared (read-only) tensors.
+
+    onnxquant never changes a tensor in place, so sharing them is safe and costs no memory;
+    external tensors stay memory-mapped references to their files.
+    """
+    return model.clone()
 
 
 def _read(source: ModelInput) -> ir.Model:

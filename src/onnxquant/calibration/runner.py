@@ -78,7 +78,9 @@ def make_session(
             path = workdir / "augmented.onnx"
             ir.save(model, path, external_data="augmented.onnx.data")
             return ort.InferenceSession(str(path), options, providers=list(providers))
-        data = ir.serde.serialize_model(model).SerializeToString()
+        proto = ir.serde.serialize_model(model)
+        data = proto.SerializeToString()
+        del proto  # keep one serialized copy alive while onnxruntime builds its own
         return ort.InferenceSession(data, options, providers=list(providers))
     except Exception as err:
         raise CalibrationError(

@@ -586,3 +586,21 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def zoo_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant values of a zoo model, subgraphs included, by name."""
+    tensors = {}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for init in graph.initializer:
+            tensors[init.name] = numpy_helper.to_array(init)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                tensors[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+
+    walk(model.graph)
+    return tensors

@@ -30,21 +30,7 @@ Range = tuple[float, float]
 
 
 # -- references ------------------------------------------------------------------------------
-def _zoo_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    tensors = {}
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for init in graph.initializer:
-            tensors[init.name] = numpy_helper.to_array(init)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                tensors[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-
-    walk(model.graph)
-    return tensors
+_zoo_tensors = zoo.zoo_tensors
 
 
 def _span(arrays: list[np.ndarray]) -> Range:

@@ -176,22 +176,7 @@ def check_bias(node: ir.Node, float_bias: np.ndarray | None) -> None:
         assert np.all(np.abs(restored - float_bias) <= b_scale / 2 * (1 + 1e-6) + 1e-12)
 
 
-def zoo_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant values of a zoo model, subgraphs included, by name."""
-    tensors = {}
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for init in graph.initializer:
-            tensors[init.name] = numpy_helper.to_array(init)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                tensors[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-
-    walk(model.graph)
-    return tensors
+zoo_tensors = zoo.zoo_tensors
 
 
 # -- op counts -------------------------------------------------------------------------------

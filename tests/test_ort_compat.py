@@ -478,7 +478,6 @@ def _ours(caplog) -> list[logging.LogRecord]:
     ({"ActivationSymetric": True}, "Did you mean 'ActivationSymmetric'"),
     ({"NoSuchOption": 1}, "NoSuchOption"),
     ({"DedicatedQDQPair": True}, "DedicatedQDQPair"),
-    ({"CalibTensorRangeSymmetric": True}, "ActivationSymmetric=True"),
     ({"OpTypesToExcludeOutputQuantization": ["Conv"]}, "nodes_to_exclude"),
     ({"UseQDQContribOps": True}, "UseQDQContribOps"),
 ])
@@ -531,12 +530,8 @@ def test_unknown_option_warns_and_still_quantizes(tmp_path, caplog):
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"quant_format": oqq.QuantFormat.QOperator}, "QOperator"),
     ({"quant_format": ortq.QuantFormat.QOperator}, "QOperator"),
-    ({"calibrate_method": oqq.CalibrationMethod.Entropy}, "Entropy"),
-    ({"calibrate_method": oqq.CalibrationMethod.Percentile}, "Percentile"),
-    ({"calibrate_method": oqq.CalibrationMethod.Distribution}, "Distribution"),
     ({"activation_type": oqq.QuantType.QFLOAT8E4M3FN,
       "weight_type": oqq.QuantType.QFLOAT8E4M3FN}, "QFLOAT8E4M3FN"),
-    ({"calibration_cache_path": "cache.json"}, "calibration_cache_path"),
 ])
 def test_not_supported_yet(tmp_path, kwargs, needle):
     model = zoo.matmul_chain()
@@ -592,3 +587,15 @@ def test_quantize_rejects_other_configs(tmp_path, config):
         oqq.quantize(zoo.matmul_chain(), tmp_path / "q.onnx", config)
     assert isinstance(info.value, QuantizationError)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_calibration_extra_options_are_mapped():
+    native = _to_native_config(calibrate_method=oqq.CalibrationMethod.Entropy,
+                               extra_options={"CalibTensorRangeSymmetric": True,
+                                              "CalibPercentile": 99.9},
+                               calibration_cache_path="stats.json")
+    assert native.calibration_method.value == "entropy"
+    assert (native.symmetric_ranges, native.percentile) == (True, 99.9)
+    assert native.calibration_cache == "stats.json"
+    with pytest.raises(ValueError, match="CalibPercentile"):
+        _to_native_config(extra_options={"CalibPercentile": 150})

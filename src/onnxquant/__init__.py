@@ -7,7 +7,8 @@ a :class:`StaticQuantConfig`. Code written for ``onnxruntime.quantization`` runs
 
 from __future__ import annotations
 
-from onnxquant.api import QuantizationResult, quantize_static
+from onnxquant.api import QuantizationResult, calibrate, quantize_static
+from onnxquant.calibration.runner import CalibrationResult
 from onnxquant.calibration.readers import CalibrationDataReader
 from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
 from onnxquant.errors import (
@@ -38,6 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize_static",
+    "calibrate",
+    "CalibrationResult",
     "QuantizationResult",
     "StaticQuantConfig",
     "QuantFormat",

@@ -13,15 +13,19 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxquant import model_io, preprocess
-from onnxquant.calibration.observers import MinMaxObserver
-from onnxquant.calibration.runner import calibrate_ranges
+from onnxquant.calibration.cache import load_cache, save_cache
+from onnxquant.calibration.runner import (
+    CalibrationResult,
+    calibrate_ranges,
+    ranges_from_statistics,
+)
 from onnxquant.config import StaticQuantConfig
 from onnxquant.emitters.qdq import emit_qdq
-from onnxquant.errors import OutputPathError
+from onnxquant.errors import CalibrationError, OutputPathError
 from onnxquant.plan import QuantPlan
 from onnxquant.planner import build_plan, select_nodes, tensors_to_calibrate
 
-__all__ = ["QuantizationResult", "quantize_static"]
+__all__ = ["QuantizationResult", "quantize_static", "calibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,49 @@ def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
     return model
 
 
+def _calibrate(model: ir.Model, nodes: list, data: Any,
+               config: StaticQuantConfig) -> CalibrationResult:
+    names = tensors_to_calibrate(nodes)
+    settings = config.calibration_settings()
+    cache = config.calibration_cache
+    if cache is not None and Path(cache).exists():
+        statistics, samples = load_cache(cache, settings, names)
+        logger.info("calibration statistics loaded from '%s'", cache)
+        return ranges_from_statistics(statistics, samples, settings)
+    if data is None:
+        raise CalibrationError(
+            "no calibration data was given (and no calibration cache exists); pass a reader, "
+            "an iterable of {input_name: array} dicts or a data folder")
+    result = calibrate_ranges(
+        model, names, data, settings=settings, providers=config.providers,
+        max_samples=config.max_calibration_samples, progress=config.progress,
+        workers=config.calibration_workers)
+    if cache is not None:
+        save_cache(cache, result.statistics, result.samples, settings)
+    return result
+
+
+def calibrate(
+    model_input: model_io.ModelInput,
+    calibration_data: Any,
+    config: StaticQuantConfig | None = None,
+) -> CalibrationResult:
+    """Calibrate only: the activation ranges ``quantize_static`` would use with ``config``.
+
+    Args:
+        model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
+        calibration_data: A reader, an iterable of feed dicts, a data folder — or None when
+            ``config.calibration_cache`` exists.
+        config: Settings (method, its parameters, node selection, workers, cache).
+
+    Returns:
+        The ranges per tensor, with the statistics they came from.
+    """
+    config = config or StaticQuantConfig()
+    model = prepare_model(model_input, config)
+    return _calibrate(model, select_nodes(model, config), calibration_data, config)
+
+
 def quantize_static(
     model_input: model_io.ModelInput,
     model_output: str | os.PathLike,
@@ -121,16 +168,7 @@ def quantize_static(
     model = prepare_model(model_input, config)
     float_bytes = _input_bytes(model_input, model)
     nodes = select_nodes(model, config)
-    calibration = calibrate_ranges(
-        model,
-        tensors_to_calibrate(nodes),
-        calibration_data,
-        providers=config.providers,
-        observer_factory=lambda: MinMaxObserver(
-            moving_average=config.moving_average, averaging_constant=config.averaging_constant),
-        max_samples=config.max_calibration_samples,
-        progress=config.progress,
-    )
+    calibration = _calibrate(model, nodes, calibration_data, config)
     plan = build_plan(nodes, calibration.ranges, config)
     emit_qdq(model, plan)
     written = model_io.save_model(model, model_output, external_data=config.external_data,

@@ -21,7 +21,7 @@ from pathlib import Path
 from onnxquant import __version__
 from onnxquant.api import quantize_static
 from onnxquant.calibration.readers import load_feed_folder
-from onnxquant.config import StaticQuantConfig
+from onnxquant.config import CalibrationMethod, StaticQuantConfig
 from onnxquant.errors import QuantizationError
 from onnxquant.qtypes import quant_type_from_name
 from onnxquant.summary import format_summary
@@ -76,11 +76,29 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", type=Path, help="float .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
                    help="where to write the quantized model (must differ from MODEL)")
-    p.add_argument("--calib", required=True, type=Path, metavar="DATA",
+    p.add_argument("--calib", type=Path, metavar="DATA",
                    help="calibration data: a folder of .npz files (keys = input names), a single "
-                        ".npz file, or a folder of ONNX test_data_set_* folders")
+                        ".npz file, or a folder of ONNX test_data_set_* folders (may be omitted "
+                        "when --calib-cache exists)")
     p.add_argument("--max-samples", type=_positive_int, metavar="N",
                    help="use at most N calibration feeds")
+    calib = p.add_argument_group("calibration")
+    calib.add_argument("--method", choices=[m.value for m in CalibrationMethod],
+                       default="minmax", help="how activation ranges are found (default minmax)")
+    calib.add_argument("--percentile", type=float, default=99.999,
+                       help="percentile method: %% of values kept in range (default 99.999)")
+    calib.add_argument("--histogram-bins", type=_positive_int, default=2048, metavar="N",
+                       help="histogram methods: bins over the observed range (default 2048)")
+    calib.add_argument("--quantized-bins", type=_positive_int, default=128, metavar="N",
+                       help="entropy: quantized levels of the KL search (default 128)")
+    calib.add_argument("--symmetric-ranges", action="store_true",
+                       help="calibrated ranges symmetric around 0")
+    calib.add_argument("--moving-average", action="store_true",
+                       help="minmax: exponential moving average of per-batch ranges")
+    calib.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="processes sharing the calibration inference (same ranges)")
+    calib.add_argument("--calib-cache", type=Path, metavar="JSON",
+                       help="statistics cache: reused if it exists (same settings), else written")
 
     numerics = p.add_argument_group("numerics")
     numerics.add_argument("--activation-type", choices=QUANT_TYPE_CHOICES, default="int8",
@@ -163,12 +181,24 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         external_data=True if args.external_data else None,
         max_calibration_samples=args.max_samples,
         progress=not args.quiet,
+        calibration_method=CalibrationMethod(args.method),
+        percentile=args.percentile,
+        histogram_bins=args.histogram_bins,
+        quantized_bins=args.quantized_bins,
+        symmetric_ranges=args.symmetric_ranges,
+        moving_average=args.moving_average,
+        calibration_workers=args.workers,
+        calibration_cache=args.calib_cache,
     )
 
 
 def _run_static(args: argparse.Namespace) -> int:
     config = static_config_from_args(args)
-    load_feed_folder(args.calib)  # lists the data now: a bad path fails before the model loads
+    if args.calib is None and (args.calib_cache is None or not args.calib_cache.exists()):
+        raise QuantizationError("give calibration data with --calib DATA (or an existing "
+                                "--calib-cache)")
+    if args.calib is not None:
+        load_feed_folder(args.calib)  # lists the data now: a bad path fails before the model loads
     result = quantize_static(args.model, args.output, args.calib, config)
     if args.plan_json is not None:
         try:

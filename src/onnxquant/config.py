@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from collections.abc import Collection
 
+from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
 from onnxquant.qtypes import INT8, QuantType
 
 __all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig"]
@@ -20,12 +22,6 @@ class QuantFormat(enum.Enum):
     """How a quantized model is represented."""
 
     QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs around float operators
-
-
-class CalibrationMethod(enum.Enum):
-    """How activation ranges are derived from calibration data."""
-
-    MINMAX = "minmax"
 
 
 @dataclasses.dataclass
@@ -43,9 +39,17 @@ class StaticQuantConfig:
         activation_symmetric: Symmetric activation ranges (zero point 0 / midpoint).
         weight_symmetric: Symmetric weights; None means True for signed weight types.
         format: Output representation (QDQ).
-        calibration_method: How activation ranges are found.
+        calibration_method: How activation ranges are found (MinMax, Entropy, Percentile,
+            Distribution, MSE).
+        symmetric_ranges: Calibrated ranges symmetric around 0 (``CalibTensorRangeSymmetric``).
         moving_average: MinMax: exponential moving average of per-batch ranges.
         averaging_constant: Weight of the newest batch in the moving average.
+        percentile: Percentile method: percentage of values kept inside the range.
+        histogram_bins: Histogram methods: at most this many bins over the observed range.
+        quantized_bins: Entropy: quantized levels the KL search compares against.
+        calibration_workers: Processes sharing the calibration inference (same ranges as one).
+        calibration_cache: JSON file of collected statistics: reused when it exists and was
+            made with the same calibration settings (an error otherwise), written when not.
         op_types: Op types to quantize; None means every op type with a rule.
         op_types_to_exclude: Op types never quantized.
         nodes_to_quantize: If given, only these node names are quantized.
@@ -71,8 +75,14 @@ class StaticQuantConfig:
     weight_symmetric: bool | None = None
     format: QuantFormat = QuantFormat.QDQ
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    symmetric_ranges: bool = False
     moving_average: bool = False
     averaging_constant: float = 0.01
+    percentile: float = 99.999
+    histogram_bins: int = 2048
+    quantized_bins: int = 128
+    calibration_workers: int = 1
+    calibration_cache: str | os.PathLike | None = None
     op_types: Collection[str] | None = None
     op_types_to_exclude: Collection[str] = ()
     nodes_to_quantize: Collection[str] | None = None
@@ -94,6 +104,19 @@ class StaticQuantConfig:
         if self.weight_symmetric is None:
             return self.weight_type.signed
         return self.weight_symmetric
+
+    def calibration_settings(self) -> CalibrationSettings:
+        """The calibration part of this config."""
+        return CalibrationSettings(
+            method=self.calibration_method,
+            symmetric=self.symmetric_ranges,
+            moving_average=self.moving_average,
+            averaging_constant=self.averaging_constant,
+            percentile=self.percentile,
+            bins=self.histogram_bins,
+            quantized_bins=self.quantized_bins,
+            levels=1 << self.activation_type.bits,
+        )
 
     def required_opset(self) -> int:
         """The lowest default-domain opset the output needs."""

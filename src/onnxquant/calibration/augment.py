@@ -16,19 +16,26 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["expose_ranges"]
+__all__ = ["expose_ranges", "expose_tensors", "PAIR", "VALUES"]
 
 _FLOAT = ir.DataType.FLOAT
 _PAIR_TYPE = ir.TensorType(_FLOAT)
 
 
+PAIR = "pair"  # [..., 2] float32 (min, max) pairs, reduced in the graph
+VALUES = "values"  # the tensor's values themselves (flattened inside subgraphs)
+
+
 class _Augmenter:
-    def __init__(self, model: ir.Model, names: set[str]) -> None:
+    def __init__(self, model: ir.Model, names: set[str], values: bool) -> None:
         self.model = model
         self.names = names
+        self.want_values = values
+        self.kinds: dict[str, str] = {}
         self._ids = itertools.count()
         self.shape_1_1 = self._initializer(np.array([1, 1], np.int64), "shape_1_1")
         self.zero = self._initializer(np.array(0.0, np.float32), "zero")
+        self.flat_shape = self._initializer(np.array([-1], np.int64), "flat")
 
     def _initializer(self, array: np.ndarray, stem: str) -> ir.Value:
         name = self._name(stem)
@@ -85,34 +92,68 @@ class _Augmenter:
         out.type = _PAIR_TYPE
         return out
 
-    def expose(self, graph: ir.Graph) -> dict[str, ir.Value]:
-        """Pairs, as values of ``graph``, for every requested tensor in ``graph`` and below."""
+    def values(self, graph: ir.Graph, value: ir.Value) -> ir.Value:
+        """The tensor itself: an Identity in the main graph, flattened float32 in a subgraph
+        (so that the two branches of an If may carry tensors of different shapes)."""
+        if graph is self.model.graph:
+            out = self._add(graph, "Identity", [value])
+            out.type = value.type
+            return out
+        flat = self._add(graph, "Reshape", [value, self.flat_shape])
+        if value.dtype != _FLOAT:
+            flat = self._add(graph, "Cast", [flat], to=_FLOAT)
+        flat.type = _PAIR_TYPE
+        return flat
+
+    def empty_values(self, graph: ir.Graph) -> ir.Value:
+        """A constant empty float32 vector (the If branch that did not see the tensor)."""
+        node = ir.node("Constant", [], attributes={"value": ir.tensor(np.zeros(0, np.float32))},
+                       name=self._name("empty"))
+        graph.append(node)
+        out = node.outputs[0]
+        out.name = self._name("empty_values")
+        out.type = _PAIR_TYPE
+        return out
+
+    def _exposed(self, graph: ir.Graph, value: ir.Value, in_loop: bool) -> ir.Value:
+        # Loop/Scan stack one output per iteration, which needs equal shapes: pairs only.
+        kind = VALUES if self.want_values and not in_loop else PAIR
+        self.kinds[value.name or ""] = kind
+        return self.values(graph, value) if kind == VALUES else self.pair(graph, value)
+
+    def expose(self, graph: ir.Graph, in_loop: bool = False) -> dict[str, ir.Value]:
+        """Values of ``graph`` carrying every requested tensor in ``graph`` and below."""
         found: dict[str, ir.Value] = {}
         for value in graph.inputs:
             if value.name in self.names:
-                found[value.name] = self.pair(graph, value)  # type: ignore[index]
+                found[value.name] = self._exposed(graph, value, in_loop)  # type: ignore[index]
         for node in list(graph):
             for out in node.outputs:
                 if out.name in self.names:
-                    found[out.name] = self.pair(graph, out)
+                    found[out.name] = self._exposed(graph, out, in_loop)
             if node.op_type == "If" and node.domain in ("", "ai.onnx"):
-                found.update(self._through_if(node))
+                found.update(self._through_if(node, in_loop))
             elif node.op_type in ("Loop", "Scan") and node.domain in ("", "ai.onnx"):
                 found.update(self._through_loop(node))
         return found
 
-    def _through_if(self, node: ir.Node) -> dict[str, ir.Value]:
+    def _through_if(self, node: ir.Node, in_loop: bool) -> dict[str, ir.Value]:
         branches = [node.attributes[k].as_graph() for k in ("then_branch", "else_branch")]
-        results = [self.expose(branch) for branch in branches]
+        results = [self.expose(branch, in_loop) for branch in branches]
         keys = sorted(set(results[0]) | set(results[1]))
         for branch, result in zip(branches, results, strict=True):
             for key in keys:
-                branch.outputs.append(result[key] if key in result else self.empty_pair(branch))
+                if key in result:
+                    branch.outputs.append(result[key])
+                elif self.kinds[key] == PAIR:
+                    branch.outputs.append(self.empty_pair(branch))
+                else:
+                    branch.outputs.append(self.empty_values(branch))
         return self._new_outputs(node, keys)
 
     def _through_loop(self, node: ir.Node) -> dict[str, ir.Value]:
         body = node.attributes["body"].as_graph()
-        result = self.expose(body)
+        result = self.expose(body, in_loop=True)
         keys = sorted(result)
         for key in keys:
             body.outputs.append(result[key])
@@ -136,24 +177,37 @@ class _Augmenter:
         return found
 
 
-def expose_ranges(model: ir.Model, names: Iterable[str]) -> dict[str, str]:
-    """Add model outputs with the (min, max) pairs of the named tensors, in place.
+def expose_tensors(
+    model: ir.Model, names: Iterable[str], *, values: bool = False
+) -> dict[str, tuple[str, str]]:
+    """Add model outputs that carry the named tensors' statistics, in place.
 
     Args:
         model: A private copy of the model (it is changed).
         names: Names of float tensors (graph inputs or node outputs, at any nesting depth).
+        values: Carry the tensors' values (for histograms) instead of (min, max) pairs.
+            Tensors inside Loop/Scan bodies always get pairs.
 
     Returns:
-        Tensor name -> name of the model output carrying its pairs. Tensors that were not
+        Tensor name -> (model output name, ``"values"`` or ``"pair"``). Tensors that were not
         found (e.g. initializers) are absent.
     """
-    augmenter = _Augmenter(model, set(names))
+    augmenter = _Augmenter(model, set(names), values)
     found = augmenter.expose(model.graph)
     outputs = {}
     for key, value in found.items():
         model.graph.outputs.append(value)
-        outputs[key] = value.name or ""
+        outputs[key] = (value.name or "", augmenter.kinds[key])
     model.graph.sort()
     for sub in model.graph.subgraphs():
         sub.sort()
     return outputs
+
+
+def expose_ranges(model: ir.Model, names: Iterable[str]) -> dict[str, str]:
+    """Add model outputs with the (min, max) pairs of the named tensors, in place.
+
+    Returns:
+        Tensor name -> name of the model output carrying its pairs.
+    """
+    return {k: name for k, (name, _) in expose_tensors(model, names).items()}

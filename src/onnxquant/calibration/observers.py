@@ -70,6 +70,15 @@ class MinMaxObserver:
         self.nonfinite_batches += other.nonfinite_batches
         return self
 
+    def to_dict(self) -> dict:
+        """JSON-compatible state (for calibration caches)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MinMaxObserver:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
     @property
     def observed(self) -> bool:
         """Whether at least one finite batch was seen."""

@@ -1,7 +1,9 @@
-"""Run calibration data through onnxruntime and observe tensor ranges.
+"""Run calibration data through onnxruntime and observe tensor statistics.
 
-A private copy of the model is augmented (``augment.expose_ranges``) so that one inference per
-batch yields the (min, max) of every requested tensor; the session is built from bytes (or, for
+A private copy of the model is augmented (``augment.expose_tensors``) so that one inference per
+batch yields what every requested tensor's observer needs — (min, max) pairs reduced in the
+graph for MinMax, the values themselves for histogram methods. Observers keep fixed-size state,
+so memory does not grow with the number of samples. The session is built from bytes (or, for
 models with external data or over 2 GB, from a private temporary folder that is always
 removed). Feeds are validated against the model inputs before they reach onnxruntime.
 """
@@ -12,7 +14,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,20 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from onnxquant.calibration.augment import expose_ranges
-from onnxquant.calibration.observers import MinMaxObserver
+from onnxquant.calibration.augment import expose_tensors
+from onnxquant.calibration.settings import CalibrationSettings, Observer, tensor_range
 from onnxquant.calibration.readers import InputSpec, count_feeds, iter_feeds, validate_feed
 from onnxquant.errors import CalibrationError
 from onnxquant.model_io import PROTOBUF_LIMIT, clone_model, model_size_bytes
 
-__all__ = ["CalibrationResult", "calibrate_ranges", "input_specs", "make_session"]
+__all__ = [
+    "CalibrationResult",
+    "calibrate_ranges",
+    "collect_statistics",
+    "ranges_from_statistics",
+    "input_specs",
+    "make_session",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +49,8 @@ class CalibrationResult:
     samples: int
     unobserved: list[str]
     nonfinite: dict[str, int]
+    statistics: dict[str, Observer] = dataclasses.field(default_factory=dict, repr=False)
+    settings: CalibrationSettings = dataclasses.field(default_factory=CalibrationSettings)
 
 
 def input_specs(model: ir.Model) -> tuple[list[InputSpec], set[str]]:
@@ -94,79 +105,129 @@ def calibrate_ranges(
     tensor_names: Iterable[str],
     data: Any,
     *,
+    settings: CalibrationSettings | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
-    observer_factory: Callable[[], MinMaxObserver] = MinMaxObserver,
     max_samples: int | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> CalibrationResult:
-    """Observe the range of each named tensor over the calibration data.
+    """Observe every named tensor over the calibration data and derive its range.
 
     Args:
         model: The (prepared) float model; not modified.
         tensor_names: Float tensors whose ranges are needed.
         data: A reader with ``get_next()``, an iterable of feed dicts, or a folder path.
+        settings: Method and parameters; MinMax by default.
         providers: onnxruntime execution providers for the calibration session.
-        observer_factory: Creates one observer per tensor.
         max_samples: Stop after this many feeds.
-        progress: Show a progress bar.
+        progress: Show a progress bar (with samples/s).
+        workers: Processes sharing the inference work (each with its own session); the
+            statistics are merged exactly, so the ranges equal a single process's.
 
     Raises:
-        CalibrationError: No feeds, a feed onnxruntime rejects, or no finite range for a tensor.
+        CalibrationError: No feeds, a feed onnxruntime rejects, or a tensor whose every batch
+            was NaN/Inf.
     """
+    settings = settings or CalibrationSettings()
+    statistics, samples = collect_statistics(
+        model, tensor_names, data, settings=settings, providers=providers,
+        max_samples=max_samples, progress=progress, workers=workers)
+    return ranges_from_statistics(statistics, samples, settings)
+
+
+def collect_statistics(
+    model: ir.Model,
+    tensor_names: Iterable[str],
+    data: Any,
+    *,
+    settings: CalibrationSettings,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    max_samples: int | None = None,
+    progress: bool = False,
+    workers: int = 1,
+) -> tuple[dict[str, Observer], int]:
+    """Run the data through the augmented model; returns (observer per tensor, samples)."""
     augmented = clone_model(model)
-    outputs = expose_ranges(augmented, tensor_names)
+    exposed = expose_tensors(augmented, tensor_names, values=settings.wants_values)
     specs, optional = input_specs(model)
-    observers = {name: observer_factory() for name in outputs}
-    output_names = list(outputs.values())
+    observers = {name: settings.new_observer(kind) for name, (_, kind) in exposed.items()}
+    outputs = {name: out for name, (out, _) in exposed.items()}
     workdir = Path(tempfile.mkdtemp(prefix="onnxquant-calib-"))
     try:
-        session = make_session(augmented, providers, workdir)
-        del augmented
-        samples = _run(session, output_names, list(outputs), observers, data, specs, optional,
-                       max_samples=max_samples, progress=progress)
+        feeds = _validated_feeds(data, specs, optional, max_samples)
+        total = _total(data, max_samples)
+        if workers > 1:
+            from onnxquant.calibration.parallel import run_sharded
+
+            samples = run_sharded(augmented, outputs, observers, feeds, providers=providers,
+                                  workers=workers, workdir=workdir, total=total,
+                                  progress=progress)
+        else:
+            session = make_session(augmented, providers, workdir)
+            del augmented
+            samples = _run(session, outputs, observers, feeds, total=total, progress=progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _collect(observers, samples)
-
-
-def _run(session, output_names, keys, observers, data, specs, optional, *, max_samples, progress):
-    total = count_feeds(data)
-    if max_samples is not None:
-        total = min(total, max_samples) if total is not None else max_samples
-    samples = 0
-    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=not progress)
-    try:
-        for index, raw in enumerate(iter_feeds(data, specs=specs)):
-            if max_samples is not None and samples >= max_samples:
-                break
-            feed = validate_feed(raw, specs, index=index, optional=optional)
-            try:
-                results = session.run(output_names, feed) if output_names else []
-            except Exception as err:
-                raise CalibrationError(
-                    f"onnxruntime failed on calibration feed {index}: {err}"
-                ) from err
-            for key, pairs in zip(keys, results, strict=True):
-                observers[key].update(pairs)
-            samples += 1
-            bar.update(1)
-    finally:
-        bar.close()
     if samples == 0:
         raise CalibrationError(
             "the calibration data yielded no feeds; give at least one "
             "{input_name: array} dict (a reader whose get_next() returns None at once is empty)"
         )
+    return observers, samples
+
+
+def _total(data: Any, max_samples: int | None) -> int | None:
+    total = count_feeds(data)
+    if max_samples is not None:
+        total = min(total, max_samples) if total is not None else max_samples
+    return total
+
+
+def _validated_feeds(data: Any, specs, optional, max_samples: int | None):
+    """Validated feeds, at most ``max_samples`` of them, one at a time."""
+    for index, raw in enumerate(iter_feeds(data, specs=specs)):
+        if max_samples is not None and index >= max_samples:
+            return
+        yield validate_feed(raw, specs, index=index, optional=optional)
+
+
+def update_observers(observers: dict[str, Observer], keys: list[str], results: list) -> None:
+    """Fold one batch's outputs into the observers (same order as ``keys``)."""
+    for key, array in zip(keys, results, strict=True):
+        observers[key].update(array)
+
+
+def run_batch(session: ort.InferenceSession, output_names: list[str], feed: dict,
+              index: int) -> list:
+    """One inference; onnxruntime errors become a CalibrationError naming the feed."""
+    try:
+        return session.run(output_names, feed) if output_names else []
+    except Exception as err:
+        raise CalibrationError(f"onnxruntime failed on calibration feed {index}: {err}") from err
+
+
+def _run(session, outputs: dict[str, str], observers, feeds, *, total, progress) -> int:
+    keys, output_names = list(outputs), list(outputs.values())
+    samples = 0
+    with tqdm(total=total, desc="calibrating", unit="sample", disable=not progress) as bar:
+        for index, feed in enumerate(feeds):
+            update_observers(observers, keys, run_batch(session, output_names, feed, index))
+            samples += 1
+            bar.update(1)
     return samples
 
 
-def _collect(observers: dict[str, MinMaxObserver], samples: int) -> CalibrationResult:
+def ranges_from_statistics(
+    observers: dict[str, Observer], samples: int, settings: CalibrationSettings
+) -> CalibrationResult:
+    """Ranges per tensor from collected (or cached) statistics."""
     ranges, unobserved, nonfinite = {}, [], {}
     for name, obs in observers.items():
-        if obs.nonfinite_batches:
-            nonfinite[name] = obs.nonfinite_batches
+        bad = _nonfinite(obs)
+        if bad:
+            nonfinite[name] = bad
         if obs.observed:
-            ranges[name] = obs.result()
+            ranges[name] = tensor_range(obs, settings)
         else:
             unobserved.append(name)
     only_nonfinite = [n for n in nonfinite if n in unobserved]
@@ -179,8 +240,14 @@ def _collect(observers: dict[str, MinMaxObserver], samples: int) -> CalibrationR
     if nonfinite:
         worst = ", ".join(f"'{n}' ({c} batches)" for n, c in list(nonfinite.items())[:5])
         logger.warning(
-            "NaN/Inf values during calibration were left out of the ranges of %d tensors: %s",
+            "NaN/Inf during calibration (batches for min/max, values for histograms) were left "
+            "out of the statistics of %d tensors: %s",
             len(nonfinite), worst,
         )
     return CalibrationResult(ranges=ranges, samples=samples, unobserved=unobserved,
-                             nonfinite=nonfinite)
+                             nonfinite=nonfinite, statistics=observers, settings=settings)
+
+
+def _nonfinite(observer: Observer) -> int:
+    """Non-finite batches (MinMax pairs) or values (histograms) that were left out."""
+    return int(getattr(observer, "nonfinite_batches", 0) or getattr(observer, "nonfinite", 0))

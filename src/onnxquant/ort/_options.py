@@ -7,7 +7,8 @@
 
 * **Mapped** to a native field (see ``_MAPPED``): ``ActivationSymmetric``, ``WeightSymmetric``,
   ``QuantizeBias``, ``MinimumRealRange``, ``QDQKeepRemovableActivations``, ``EnableSubgraph``,
-  ``CalibMovingAverage``, ``CalibMovingAverageConstant``. Values are type-checked: a bad value
+  ``CalibMovingAverage``, ``CalibMovingAverageConstant``, ``CalibTensorRangeSymmetric``,
+  ``CalibPercentile``. Values are type-checked: a bad value
   raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
@@ -21,7 +22,7 @@
   means "off" (``False``, ``0``, ``{}``, ``[]``, ``None``) is what onnxquant does anyway and is
   accepted silently. Any other value either
   - logs one WARNING (the model is still of the kind asked for, numerics or layout differ a
-    little: ``CalibTensorRangeSymmetric``, ``DedicatedQDQPair``,
+    little: ``DedicatedQDQPair``,
     ``OpTypesToExcludeOutputQuantization``, ``QDQOpTypePerChannelSupportToAxis``,
     ``QDQDisableWeightAdjustForInt32Bias``, ``UseQDQContribOps``), or
   - raises :class:`~onnxquant.errors.QuantizationError`, because ignoring it would give a model of
@@ -30,9 +31,13 @@
     ``BlockSize``, ``AddQDQPairToWeight``, ``ActivationRestrictedAsymmetric``, ``SmoothQuant``.
 * **Unknown keys** log one WARNING each (with the closest known key, for typos) and are ignored.
 
-Arguments that select something not implemented yet (``QuantFormat.QOperator``, calibration
-methods other than ``MinMax``, float8 types, ``calibration_cache_path``) raise
-:class:`~onnxquant.errors.QuantizationError`.
+Calibration methods map one to one (``MinMax``, ``Entropy``, ``Percentile``, ``Distribution``);
+as in onnxruntime, Percentile ranges are symmetric unless ``CalibTensorRangeSymmetric`` says
+otherwise. ``calibration_cache_path`` is onnxquant's own JSON cache of the collected statistics
+(not onnxruntime's format): reused when it exists with the same settings, written otherwise.
+
+Arguments that select something not implemented yet (``QuantFormat.QOperator``, float8 types)
+raise :class:`~onnxquant.errors.QuantizationError`.
 """
 
 from __future__ import annotations
@@ -90,6 +95,17 @@ def _fraction(key: str, value: Any) -> float:
     return _real(key, value, "a number in (0, 1]", lambda x: 0 < x <= 1)
 
 
+def _percentile(key: str, value: Any) -> float:
+    return _real(key, value, "a number in (0, 100]", lambda x: 0 < x <= 100)
+
+
+_METHODS = {
+    CalibrationMethod.MinMax: NativeCalibrationMethod.MINMAX,
+    CalibrationMethod.Entropy: NativeCalibrationMethod.ENTROPY,
+    CalibrationMethod.Percentile: NativeCalibrationMethod.PERCENTILE,
+    CalibrationMethod.Distribution: NativeCalibrationMethod.DISTRIBUTION,
+}
+
 # extra_options key -> (native StaticQuantConfig field, parser)
 _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "ActivationSymmetric": ("activation_symmetric", _bool),
@@ -100,6 +116,8 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "EnableSubgraph": ("subgraphs", _bool),
     "CalibMovingAverage": ("moving_average", _bool),
     "CalibMovingAverageConstant": ("averaging_constant", _fraction),
+    "CalibTensorRangeSymmetric": ("symmetric_ranges", _bool),
+    "CalibPercentile": ("percentile", _percentile),
 }
 
 # extra_options key -> why it has no effect here
@@ -112,7 +130,6 @@ _NO_EFFECT: dict[str, str] = {
     "grow with the number of feeds",
     "CalibStridedMinMax": "calibration streams one feed at a time, so memory does not grow with "
     "the number of feeds",
-    "CalibPercentile": "it applies only to CalibrationMethod.Percentile",
     "SmoothQuantAlpha": "it applies only with SmoothQuant=True",
     "SmoothQuantFolding": "it applies only with SmoothQuant=True",
     "extra.Sigmoid.nnapi": "it applies only to QuantFormat.QOperator",
@@ -121,8 +138,6 @@ _NO_EFFECT: dict[str, str] = {
 
 # extra_options key -> (raise instead of warn, advice) for values other than "off"
 _OFF_ONLY: dict[str, tuple[bool, str]] = {
-    "CalibTensorRangeSymmetric": (False, "activation ranges stay as calibrated; "
-                                  "ActivationSymmetric=True gives symmetric activations"),
     "DedicatedQDQPair": (False, "consumers of a tensor share one Q/DQ pair "
                          "(numerically the same)"),
     "OpTypesToExcludeOutputQuantization": (False, "outputs of those op types are quantized "
@@ -246,11 +261,6 @@ def _to_native_config(
             "quant_format=QuantFormat.QDQ (onnxruntime fuses Q/DQ pairs into the same integer "
             "kernels)."
         )
-    if method is not CalibrationMethod.MinMax:
-        raise QuantizationError(
-            f"calibrate_method=CalibrationMethod.{method.name} is not supported yet by this "
-            "version of onnxquant; use CalibrationMethod.MinMax."
-        )
     if QuantType.QFLOAT8E4M3FN in (act, wgt):
         raise QuantizationError(
             "QuantType.QFLOAT8E4M3FN is not supported yet by this version of onnxquant; use an "
@@ -262,23 +272,21 @@ def _to_native_config(
             "(no kernel takes int8 activations with uint8 weights); use QInt8 weights (S8S8) or "
             "QUInt8 activations (U8U8 / U8S8)."
         )
-    if calibration_cache_path is not None:
-        raise QuantizationError(
-            "calibration_cache_path is not supported yet by this version of onnxquant; remove "
-            "it (ranges are calibrated from the reader on every call)."
-        )
     if isinstance(calibration_providers, str):
         raise InvalidOptionError(
             f"calibration_providers must be a list, got the string {calibration_providers!r}"
         )
     fields = _extra_fields(extra_options or {})
+    if method is CalibrationMethod.Percentile and "symmetric_ranges" not in fields:
+        fields["symmetric_ranges"] = True  # onnxruntime's Percentile calibrator default
     native = NativeStaticQuantConfig(
         activation_type=act.qtype,
         weight_type=wgt.qtype,
         per_channel=bool(per_channel),
         reduce_range=bool(reduce_range),
         format=NativeQuantFormat.QDQ,
-        calibration_method=NativeCalibrationMethod.MINMAX,
+        calibration_method=_METHODS[method],
+        calibration_cache=calibration_cache_path,
         op_types=_names(op_types_to_quantize, "op_types_to_quantize"),
         nodes_to_quantize=_names(nodes_to_quantize, "nodes_to_quantize"),
         nodes_to_exclude=_names(nodes_to_exclude, "nodes_to_exclude") or frozenset(),

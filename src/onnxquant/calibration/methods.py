@@ -1,0 +1,248 @@
+"""Range selection from a :class:`~onnxquant.calibration.histogram.HistogramObserver`.
+
+Every ``*_range`` function returns ``(low, high)`` as floats inside the observed ``[low, high]``
+(a symmetric threshold ``t`` becomes ``(max(-t, low), min(t, high))``, so an all-positive tensor
+keeps its minimum); making the range symmetric or adding zero is the quantization-parameter
+stage's job. All raise ValueError on a histogram that saw no finite value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from onnxquant.calibration.histogram import HistogramObserver
+
+__all__ = [
+    "distribution_stats",
+    "entropy_range",
+    "kl_divergences",
+    "minmax_range",
+    "mse_range",
+    "percentile_range",
+]
+
+logger = logging.getLogger(__name__)
+
+_KL_EPSILON = 1e-4  # count given to an empty quantized bin that must hold clipped outliers
+_KL_BLOCK = 1 << 18  # elements per (thresholds × groups) array in the KL search
+
+
+def _require(h: HistogramObserver, method: str) -> None:
+    if not h.observed:
+        raise ValueError(f"{method}: the histogram saw no finite values; nothing to calibrate")
+
+
+def _clip(h: HistogramObserver, low: float, high: float) -> tuple[float, float]:
+    return max(float(low), h.low), min(float(high), h.high)
+
+
+def _magnitude(h: HistogramObserver) -> float:
+    return max(abs(h.low), abs(h.high))
+
+
+def minmax_range(h: HistogramObserver, *, symmetric: bool = False) -> tuple[float, float]:
+    """The observed ``(min, max)``.
+
+    ``symmetric`` is accepted for a uniform signature: ``(-m, m)`` clipped to the observed
+    range is the observed range.
+    """
+    _require(h, "minmax")
+    return h.low, h.high
+
+
+def distribution_stats(h: HistogramObserver) -> tuple[float, float]:
+    """``(mean, std)`` of the finite values, from the exact float64 sums."""
+    _require(h, "distribution")
+    mean = h.total / h.count
+    variance = max(h.total_sq / h.count - mean * mean, 0.0)
+    return mean, math.sqrt(variance)
+
+
+def _quantile(counts: np.ndarray, start: float, width: float, mass: float) -> float:
+    """Value below which ``mass`` values lie, interpolating linearly inside the bin."""
+    cumulative = np.cumsum(counts)
+    i = min(int(np.searchsorted(cumulative, mass, side="left")), counts.size - 1)
+    before = float(cumulative[i - 1]) if i else 0.0
+    fraction = (mass - before) / counts[i] if counts[i] else 0.0
+    return start + (i + min(max(fraction, 0.0), 1.0)) * width
+
+
+def percentile_range(
+    h: HistogramObserver, percentile: float = 99.999, *, symmetric: bool = False
+) -> tuple[float, float]:
+    """Range holding ``percentile`` % of the values.
+
+    Args:
+        h: The tensor's histogram.
+        percentile: Share of the values kept, in (0, 100].
+        symmetric: Cut ``(100 - percentile)`` % off the largest ``|x|`` and return ``(-t, t)``
+            (clipped); otherwise cut half of it from each tail of the signed distribution.
+    """
+    _require(h, "percentile")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if percentile == 100:
+        return minmax_range(h)
+    if symmetric:
+        counts, width = h.abs_histogram()
+        t = _quantile(counts, 0.0, width, h.count * percentile / 100)
+        return _clip(h, -t, t)
+    tail = h.count * (100 - percentile) / 200
+    start = h.origin * h.width
+    low = _quantile(h.counts, start, h.width, tail)
+    high = _quantile(h.counts, start, h.width, h.count - tail)
+    return _clip(h, low, high)
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    positive = x > 0
+    return np.where(positive, x * np.log(np.where(positive, x, 1.0)), 0.0)
+
+
+def kl_divergences(counts: np.ndarray, quantized_bins: int) -> np.ndarray:
+    """KL(p‖q) for every threshold index ``i`` in ``quantized_bins .. len(counts)``.
+
+    For threshold ``i`` (TensorRT's calibration): ``p = counts[:i]`` with the clipped mass
+    ``counts[i:]`` added to its last bin; ``q`` merges ``counts[:i]`` (without the outliers)
+    into ``quantized_bins`` groups (boundaries ``j * i // quantized_bins``) and spreads each
+    group's sum evenly over the bins where ``p`` is nonzero (zero elsewhere). Both are
+    normalised; only an empty last group that must hold outliers gets a small count. Computed
+    from prefix sums, vectorised over blocks of thresholds (no loop over bins or thresholds).
+
+    Returns:
+        float64 array of ``len(counts) - quantized_bins + 1`` divergences (``inf`` where ``q``
+        has no mass).
+    """
+    a = np.asarray(counts, dtype=np.float64)
+    n = a.size
+    if n < quantized_bins:
+        return np.zeros(0)
+    if not a.any():
+        return np.full(n - quantized_bins + 1, np.inf)
+    total = np.concatenate(([0.0], np.cumsum(a)))
+    nonzero = np.concatenate(([0], np.cumsum(a > 0)))
+    entropy = np.concatenate(([0.0], np.cumsum(_xlogx(a))))
+    candidates = np.arange(quantized_bins, n + 1)
+    rows = max(1, _KL_BLOCK // (quantized_bins + 1))  # bound the (thresholds × groups) arrays
+    return np.concatenate(
+        [
+            _kl_block(a, total, nonzero, entropy, candidates[s : s + rows], quantized_bins)
+            for s in range(0, candidates.size, rows)
+        ]
+    )
+
+
+def _kl_block(
+    a: np.ndarray,
+    total: np.ndarray,
+    nonzero: np.ndarray,
+    entropy: np.ndarray,
+    i: np.ndarray,
+    quantized_bins: int,
+) -> np.ndarray:
+    size = total[-1]
+    outliers = size - total[i]
+    last = a[i - 1] + outliers
+    plogp = entropy[i - 1] + _xlogx(last)
+
+    bounds = (np.arange(quantized_bins + 1)[None, :] * i[:, None]) // quantized_bins
+    q_mass = total[bounds[:, 1:]] - total[bounds[:, :-1]]
+    p_mass = q_mass.copy()
+    p_mass[:, -1] += outliers
+    support = (nonzero[bounds[:, 1:]] - nonzero[bounds[:, :-1]]).astype(np.float64)
+    support[:, -1] += (last > 0) & (a[i - 1] == 0)
+    empty = (q_mass[:, -1] == 0) & (outliers > 0)
+    q_mass[empty, -1] = _KL_EPSILON
+    q_total = total[i] + empty * _KL_EPSILON
+
+    # KL = sum p/N log((p/N) / (q/Q)); within group j every nonzero p_k has q_k = G_j / nz_j.
+    used = p_mass > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(used, q_mass / np.where(used, support, 1.0), 1.0)
+        plogq = np.where(used, p_mass * np.log(ratio), 0.0).sum(axis=1)
+        kl = (plogp - plogq) / size - math.log(size) + np.log(q_total)
+    kl[q_total <= 0] = np.inf
+    return kl
+
+
+def _entropy_threshold(counts: np.ndarray, width: float, quantized_bins: int) -> float | None:
+    """KL-optimal threshold for a histogram of ``|x|``; None when it has too few bins."""
+    if counts.size < quantized_bins or not counts.any():
+        return None
+    kl = kl_divergences(counts, quantized_bins)
+    best = int(np.argmin(kl))  # first minimum: the smallest threshold among ties
+    return (quantized_bins + best) * width
+
+
+def entropy_range(
+    h: HistogramObserver, quantized_bins: int = 128, *, symmetric: bool = True
+) -> tuple[float, float]:
+    """Range whose quantization loses the least information (KL divergence, TensorRT-style).
+
+    Args:
+        h: The tensor's histogram.
+        quantized_bins: Levels the kept range is quantized to in the search (128: one side of
+            a symmetric int8 grid).
+        symmetric: Search one threshold on ``|x|`` and return ``(-t, t)`` clipped. When False
+            and the tensor has both signs, the negative and positive tails are thresholded
+            separately.
+    """
+    _require(h, "entropy")
+    if quantized_bins < 1:
+        raise ValueError(f"quantized_bins must be >= 1, got {quantized_bins}")
+    if symmetric or h.low >= 0 or h.high <= 0:
+        counts, width = h.abs_histogram()
+        t = _entropy_threshold(counts, width, quantized_bins)
+        if t is None:
+            logger.debug("entropy: %d bins < %d quantized bins", counts.size, quantized_bins)
+            t = _magnitude(h)
+        return _clip(h, -t, t)
+    positive, width = h.abs_histogram(side="positive")
+    negative, _ = h.abs_histogram(side="negative")
+    t_pos = _entropy_threshold(positive, width, quantized_bins)
+    t_neg = _entropy_threshold(negative, width, quantized_bins)
+    return _clip(h, -(-h.low if t_neg is None else t_neg), h.high if t_pos is None else t_pos)
+
+
+def mse_range(
+    h: HistogramObserver, levels: int = 256, *, symmetric: bool = False
+) -> tuple[float, float]:
+    """Clipping threshold with the least expected squared quantization error.
+
+    The error of a threshold ``t`` is estimated from the ``|x|`` histogram (bin centres ×
+    counts): ``step**2 / 12`` per value inside, ``(|x| - t)**2`` per value outside. The grid is
+    ``[0, t]`` (``step = t / (levels - 1)``) for a one-signed tensor unless ``symmetric``,
+    else ``[-t, t]`` (``step = 2t / (levels - 1)``). Candidates are every bin edge below the
+    largest ``|x|``, and the largest ``|x|`` itself.
+
+    Args:
+        h: The tensor's histogram.
+        levels: Number of quantization levels (256 for 8 bits).
+        symmetric: Always use the two-sided grid.
+    """
+    _require(h, "mse")
+    if levels < 2:
+        raise ValueError(f"levels must be >= 2, got {levels}")
+    one_sided = not symmetric and (h.low >= 0 or h.high <= 0)
+    steps = (levels - 1) if one_sided else (levels - 1) / 2  # t / step
+    counts, width = h.abs_histogram()
+    magnitude = _magnitude(h)
+    a = counts.astype(np.float64)
+    n, size = a.size, float(a.sum())
+
+    # Work in units of the bin width; suffix sums over bins b >= k of a, a*c, a*c**2.
+    centres = np.arange(n) + 0.5
+    s0 = np.concatenate((np.cumsum(a[::-1])[::-1], [0.0]))
+    s1 = np.concatenate((np.cumsum((a * centres)[::-1])[::-1], [0.0]))
+    s2 = np.concatenate((np.cumsum((a * centres**2)[::-1])[::-1], [0.0]))
+    k = np.arange(1, n, dtype=np.float64)
+    kept = size - s0[1:n]
+    clipped = s2[1:n] - 2 * k * s1[1:n] + k * k * s0[1:n]
+    errors = kept * (k / steps) ** 2 / 12 + np.maximum(clipped, 0.0)
+    full = size * (magnitude / width / steps) ** 2 / 12
+    best = int(np.argmin(errors)) if errors.size else -1
+    t = magnitude if best < 0 or full <= errors[best] else (best + 1) * width
+    return _clip(h, -t, t)

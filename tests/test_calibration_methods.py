@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
+import model_zoo as zoo
 import numpy as np
 import onnx
 import pytest
 
-import model_zoo as zoo
 import onnxquant
 from onnxquant import CalibrationMethod, StaticQuantConfig
 
@@ -124,7 +124,8 @@ def test_cache_made_with_other_settings_is_refused(tmp_path, chain):
 
 def test_cache_for_another_model_is_refused(tmp_path, chain):
     cache = tmp_path / "calib.json"
-    onnxquant.calibrate(chain, _gaussian_with_outliers(), StaticQuantConfig(calibration_cache=cache))
+    onnxquant.calibrate(chain, _gaussian_with_outliers(),
+                        StaticQuantConfig(calibration_cache=cache))
     cnn = zoo.cnn()
     with pytest.raises(onnxquant.CalibrationError, match="has no statistics for"):
         onnxquant.calibrate(cnn, None, StaticQuantConfig(calibration_cache=cache))

@@ -8,8 +8,8 @@ a :class:`StaticQuantConfig`. Code written for ``onnxruntime.quantization`` runs
 from __future__ import annotations
 
 from onnxquant.api import QuantizationResult, calibrate, quantize_static
-from onnxquant.calibration.runner import CalibrationResult
 from onnxquant.calibration.readers import CalibrationDataReader
+from onnxquant.calibration.runner import CalibrationResult
 from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
 from onnxquant.errors import (
     CalibrationError,

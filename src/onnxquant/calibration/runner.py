@@ -24,8 +24,8 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnxquant.calibration.augment import expose_tensors
-from onnxquant.calibration.settings import CalibrationSettings, Observer, tensor_range
 from onnxquant.calibration.readers import InputSpec, count_feeds, iter_feeds, validate_feed
+from onnxquant.calibration.settings import CalibrationSettings, Observer, tensor_range
 from onnxquant.errors import CalibrationError
 from onnxquant.model_io import PROTOBUF_LIMIT, clone_model, model_size_bytes
 

@@ -272,12 +272,13 @@ def evaluate(name: str, out: str, eval_feeds_path: str, float_outs, jobdir: Path
 
 
 def quantize_and_evaluate(ctx: dict, target: str, job: dict, jobdir: Path, **rec) -> dict:
-    """Quantize with `target` (job["out"] = output path; run_repeated, ctx["repeat"] times),
-    then evaluate the output on the eval feeds. Returns `rec` updated with the worker's result,
-    "bytes", and evaluate()'s "runs" / "fidelity" / "eval_error"."""
+    """Quantize with `target` (job["out"] = output path; run_repeated, ctx["repeat"] times,
+    ctx.get("mem_limit_mb")), then evaluate the output on the eval feeds. Returns `rec` updated
+    with the worker's result, "bytes", and evaluate()'s "runs" / "fidelity" / "eval_error"."""
     out = job["out"]
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    rec.update(run_repeated(target, job, jobdir, ctx["repeat"], ctx["timeout"], kind="quant"))
+    rec.update(run_repeated(target, job, jobdir, ctx["repeat"], ctx["timeout"], kind="quant",
+                            mem_limit_mb=ctx.get("mem_limit_mb")))
     if rec["ok"] and not os.path.exists(out):
         rec.update(ok=False, error="no output model written")
     if rec["ok"]:

@@ -290,7 +290,8 @@ def _find(results, model, method, variant, n=None):
 def run_fidelity(args, workdir: Path) -> list[dict]:
     results = []
     for name in args.models:
-        ctx = bu.prepare_model(name, workdir, repeat=args.repeat, timeout=args.timeout)
+        ctx = bu.prepare_model(name, workdir, repeat=args.repeat, timeout=args.timeout,
+                               mem_limit_mb=args.mem_limit_mb)
         ctx["model"] = _model_copy(name, workdir)
         for method in args.methods_fidelity:
             for tool in args.tools:

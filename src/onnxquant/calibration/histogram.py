@@ -24,6 +24,7 @@ __all__ = ["HistogramObserver"]
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 15  # elements binned per step: keeps float64 temporaries in cache
+_CHUNK32 = 1 << 16  # the same for the float32 path
 _MIN_EXPONENT = -1074  # 2**-1074 is the smallest float64; all-zero tensors end here
 _RESOLUTION_BITS = 52  # bins are never finer than max|x| / 2**52 (indices stay exact, < 2**52)
 
@@ -76,6 +77,41 @@ def _scale_pow2(chunk: np.ndarray, exponent: int) -> None:
         np.multiply(chunk, 2.0**-exponent, out=chunk)
     else:
         np.ldexp(chunk, -exponent, out=chunk)
+
+
+def _float32_exact(flat: np.ndarray, vmin: float, vmax: float, exponent: int) -> bool:
+    """Whether float32 arithmetic bins ``flat`` exactly: ``2**-exponent`` is a normal float32
+    and every bin index is an integer below 2**23, which float32 represents exactly. (A
+    product that underflows only matters for negative values: see :func:`_bin_float32`.)"""
+    if flat.dtype != np.float32 or not -126 <= -exponent <= 127:
+        return False
+    return math.ldexp(max(abs(vmin), abs(vmax)), -exponent) < 2.0**23
+
+
+def _bin_float32(flat: np.ndarray, exponent: int, origin: int,
+                 bins: int) -> tuple[np.ndarray, float, float]:
+    """Counts per bin (from ``origin``), sum and sum of squares of float32 values, in
+    cache-sized chunks with float64 accumulation and no full-size temporaries."""
+    part = np.zeros(bins, dtype=np.int64)
+    size = min(flat.size, _CHUNK32)
+    buffer, index = np.empty(size, np.float32), np.empty(size, np.int32)
+    scale = np.float32(2.0**-exponent)
+    fix_underflow = origin < 0 and exponent > 0
+    total = total_sq = 0.0
+    for start in range(0, flat.size, _CHUNK32):
+        raw = flat[start : start + _CHUNK32]
+        chunk, idx = buffer[: raw.size], index[: raw.size]
+        total += float(raw.sum(dtype=np.float64))
+        total_sq += float(np.einsum("i,i->", raw, raw, dtype=np.float64))
+        np.multiply(raw, scale, out=chunk)
+        np.floor(chunk, out=chunk)
+        if fix_underflow:  # a tiny negative value whose product rounded to -0.0: bin -1
+            chunk[(chunk == 0) & (raw < 0)] = -1.0
+        np.copyto(idx, chunk, casting="unsafe")
+        if origin:
+            idx -= np.int32(origin)
+        part += np.bincount(idx, minlength=bins)
+    return part, total, total_sq
 
 
 @dataclasses.dataclass(eq=False)
@@ -151,30 +187,39 @@ class HistogramObserver:
 
         batch_origin = _floor_pow2(vmin, exponent)
         batch_bins = _floor_pow2(vmax, exponent) - batch_origin + 1
+        if _float32_exact(flat, vmin, vmax, exponent):
+            part, total, total_sq = _bin_float32(flat, exponent, batch_origin, batch_bins)
+            self._add(part, batch_origin, low, high, flat.size, total, total_sq)
+            return
         fix_underflow = flat.dtype == np.float64 and exponent >= 1 and vmin < 0
         part = np.zeros(batch_bins, dtype=np.int64)
         buffer = np.empty(min(flat.size, _CHUNK), dtype=np.float64)
         squares = np.empty_like(buffer)
         index = np.empty(buffer.size, dtype=np.intp)
         total = total_sq = 0.0
-        for start in range(0, flat.size, _CHUNK):
-            raw = flat[start : start + _CHUNK]
-            chunk, idx = buffer[: raw.size], index[: raw.size]
-            np.copyto(chunk, raw)
-            total += float(chunk.sum())
-            # Not chunk @ chunk: a multithreaded BLAS call per chunk is slow on a busy machine.
-            total_sq += float(np.square(chunk, out=squares[: raw.size]).sum())
-            _scale_pow2(chunk, exponent)
-            if fix_underflow:
-                chunk[(chunk == 0) & (raw < 0)] = -1.0
-            np.floor(chunk, out=chunk)
-            chunk -= batch_origin  # exact: both are integers below 2**53
-            np.copyto(idx, chunk, casting="unsafe")
-            part += np.bincount(idx, minlength=batch_bins)
+        with np.errstate(over="ignore"):  # sums of squares of values near 1e308
+            for start in range(0, flat.size, _CHUNK):
+                raw = flat[start : start + _CHUNK]
+                chunk, idx = buffer[: raw.size], index[: raw.size]
+                np.copyto(chunk, raw)
+                total += float(chunk.sum())
+                # Not chunk @ chunk: a multithreaded BLAS call per chunk is slow on a busy machine.
+                total_sq += float(np.square(chunk, out=squares[: raw.size]).sum())
+                _scale_pow2(chunk, exponent)
+                if fix_underflow:
+                    chunk[(chunk == 0) & (raw < 0)] = -1.0
+                np.floor(chunk, out=chunk)
+                chunk -= batch_origin  # exact: both are integers below 2**53
+                np.copyto(idx, chunk, casting="unsafe")
+                part += np.bincount(idx, minlength=batch_bins)
+        self._add(part, batch_origin, low, high, flat.size, total, total_sq)
+
+    def _add(self, part: np.ndarray, batch_origin: int, low: float, high: float, size: int,
+             total: float, total_sq: float) -> None:
         offset = batch_origin - self.origin
-        self.counts[offset : offset + batch_bins] += part
+        self.counts[offset : offset + part.size] += part
         self.low, self.high = low, high
-        self.count += flat.size
+        self.count += size
         self.total += total
         self.total_sq += total_sq
 

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _KL_EPSILON = 1e-4  # count given to an empty quantized bin that must hold clipped outliers
 _KL_BLOCK = 1 << 18  # elements per (thresholds × groups) array in the KL search
+_MSE_BLOCK = 1 << 18  # elements per (negative × positive thresholds) array in the MSE search
 
 
 def _require(h: HistogramObserver, method: str) -> None:
@@ -36,7 +37,13 @@ def _require(h: HistogramObserver, method: str) -> None:
 
 
 def _clip(h: HistogramObserver, low: float, high: float) -> tuple[float, float]:
-    return max(float(low), h.low), min(float(high), h.high)
+    """Intersect with the observed range; a one-signed tensor wholly beyond a threshold keeps
+    its value nearest zero (a constant 7 stays ``(7, 7)``)."""
+    low, high = max(float(low), h.low), min(float(high), h.high)
+    if low > high:
+        nearest = h.low if h.low > 0 else h.high
+        return nearest, nearest
+    return low, high
 
 
 def _magnitude(h: HistogramObserver) -> float:
@@ -156,7 +163,7 @@ def _kl_block(
     support[:, -1] += (last > 0) & (a[i - 1] == 0)
     empty = (q_mass[:, -1] == 0) & (outliers > 0)
     q_mass[empty, -1] = _KL_EPSILON
-    q_total = total[i] + empty * _KL_EPSILON
+    q_total = total[i] + empty * _KL_EPSILON  # q's mass, not the original counts
 
     # KL = sum p/N log((p/N) / (q/Q)); within group j every nonzero p_k has q_k = G_j / nz_j.
     used = p_mass > 0
@@ -164,7 +171,7 @@ def _kl_block(
         ratio = np.where(used, q_mass / np.where(used, support, 1.0), 1.0)
         plogq = np.where(used, p_mass * np.log(ratio), 0.0).sum(axis=1)
         kl = (plogp - plogq) / size - math.log(size) + np.log(q_total)
-    kl[q_total <= 0] = np.inf
+    kl[total[i] <= 0] = np.inf  # everything clipped: q holds nothing but the smoothing count
     return kl
 
 
@@ -207,42 +214,67 @@ def entropy_range(
     return _clip(h, -(-h.low if t_neg is None else t_neg), h.high if t_pos is None else t_pos)
 
 
+def _mse_terms(counts: np.ndarray, magnitude: float, width: float) -> tuple[np.ndarray, ...]:
+    """Per candidate threshold of a ``|x|`` histogram: ``(t, kept, clipping error)``.
+
+    Candidates are the bin edges ``k * w`` below ``magnitude`` and ``magnitude`` itself (no
+    clipping). Everything is in units of ``w``; the clipping error uses bin centres.
+    """
+    a = counts.astype(np.float64)
+    n = a.size
+    centres = np.arange(n) + 0.5
+    s0 = np.cumsum(a[::-1])[::-1]  # suffix sums over bins b >= k of a, a*c, a*c**2
+    s1 = np.cumsum((a * centres)[::-1])[::-1]
+    s2 = np.cumsum((a * centres**2)[::-1])[::-1]
+    k = np.arange(1, n, dtype=np.float64)
+    t = np.append(k, magnitude / width)
+    kept = np.append(s0[0] - s0[1:], s0[0])
+    clipped = np.append(np.maximum(s2[1:] - 2 * k * s1[1:] + k * k * s0[1:], 0.0), 0.0)
+    return t, kept, clipped
+
+
 def mse_range(
     h: HistogramObserver, levels: int = 256, *, symmetric: bool = False
 ) -> tuple[float, float]:
-    """Clipping threshold with the least expected squared quantization error.
+    """Clipping range with the least expected squared quantization error.
 
-    The error of a threshold ``t`` is estimated from the ``|x|`` histogram (bin centres ×
-    counts): ``step**2 / 12`` per value inside, ``(|x| - t)**2`` per value outside. The grid is
-    ``[0, t]`` (``step = t / (levels - 1)``) for a one-signed tensor unless ``symmetric``,
-    else ``[-t, t]`` (``step = 2t / (levels - 1)``). Candidates are every bin edge below the
-    largest ``|x|``, and the largest ``|x|`` itself.
+    The error is estimated from the histogram (bin centres × counts): ``step**2 / 12`` per
+    value inside the range, ``(|x| - t)**2`` per value beyond a threshold ``t``. The step is
+    that of the grid the result will be quantized on, with ``levels`` levels: ``[0, t]`` for a
+    one-signed tensor; ``[-t, t]`` when ``symmetric``; otherwise ``[-t_neg, t_pos]`` with the
+    two thresholds searched jointly (a tensor's tails are seldom alike). Candidates are every
+    bin edge below the largest ``|x|`` (of that sign), and that largest value itself.
 
     Args:
         h: The tensor's histogram.
         levels: Number of quantization levels (256 for 8 bits).
-        symmetric: Always use the two-sided grid.
+        symmetric: One threshold on ``|x|`` priced on the symmetric grid ``[-t, t]``, also for
+            one-signed tensors (for symmetric quantization).
     """
     _require(h, "mse")
     if levels < 2:
         raise ValueError(f"levels must be >= 2, got {levels}")
-    one_sided = not symmetric and (h.low >= 0 or h.high <= 0)
-    steps = (levels - 1) if one_sided else (levels - 1) / 2  # t / step
-    counts, width = h.abs_histogram()
-    magnitude = _magnitude(h)
-    a = counts.astype(np.float64)
-    n, size = a.size, float(a.sum())
-
-    # Work in units of the bin width; suffix sums over bins b >= k of a, a*c, a*c**2.
-    centres = np.arange(n) + 0.5
-    s0 = np.concatenate((np.cumsum(a[::-1])[::-1], [0.0]))
-    s1 = np.concatenate((np.cumsum((a * centres)[::-1])[::-1], [0.0]))
-    s2 = np.concatenate((np.cumsum((a * centres**2)[::-1])[::-1], [0.0]))
-    k = np.arange(1, n, dtype=np.float64)
-    kept = size - s0[1:n]
-    clipped = s2[1:n] - 2 * k * s1[1:n] + k * k * s0[1:n]
-    errors = kept * (k / steps) ** 2 / 12 + np.maximum(clipped, 0.0)
-    full = size * (magnitude / width / steps) ** 2 / 12
-    best = int(np.argmin(errors)) if errors.size else -1
-    t = magnitude if best < 0 or full <= errors[best] else (best + 1) * width
-    return _clip(h, -t, t)
+    one_signed = h.low >= 0 or h.high <= 0
+    if symmetric or one_signed:
+        counts, width = h.abs_histogram()
+        t, kept, clipped = _mse_terms(counts, _magnitude(h), width)
+        span = 2 * t if symmetric else t
+        errors = kept * (span / (levels - 1)) ** 2 / 12 + clipped
+        best = t[int(np.argmin(errors))] * width
+        return _clip(h, -best, best)
+    positive, width = h.abs_histogram(side="positive")
+    negative, _ = h.abs_histogram(side="negative")
+    t_pos, kept_pos, clipped_pos = _mse_terms(positive, h.high, width)
+    t_neg, kept_neg, clipped_neg = _mse_terms(negative, -h.low, width)
+    best_pos = best_neg = 0.0
+    best_error = np.inf
+    rows = max(1, _MSE_BLOCK // t_pos.size)
+    for s in range(0, t_neg.size, rows):  # (negative × positive) candidates, block by block
+        neg = slice(s, s + rows)
+        step = (t_neg[neg, None] + t_pos[None, :]) / (levels - 1)
+        kept = kept_neg[neg, None] + kept_pos[None, :]
+        errors = kept * step**2 / 12 + clipped_neg[neg, None] + clipped_pos[None, :]
+        i, j = np.unravel_index(int(np.argmin(errors)), errors.shape)
+        if errors[i, j] < best_error:
+            best_error, best_neg, best_pos = errors[i, j], t_neg[s + i], t_pos[j]
+    return _clip(h, -best_neg * width, best_pos * width)

@@ -421,8 +421,12 @@ def fidelity_table(results: list[dict], methods: list[str]) -> tuple[str, list[s
             elif rec.get("fidelity") is not None:
                 row.append(ce.format_fidelity(name, rec["fidelity"]))
                 best[tool].append((rec["fidelity"], method))
+            elif not rec["ok"]:
+                row.append(note(bu.short_error(rec["error"])))
+            elif not rec["runs"]:
+                row.append(note(f"ORT run: {bu.short_error(rec['eval_error'])}"))
             else:
-                row.append(note(bu.status(rec)[2:]))
+                row.append(note(f"eval: {bu.short_error(rec['eval_error'])}"))
         for tool in ("ours", "ort"):
             if best[tool]:
                 top = max(v for v, _ in best[tool])

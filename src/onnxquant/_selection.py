@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxquant._graph import from_dequantize, is_constant, is_float
 from onnxquant.rules import OpRule, OutputMode, rule_for
 
-__all__ = ["Chosen", "choose_nodes"]
+__all__ = ["Chosen", "choose_nodes", "params_from_producer"]
 
 
 class Chosen:
@@ -43,7 +43,7 @@ def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object]) ->
             continue
         if from_dequantize(value):
             continue
-        if not is_constant(value) and value.name not in ranges:
+        if not is_constant(value) and value.name not in ranges and not params_from_producer(value):
             return f"input '{value.name}' has no calibrated range"
         usable = True
     if not rule.activations and not rule.weights:
@@ -64,6 +64,14 @@ LARGE_CONSTANT = 256  # elements
 
 def _large_constant(value: ir.Value) -> bool:
     return is_constant(value) and is_float(value) and value.const_value.size >= LARGE_CONSTANT  # type: ignore[union-attr]
+
+
+def params_from_producer(value: ir.Value) -> bool:
+    """Whether a quantized producer of ``value`` would give it parameters without a range
+    (shared with the producer's input, or fixed like Softmax's)."""
+    producer = value.producer()
+    rule = rule_for(producer) if producer is not None else None
+    return rule is not None and rule.output in (OutputMode.SHARED, OutputMode.FIXED)
 
 
 def _is_follower(rule: OpRule) -> bool:

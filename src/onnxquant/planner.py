@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from onnxquant import numerics
 from onnxquant._graph import from_dequantize, is_constant, is_float, iter_nodes
-from onnxquant._selection import choose_nodes
+from onnxquant._selection import choose_nodes, params_from_producer
 from onnxquant.config import StaticQuantConfig
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.qtypes import QuantType
@@ -36,19 +36,33 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
     return selected
 
 
+class _Everything:
+    """A range table that has every tensor (to see which tensors could ever be needed)."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
 def tensors_to_calibrate(nodes: list[ir.Node]) -> set[str]:
-    """Non-constant float inputs and outputs of the selected nodes."""
-    names = set()
+    """Tensors whose calibrated range the plan can use.
+
+    Only nodes that can be quantized count; outputs of ops whose parameters are shared with
+    their input or fixed (Reshape, MaxPool, Softmax, ...) need no range, nor do inputs they
+    produce. Fewer tensors make calibration faster, above all with histogram methods.
+    """
+    chosen = choose_nodes(nodes, _Everything())
+    names: set[str] = set()
     for node in nodes:
         rule = rule_for(node)
         assert rule is not None
+        if node not in chosen:
+            continue
         for index, value in enumerate(node.inputs):
-            if rule.is_quantized_input(index) and is_float(value) and not is_constant(value):
-                names.add(value.name)  # type: ignore[union-attr]
-        for value in node.outputs:
-            if is_float(value):
-                names.add(value.name)
-    names.discard(None)  # type: ignore[arg-type]
+            if (value is not None and rule.is_quantized_input(index) and is_float(value)
+                    and not is_constant(value) and not params_from_producer(value)):
+                names.add(value.name or "")
+        if rule.output is OutputMode.OWN:
+            names.update(v.name or "" for v in node.outputs if is_float(v))
     return names
 
 

@@ -63,6 +63,8 @@ def minmax_range(h: HistogramObserver, *, symmetric: bool = False) -> tuple[floa
 def distribution_stats(h: HistogramObserver) -> tuple[float, float]:
     """``(mean, std)`` of the finite values, from the exact float64 sums."""
     _require(h, "distribution")
+    if not h.moments:
+        raise ValueError("this histogram was collected without moments (moments=False)")
     mean = h.total / h.count
     variance = max(h.total_sq / h.count - mean * mean, 0.0)
     return mean, math.sqrt(variance)

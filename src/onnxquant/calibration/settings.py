@@ -68,7 +68,8 @@ class CalibrationSettings:
     def new_observer(self, kind: str) -> Observer:
         """A fresh observer for an exposed tensor of ``kind`` (``"pair"`` or ``"values"``)."""
         if kind == "values":
-            return HistogramObserver(max_bins=self.bins)
+            return HistogramObserver(max_bins=self.bins,
+                                     moments=self.method is CalibrationMethod.DISTRIBUTION)
         return MinMaxObserver(moving_average=self.moving_average,
                               averaging_constant=self.averaging_constant)
 

@@ -387,3 +387,32 @@ def test_public_api():
         "percentile_range",
     ]
     assert histogram_module.__all__ == ["HistogramObserver"]
+
+
+# -- entropy guards against over-clipping -----------------------------------------------------
+def test_entropy_on_relu_outputs_is_not_driven_by_the_zero_spike():
+    rng = np.random.default_rng(7)
+    x = np.maximum(rng.normal(size=400_000), 0).astype(np.float32)  # half exact zeros
+    h = HistogramObserver()
+    h.update(x)
+    _, t = entropy_range(h, 256, symmetric=False, min_kept=0)  # the KL search alone
+    assert 2.5 < t < 5.0, t  # without flattening the zero bin: about 1.5 sigma
+
+
+def test_entropy_never_collapses_a_tensor_away_from_zero():
+    rng = np.random.default_rng(8)
+    x = rng.uniform(0.118, 0.344, size=100_000).astype(np.float32)  # a hardsigmoid output
+    h = HistogramObserver()
+    h.update(x)
+    low, high = entropy_range(h, 256, symmetric=False)
+    assert low == pytest.approx(h.low) and high > np.quantile(x, 0.999) - h.width
+
+
+def test_entropy_keeps_at_least_min_kept_percent():
+    rng = np.random.default_rng(9)
+    x = rng.standard_t(2, size=200_000).astype(np.float32)  # heavy tails
+    h = HistogramObserver()
+    h.update(x)
+    low, high = entropy_range(h, 128, symmetric=False, min_kept=99.9)
+    kept = np.mean((x >= low) & (x <= high)) * 100
+    assert kept >= 99.9 - 0.01

@@ -178,16 +178,27 @@ def _kl_block(
 
 
 def _entropy_threshold(counts: np.ndarray, width: float, quantized_bins: int) -> float | None:
-    """KL-optimal threshold for a histogram of ``|x|``; None when it has too few bins."""
+    """KL-optimal threshold for a histogram of ``|x|``; None when it has too few bins.
+
+    The first bin is flattened to its neighbour's count before the search: a spike of exact
+    zeros (ReLU outputs, padding) otherwise dominates the divergence and drives the threshold
+    far into the distribution (ReLU of a Gaussian: 1.5σ).
+    """
     if counts.size < quantized_bins or not counts.any():
         return None
+    if counts.size > 1:
+        counts = counts.copy()
+        counts[0] = min(counts[0], counts[1])
+        if not counts.any():
+            return None
     kl = kl_divergences(counts, quantized_bins)
     best = int(np.argmin(kl))  # first minimum: the smallest threshold among ties
     return (quantized_bins + best) * width
 
 
 def entropy_range(
-    h: HistogramObserver, quantized_bins: int = 128, *, symmetric: bool = True
+    h: HistogramObserver, quantized_bins: int = 128, *, symmetric: bool = True,
+    min_kept: float = 99.9,
 ) -> tuple[float, float]:
     """Range whose quantization loses the least information (KL divergence, TensorRT-style).
 
@@ -198,6 +209,10 @@ def entropy_range(
         symmetric: Search one threshold on ``|x|`` and return ``(-t, t)`` clipped. When False
             and the tensor has both signs, the negative and positive tails are thresholded
             separately.
+        min_kept: The range always holds at least this percentage of the values. KL
+            thresholds over-clip some distributions (a tensor away from 0 would otherwise
+            collapse onto one level; sparse post-ReLU maps lose most of their peaks); 0 turns
+            the floor off.
     """
     _require(h, "entropy")
     if quantized_bins < 1:
@@ -208,12 +223,21 @@ def entropy_range(
         if t is None:
             logger.debug("entropy: %d bins < %d quantized bins", counts.size, quantized_bins)
             t = _magnitude(h)
-        return _clip(h, -t, t)
+        return _widen(_clip(h, -t, t), h, min_kept)
     positive, width = h.abs_histogram(side="positive")
     negative, _ = h.abs_histogram(side="negative")
     t_pos = _entropy_threshold(positive, width, quantized_bins)
     t_neg = _entropy_threshold(negative, width, quantized_bins)
-    return _clip(h, -(-h.low if t_neg is None else t_neg), h.high if t_pos is None else t_pos)
+    low = -(-h.low if t_neg is None else t_neg)
+    return _widen(_clip(h, low, h.high if t_pos is None else t_pos), h, min_kept)
+
+
+def _widen(rng: tuple[float, float], h: HistogramObserver, kept: float) -> tuple[float, float]:
+    """Widen ``rng`` to hold at least ``kept`` % of the values (half the rest cut per tail)."""
+    if kept <= 0:
+        return rng
+    low, high = percentile_range(h, kept)
+    return min(rng[0], low), max(rng[1], high)
 
 
 def _mse_terms(counts: np.ndarray, magnitude: float, width: float) -> tuple[np.ndarray, ...]:

@@ -99,7 +99,10 @@ def tensor_range(observer: Observer, settings: CalibrationSettings) -> tuple[flo
     if method is CalibrationMethod.PERCENTILE:
         return percentile_range(observer, settings.percentile, symmetric=sym)
     if method is CalibrationMethod.ENTROPY:
-        return entropy_range(observer, settings.quantized_bins)
+        # An asymmetric grid spends all its levels on a one-signed tensor's [0, t].
+        one_signed = observer.low >= 0 or observer.high <= 0
+        bins = settings.quantized_bins * (2 if one_signed and not sym else 1)
+        return entropy_range(observer, bins, symmetric=sym)
     if method is CalibrationMethod.MSE:
         return mse_range(observer, settings.levels, symmetric=sym)
     return minmax_range(observer, symmetric=sym)

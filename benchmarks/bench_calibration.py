@@ -281,8 +281,8 @@ def _describe_calib(rec: dict) -> str:
 
 def _find(results, model, method, variant, n=None):
     for rec in results:
-        if (rec["model"], rec["method"], rec["variant"]) == (model, method, variant) and (
-                n is None or rec.get("n") == n):
+        key = (rec["model"], rec["method"], rec.get("variant", rec["tool"]))
+        if key == (model, method, variant) and (n is None or rec.get("n") == n):
             return rec
     return None
 
@@ -316,6 +316,8 @@ def _peak_cell(rec: dict | None) -> str:
         return "–"
     if rec.get("ok"):
         return f"{rec['peak_mb']:.0f}"
+    if rec.get("skipped"):
+        return "skip"
     if rec.get("over_limit_mb"):
         return f">{rec['over_limit_mb']:.0f}"
     if rec.get("peak_mb"):  # failed after reaching this much

@@ -380,3 +380,30 @@ def test_public_api():
     for module in (cli, summary):
         for name in module.__all__:
             assert getattr(module, name).__doc__
+
+
+# -- calibration methods, workers and the statistics cache ------------------------------------
+def test_method_workers_and_cache(cnn_dir: Path) -> None:
+    first = run_cli("static", "cnn.onnx", "-o", "cnn_pct.onnx", "--calib", "calib_npz",
+                    "--method", "percentile", "--percentile", "99.9", "--workers", "2",
+                    "--calib-cache", "stats.json", "--quiet", cwd=cnn_dir)
+    assert first.returncode == 0, first.stderr
+    stats = json.loads((cnn_dir / "stats.json").read_text())
+    assert (stats["settings"]["method"], stats["settings"]["percentile"]) == ("percentile", 99.9)
+    assert stats["samples"] == CALIB_SAMPLES
+    # the cache replaces the data, also for other quantization settings
+    again = run_cli("static", "cnn.onnx", "-o", "cnn_pct_pc.onnx", "--method", "percentile",
+                    "--percentile", "99.9", "--calib-cache", "stats.json", "--per-channel",
+                    "--quiet", cwd=cnn_dir)
+    assert again.returncode == 0, again.stderr
+    check_model(cnn_dir / "cnn_pct_pc.onnx")
+    refused = run_cli("static", "cnn.onnx", "-o", "cnn_ent.onnx", "--method", "entropy",
+                      "--calib-cache", "stats.json", cwd=cnn_dir)
+    assert refused.returncode == 2
+    assert "method: cache 'percentile', now 'entropy'" in refused.stderr
+    assert not (cnn_dir / "cnn_ent.onnx").exists()
+
+
+def test_no_data_and_no_cache(cnn_dir: Path) -> None:
+    result = run_cli("static", "cnn.onnx", "-o", "x.onnx", cwd=cnn_dir)
+    assert result.returncode == 2 and "--calib" in result.stderr

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _KL_EPSILON = 1e-4  # count given to an empty quantized bin that must hold clipped outliers
 _KL_BLOCK = 1 << 18  # elements per (thresholds × groups) array in the KL search
+_COARSE_CANDIDATES = 192  # thresholds in the first, coarse pass of the KL search
 _MSE_BLOCK = 1 << 18  # elements per (negative × positive thresholds) array in the MSE search
 
 
@@ -125,16 +126,20 @@ def kl_divergences(counts: np.ndarray, quantized_bins: int) -> np.ndarray:
         float64 array of ``len(counts) - quantized_bins + 1`` divergences (``inf`` where ``q``
         has no mass).
     """
-    a = np.asarray(counts, dtype=np.float64)
-    n = a.size
+    n = np.asarray(counts).size
     if n < quantized_bins:
         return np.zeros(0)
+    return _kl_at(counts, np.arange(quantized_bins, n + 1), quantized_bins)
+
+
+def _kl_at(counts: np.ndarray, candidates: np.ndarray, quantized_bins: int) -> np.ndarray:
+    """KL(p‖q) at the given threshold indices (see :func:`kl_divergences`)."""
+    a = np.asarray(counts, dtype=np.float64)
     if not a.any():
-        return np.full(n - quantized_bins + 1, np.inf)
+        return np.full(candidates.size, np.inf)
     total = np.concatenate(([0.0], np.cumsum(a)))
     nonzero = np.concatenate(([0], np.cumsum(a > 0)))
     entropy = np.concatenate(([0.0], np.cumsum(_xlogx(a))))
-    candidates = np.arange(quantized_bins, n + 1)
     rows = max(1, _KL_BLOCK // (quantized_bins + 1))  # bound the (thresholds × groups) arrays
     return np.concatenate(
         [
@@ -142,6 +147,19 @@ def kl_divergences(counts: np.ndarray, quantized_bins: int) -> np.ndarray:
             for s in range(0, candidates.size, rows)
         ]
     )
+
+
+def _best_threshold_index(counts: np.ndarray, quantized_bins: int) -> int:
+    """Index ``i`` minimising KL: every ``stride``-th candidate first, then every candidate
+    within one stride of the best (the divergence varies smoothly with the threshold)."""
+    last = counts.size
+    stride = max(1, (last - quantized_bins + 1) // _COARSE_CANDIDATES)
+    coarse = np.arange(quantized_bins, last + 1, stride)
+    best = int(coarse[np.argmin(_kl_at(counts, coarse, quantized_bins))])
+    if stride == 1:
+        return best
+    fine = np.arange(max(quantized_bins, best - stride + 1), min(last, best + stride - 1) + 1)
+    return int(fine[np.argmin(_kl_at(counts, fine, quantized_bins))])
 
 
 def _kl_block(
@@ -191,9 +209,7 @@ def _entropy_threshold(counts: np.ndarray, width: float, quantized_bins: int) ->
         counts[0] = min(counts[0], counts[1])
         if not counts.any():
             return None
-    kl = kl_divergences(counts, quantized_bins)
-    best = int(np.argmin(kl))  # first minimum: the smallest threshold among ties
-    return (quantized_bins + best) * width
+    return _best_threshold_index(counts, quantized_bins) * width
 
 
 def entropy_range(

@@ -49,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -201,9 +202,9 @@ def _model_copy(name: str, workdir: Path) -> str:
     return str(path)
 
 
-def _variants(method: str, tools: list[str]) -> list[str]:
+def _variants(method: str, tools: list[str], skip: Sequence[str] = ()) -> list[str]:
     return [v for v, (tool, _, only) in VARIANTS.items()
-            if tool in tools and (only is None or only == method)
+            if tool in tools and (only is None or only == method) and v not in skip
             and (tool == "ours" or method in ORT_METHOD)]
 
 
@@ -236,7 +237,7 @@ def run_scaling(args, workdir: Path) -> list[dict]:
             paths.append(str(feeds_dir / f"{i:03d}.pkl"))
             bu.dump_pickle(feed, paths[-1])
         for method in args.methods_scaling:
-            for variant in _variants(method, args.tools):
+            for variant in _variants(method, args.tools, args.skip_variants):
                 tool, extra, _ = VARIANTS[variant]
                 failed = None
                 for n in args.samples:
@@ -489,6 +490,8 @@ def parse_args(argv=None):
                         "minmax,entropy,percentile; fidelity all)")
     p.add_argument("--tools", type=bu.list_arg(list(TOOLS)), default=list(TOOLS),
                    help="ours = onnxquant, ort = onnxruntime.quantization (default: both)")
+    p.add_argument("--skip-variants", type=bu.list_arg(list(VARIANTS)), default=[],
+                   help="scaling: tool variants to leave out (e.g. ort-entropy-2048)")
     p.add_argument("--samples", type=_int_list, default=[32, 128, 256],
                    help="scaling: calibration sample counts (default 32,128,256)")
     p.add_argument("--time-at", type=int, default=None,

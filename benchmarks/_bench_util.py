@@ -99,6 +99,18 @@ def use_working_tree() -> None:
         sys.path.insert(0, src)
 
 
+def timed_call(fn, *args, **kwargs) -> dict:
+    """Run ``fn`` once in this worker: its wall time and the worker's peak RSS, or the error."""
+    rss_before = current_rss_mb()
+    t0 = time.perf_counter()
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure is a result row
+        return {"ok": False, "error": error_line(exc)}
+    seconds = time.perf_counter() - t0
+    return {"ok": True, "seconds": seconds, **peak_rss_mb(), "rss_before_mb": rss_before}
+
+
 def worker_eval(job: dict) -> dict:
     """Run job["model"] on the pickled job["feeds"]; pickle the outputs to job["outputs"]."""
     feeds = load_pickle(job["feeds"])

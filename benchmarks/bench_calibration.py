@@ -181,14 +181,7 @@ QUANTIZERS = {"ours": _quantize_ours, "ort": _quantize_ort}
 
 def worker_quant(job: dict) -> dict:
     feeds = bu.load_pickle(job["feeds"])
-    rss_before = bu.current_rss_mb()
-    t0 = time.perf_counter()
-    try:
-        QUANTIZERS[job["tool"]](job["model"], job["out"], feeds, job["method"])
-    except Exception as exc:  # noqa: BLE001 - any failure is a result row
-        return {"ok": False, "error": bu.error_line(exc)}
-    seconds = time.perf_counter() - t0
-    return {"ok": True, "seconds": seconds, **bu.peak_rss_mb(), "rss_before_mb": rss_before}
+    return bu.timed_call(QUANTIZERS[job["tool"]], job["model"], job["out"], feeds, job["method"])
 
 
 # =========================================================================== parent side

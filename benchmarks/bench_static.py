@@ -26,7 +26,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,14 +73,8 @@ QUANTIZERS = {"ours": _quantize_ours, "ort": _quantize_ort}
 
 def worker_quant(job: dict) -> dict:
     feeds = bu.load_pickle(job["feeds"])
-    rss_before = bu.current_rss_mb()
-    t0 = time.perf_counter()
-    try:
-        QUANTIZERS[job["tool"]](job["model"], job["out"], feeds, **SETTINGS[job["setting"]])
-    except Exception as exc:  # noqa: BLE001 - any failure is a result row
-        return {"ok": False, "error": bu.error_line(exc)}
-    seconds = time.perf_counter() - t0
-    return {"ok": True, "seconds": seconds, **bu.peak_rss_mb(), "rss_before_mb": rss_before}
+    return bu.timed_call(QUANTIZERS[job["tool"]], job["model"], job["out"], feeds,
+                         **SETTINGS[job["setting"]])
 
 
 # =========================================================================== parent side

@@ -22,6 +22,7 @@ class QuantFormat(enum.Enum):
     """How a quantized model is represented."""
 
     QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs around float operators
+    QOPERATOR = "qoperator"  # operators with their own quantized definition (QLinearConv, ...)
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ class StaticQuantConfig:
         reduce_range: Quantize weights to 7 bits (for CPUs without VNNI that overflow on u8s8).
         activation_symmetric: Symmetric activation ranges (zero point 0 / midpoint).
         weight_symmetric: Symmetric weights; None means True for signed weight types.
-        format: Output representation (QDQ).
+        format: Output representation (QDQ or QOperator).
         calibration_method: How activation ranges are found (MinMax, Entropy, Percentile,
             Distribution, MSE).
         symmetric_ranges: Calibrated ranges symmetric around 0 (``CalibTensorRangeSymmetric``).

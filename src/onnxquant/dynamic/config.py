@@ -1,0 +1,60 @@
+"""Typed configuration of dynamic quantization."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+
+from onnxquant.config import QuantFormat
+from onnxquant.qtypes import INT8, QuantType
+
+__all__ = ["DynamicQuantConfig"]
+
+
+@dataclasses.dataclass
+class DynamicQuantConfig:
+    """Settings of :func:`onnxquant.quantize_dynamic`.
+
+    Attributes:
+        weight_type: Element type of quantized weights (int8 or uint8). Activations are
+            always uint8 in QOperator form (DynamicQuantizeLinear's type).
+        per_channel: One scale per output channel of MatMul/Gemm/LSTM weights (Conv weights
+            too where the runtime allows it).
+        reduce_range: Quantize weights to 7 bits (CPUs without VNNI overflow on u8s8).
+        weight_symmetric: Symmetric weights; None means True for signed weight types.
+        format: QOPERATOR (MatMulInteger, ConvInteger, QAttention, DynamicQuantizeLSTM, ...)
+            or QDQ (QuantizeLinear/DequantizeLinear fed by ComputeQuantizationParameters).
+        op_types: Op types to quantize; None means every op type dynamic quantization handles.
+        op_types_to_exclude: Op types never quantized.
+        nodes_to_quantize: If given, only these node names are quantized.
+        nodes_to_exclude: Node names never quantized.
+        matmul_const_b_only: Only MatMuls whose B is a constant (default, as in the baseline).
+        subgraphs: Quantize inside If/Loop/Scan bodies too.
+        upgrade_opset: Convert models below opset 10 instead of refusing them.
+        external_data: Save tensors to ``<output>.data``; None decides by size (> 2 GB).
+        check_runtime: Emit only operator/type combinations onnxruntime's CPU provider can
+            execute (probed once per process); a node that cannot run stays float or uses a
+            form that runs, and the summary says which and why.
+    """
+
+    weight_type: QuantType = INT8
+    per_channel: bool = False
+    reduce_range: bool = False
+    weight_symmetric: bool | None = None
+    format: QuantFormat = QuantFormat.QOPERATOR
+    op_types: Collection[str] | None = None
+    op_types_to_exclude: Collection[str] = ()
+    nodes_to_quantize: Collection[str] | None = None
+    nodes_to_exclude: Collection[str] = ()
+    matmul_const_b_only: bool = True
+    subgraphs: bool = True
+    upgrade_opset: bool = False
+    external_data: bool | None = None
+    check_runtime: bool = True
+
+    @property
+    def weights_symmetric(self) -> bool:
+        """Resolved weight symmetry (signed types default to symmetric)."""
+        if self.weight_symmetric is None:
+            return self.weight_type.signed
+        return self.weight_symmetric

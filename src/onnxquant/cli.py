@@ -20,10 +20,11 @@ from pathlib import Path
 
 from onnxquant import __version__
 from onnxquant.api import quantize_static
-from onnxquant.calibration.readers import load_feed_folder
-from onnxquant.config import CalibrationMethod, StaticQuantConfig
+from onnxquant.calibration.readers import iter_feeds, load_feed_folder
+from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
 from onnxquant.errors import QuantizationError
 from onnxquant.qtypes import quant_type_from_name
+from onnxquant.speed import Latency, count_ops, first_feed, format_advice, measure_latency
 from onnxquant.summary import format_summary
 
 __all__ = ["main", "build_parser", "static_config_from_args"]
@@ -101,6 +102,10 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
                        help="statistics cache: reused if it exists (same settings), else written")
 
     numerics = p.add_argument_group("numerics")
+    numerics.add_argument("--format", choices=[f.value for f in QuantFormat], default="qdq",
+                          help="qdq: QuantizeLinear/DequantizeLinear around float ops (default); "
+                               "qoperator: QLinearConv, QLinearMatMul, QGemm, ... "
+                               "(use --activation-type uint8 with it on x86-64)")
     numerics.add_argument("--activation-type", choices=QUANT_TYPE_CHOICES, default="int8",
                           help="element type of quantized activations (default: int8)")
     numerics.add_argument("--weight-type", choices=QUANT_TYPE_CHOICES, default="int8",
@@ -141,8 +146,15 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--plan-json", type=Path, metavar="PATH",
                        help="also write the quantization plan (every decision and parameter) "
                             "as JSON")
+    _add_speed_check(p)
     _add_common(p)
     p.set_defaults(run=_run_static)
+
+
+def _add_speed_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check-speed", nargs="?", const=30, type=_positive_int, metavar="RUNS",
+                        help="time the float and the quantized model (1 thread, median of RUNS "
+                             "runs, default 30) on one feed and report the ratio")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +177,7 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
     return StaticQuantConfig(
         activation_type=quant_type_from_name(args.activation_type),
         weight_type=quant_type_from_name(args.weight_type),
+        format=QuantFormat(args.format),
         per_channel=args.per_channel,
         reduce_range=args.reduce_range,
         activation_symmetric=args.symmetric_activations,
@@ -209,8 +222,26 @@ def _run_static(args: argparse.Namespace) -> int:
                 f"to '{args.plan_json}': {err.strerror or err}"
             ) from err
     if not args.quiet:
-        print(format_summary(result))
+        advice = format_advice(
+            count_ops(args.output), activation_bits=config.activation_type.bits,
+            activation_signed=config.activation_type.signed,
+            weight_signed=config.weight_type.signed,
+            qoperator=config.format is QuantFormat.QOPERATOR, reduce_range=config.reduce_range)
+        print(format_summary(result, advice, _latency(args, args.calib)))
     return EXIT_OK
+
+
+def _latency(args: argparse.Namespace, feeds: Path | None) -> Latency | None:
+    """Measured float vs quantized latency when ``--check-speed`` was given (on the first
+    feed of ``feeds``, or a random feed)."""
+    if not args.check_speed:
+        return None
+    try:
+        feed = first_feed(iter_feeds(feeds)) if feeds is not None else None
+        return measure_latency(args.model, args.output, feed, runs=args.check_speed)
+    except Exception as err:  # noqa: BLE001 - a failed measurement must not fail the run
+        logger.warning("could not measure the latency: %s", err)
+        return None
 
 
 def _setup_logging(verbosity: int) -> None:

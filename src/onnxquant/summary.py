@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from onnxquant.api import QuantizationResult
 from onnxquant.plan import NodeDecision
+from onnxquant.speed import Latency
 
-__all__ = ["format_summary", "format_size"]
+__all__ = ["format_summary", "format_size", "speed_lines"]
 
 # Column title of each known NodeDecision action, in table order. "weights" (weight-only) and
 # any action this module does not know get a column only when some node has them.
@@ -85,7 +86,18 @@ def _size_line(result: QuantizationResult) -> str:
     return text
 
 
-def format_summary(result: QuantizationResult) -> str:
+def speed_lines(advice: Sequence[str] = (), latency: Latency | None = None) -> list[str]:
+    """The "speed" part of a summary: a measured latency and warnings about slow choices."""
+    lines = []
+    if latency is not None:
+        lines.append(f"speed:        {latency.describe()}")
+    for index, text in enumerate(advice):
+        lines.append(f"{'warning:' if index == 0 else '':<14}{text}")
+    return lines
+
+
+def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
+                   latency: Latency | None = None) -> str:
     """Describe a quantization run in a few lines of plain text (no trailing newline).
 
     The text has: a headline with node counts, a table of nodes per op type (quantized,
@@ -96,6 +108,9 @@ def format_summary(result: QuantizationResult) -> str:
 
     Args:
         result: What :func:`onnxquant.quantize_static` returned.
+        advice: Warnings about format/type choices known to be slow here
+            (:func:`onnxquant.speed.format_advice`).
+        latency: A measured float vs quantized latency, if one was taken.
     """
     counts = result.plan.counts_by_op_type()
     totals: collections.Counter = collections.Counter()
@@ -124,6 +139,7 @@ def format_summary(result: QuantizationResult) -> str:
         lines.append(f"unobserved:   {len(result.unobserved)} tensors never computed by the "
                      f"calibration data stay float ({names}{more})")
     lines.append(f"time:         {result.seconds:.2f} s")
+    lines += speed_lines(advice, latency)
     for index, path in enumerate(result.output_files):
         lines.append(f"{'written:' if index == 0 else '':<14}{path}")
     return "\n".join(lines)

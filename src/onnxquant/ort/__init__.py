@@ -14,11 +14,20 @@ from __future__ import annotations
 
 from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantizationMode, QuantType
-from onnxquant.ort.quantize import QuantConfig, StaticQuantConfig, quantize, quantize_static
+from onnxquant.ort.quantize import (
+    DynamicQuantConfig,
+    QuantConfig,
+    StaticQuantConfig,
+    quantize,
+    quantize_dynamic,
+    quantize_static,
+)
 
 __all__ = [
     "quantize_static",
+    "quantize_dynamic",
     "quantize",
+    "DynamicQuantConfig",
     "QuantConfig",
     "StaticQuantConfig",
     "QuantFormat",

@@ -36,8 +36,9 @@ as in onnxruntime, Percentile ranges are symmetric unless ``CalibTensorRangeSymm
 otherwise. ``calibration_cache_path`` is onnxquant's own JSON cache of the collected statistics
 (not onnxruntime's format): reused when it exists with the same settings, written otherwise.
 
-Arguments that select something not implemented yet (``QuantFormat.QOperator``, float8 types)
-raise :class:`~onnxquant.errors.QuantizationError`.
+``QuantFormat.QOperator`` selects onnxquant's QOperator emitter (QLinearConv, QGemm, ...).
+Arguments that select something not implemented yet (float8 types) raise
+:class:`~onnxquant.errors.QuantizationError`.
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ _NO_EFFECT: dict[str, str] = {
     "the number of feeds",
     "SmoothQuantAlpha": "it applies only with SmoothQuant=True",
     "SmoothQuantFolding": "it applies only with SmoothQuant=True",
-    "extra.Sigmoid.nnapi": "it applies only to QuantFormat.QOperator",
-    "DefaultTensorType": "it applies only to QuantFormat.QOperator",
+    "extra.Sigmoid.nnapi": "QLinearSigmoid outputs use their calibrated range (NNAPI's fixed "
+    "1/256 scale is for Android NNAPI only)",
+    "DefaultTensorType": "element types come from onnxquant's own shape inference",
 }
 
 # extra_options key -> (raise instead of warn, advice) for values other than "off"
@@ -255,12 +257,6 @@ def _to_native_config(
     method = _enum(calibrate_method, CalibrationMethod, "calibrate_method")
     act = _enum(activation_type, QuantType, "activation_type")
     wgt = _enum(weight_type, QuantType, "weight_type")
-    if fmt is QuantFormat.QOperator:
-        raise QuantizationError(
-            "QuantFormat.QOperator is not supported yet by this version of onnxquant; use "
-            "quant_format=QuantFormat.QDQ (onnxruntime fuses Q/DQ pairs into the same integer "
-            "kernels)."
-        )
     if QuantType.QFLOAT8E4M3FN in (act, wgt):
         raise QuantizationError(
             "QuantType.QFLOAT8E4M3FN is not supported yet by this version of onnxquant; use an "
@@ -284,7 +280,8 @@ def _to_native_config(
         weight_type=wgt.qtype,
         per_channel=bool(per_channel),
         reduce_range=bool(reduce_range),
-        format=NativeQuantFormat.QDQ,
+        format=(NativeQuantFormat.QOPERATOR if fmt is QuantFormat.QOperator
+                else NativeQuantFormat.QDQ),
         calibration_method=_METHODS[method],
         calibration_cache=calibration_cache_path,
         op_types=_names(op_types_to_quantize, "op_types_to_quantize"),

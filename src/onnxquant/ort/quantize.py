@@ -11,9 +11,8 @@ Differences from onnxruntime, on purpose:
 * The output path may not be the input path; nothing is written when quantization fails.
 * If/Loop/Scan bodies are quantized unless ``extra_options={"EnableSubgraph": False}``.
 * ``use_external_data_format=False`` means "decide by size" instead of failing above 2 GB.
-* Not supported yet (raise :class:`~onnxquant.errors.QuantizationError`):
-  ``QuantFormat.QOperator``, calibration methods other than ``MinMax``, ``QFLOAT8E4M3FN``,
-  ``calibration_cache_path``, and ``DynamicQuantConfig`` / weight-only configs in :func:`quantize`.
+* ``quantize_dynamic`` / ``DynamicQuantConfig`` are in :mod:`onnxquant.ort._dynamic`.
+* Not supported yet (raise :class:`~onnxquant.errors.QuantizationError`): ``QFLOAT8E4M3FN``.
 """
 
 from __future__ import annotations
@@ -23,14 +22,20 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from onnxquant import api
-from onnxquant.errors import CalibrationError
 from onnxquant.model_io import ModelInput
+from onnxquant.ort._dynamic import (
+    DYNAMIC_FIELDS,
+    DynamicQuantConfig,
+    is_dynamic_config,
+    quantize_dynamic,
+)
 from onnxquant.ort._errors import UnsupportedConfigError
 from onnxquant.ort._options import _to_native_config
 from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
 
-__all__ = ["QuantConfig", "StaticQuantConfig", "quantize_static", "quantize"]
+__all__ = ["QuantConfig", "StaticQuantConfig", "DynamicQuantConfig", "quantize_static",
+           "quantize_dynamic", "quantize"]
 
 
 class QuantConfig:
@@ -130,7 +135,7 @@ def quantize_static(
         model_output: Where to write the quantized model (not the input path).
         calibration_data_reader: A reader with ``get_next()``; any feed source that
             :func:`onnxquant.quantize_static` accepts also works.
-        quant_format: ``QuantFormat.QDQ`` (``QOperator`` is not supported yet).
+        quant_format: ``QuantFormat.QDQ`` or ``QuantFormat.QOperator``.
         op_types_to_quantize: Op types to quantize; ``None`` or empty means all.
         per_channel: Per-output-channel weight scales.
         reduce_range: 7-bit weights (for CPUs without VNNI).
@@ -139,10 +144,10 @@ def quantize_static(
         nodes_to_quantize: Node names to quantize; ``None`` or empty means all.
         nodes_to_exclude: Node names to keep float.
         use_external_data_format: True: save tensors in ``<output>.data``; False: by size.
-        calibrate_method: ``CalibrationMethod.MinMax`` (others are not supported yet).
+        calibrate_method: ``MinMax``, ``Entropy``, ``Percentile`` or ``Distribution``.
         calibration_providers: onnxruntime execution providers used for calibration.
         extra_options: onnxruntime's option keys, see :mod:`onnxquant.ort._options`.
-        calibration_cache_path: Not supported yet; must be ``None``.
+        calibration_cache_path: onnxquant's JSON statistics cache (reused if it exists).
 
     Returns:
         The :class:`onnxquant.QuantizationResult` of the run.
@@ -166,11 +171,6 @@ def quantize_static(
         extra_options=extra_options,
         calibration_cache_path=calibration_cache_path,
     )
-    if calibration_data_reader is None:
-        raise CalibrationError(
-            "quantize_static needs a calibration_data_reader (calibration caches are not "
-            "supported yet); pass a CalibrationDataReader that yields input feeds."
-        )
     return api.quantize_static(model_input, model_output, calibration_data_reader, config)
 
 
@@ -189,26 +189,29 @@ def quantize(
     Args:
         model_input: Path or ``onnx.ModelProto``.
         model_output: Where to write the quantized model.
-        quant_config: A :class:`StaticQuantConfig` (this module's, or onnxruntime's own).
+        quant_config: A :class:`StaticQuantConfig` or :class:`DynamicQuantConfig` (this
+            module's, or onnxruntime's own).
 
     Returns:
         The :class:`onnxquant.QuantizationResult` of the run.
 
     Raises:
-        UnsupportedConfigError: (a ``TypeError`` and ``QuantizationError``) for dynamic,
-            weight-only or unknown configs.
+        UnsupportedConfigError: (a ``TypeError`` and ``QuantizationError``) for unknown
+            configs.
     """
     kind = type(quant_config).__name__
+    if is_dynamic_config(quant_config):
+        options = {name: getattr(quant_config, name) for name in DYNAMIC_FIELDS}
+        return quantize_dynamic(model_input, model_output, **options)
     is_static = isinstance(quant_config, StaticQuantConfig) or (
         kind == "StaticQuantConfig"
         and all(hasattr(quant_config, name) for name in _STATIC_FIELDS)
     )
     if not is_static:
-        if kind == "DynamicQuantConfig" or kind.endswith("WeightOnlyQuantConfig"):
-            what = "dynamic" if kind == "DynamicQuantConfig" else "weight-only"
+        if kind.endswith("WeightOnlyQuantConfig"):
             raise UnsupportedConfigError(
-                f"quantize() got a {kind}: {what} quantization is not supported yet by this "
-                "version of onnxquant; use a StaticQuantConfig with a calibration data reader."
+                f"quantize() got a {kind}: weight-only quantization is not supported yet by "
+                "this version of onnxquant; use a StaticQuantConfig or a DynamicQuantConfig."
             )
         raise UnsupportedConfigError(f"quantize() needs a StaticQuantConfig, got {kind}.")
     options = {name: getattr(quant_config, name) for name in _STATIC_FIELDS}

@@ -15,9 +15,12 @@ __all__ = [
     "NameFn",
     "constant_weight",
     "float_input",
+    "input_name",
     "new_initializer",
     "quantized_initializers",
+    "remove_if_unused",
     "replace_node",
+    "weight_type_ok",
 ]
 
 MS_DOMAIN = "com.microsoft"
@@ -50,6 +53,12 @@ def float_input(node: ir.Node, index: int) -> bool:
     """Whether input ``index`` is float32 (or of unknown type, which ONNX checks later)."""
     value = node.inputs[index]
     return value is not None and value.dtype in (None, ir.DataType.FLOAT)
+
+
+def input_name(node: ir.Node, index: int, default: str) -> str:
+    """The name of input ``index`` of ``node``, or ``default`` if it has none."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return value.name if value is not None and value.name else default
 
 
 def new_initializer(graph: ir.Graph, unique_name: NameFn, stem: str, array: np.ndarray) -> ir.Value:
@@ -98,7 +107,7 @@ def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: Sequence[ir.Node],
     which takes over the name (and the type/shape if the new value has none).
     """
     graph.insert_before(old, new_nodes)
-    for out, new in zip(old.outputs, new_outputs):
+    for out, new in zip(old.outputs, new_outputs, strict=False):
         if new is None:
             continue
         name = out.name
@@ -117,6 +126,7 @@ def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: Sequence[ir.Node],
 
 def remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Drop ``value``'s initializer from ``graph`` when nothing reads it any more."""
-    if (value.is_initializer() and not value.uses() and not value.is_graph_input()
-            and not value.is_graph_output() and graph.initializers.get(value.name) is value):
-        del graph.initializers[value.name]
+    name = value.name
+    if (name and value.is_initializer() and not value.uses() and not value.is_graph_input()
+            and not value.is_graph_output() and graph.initializers.get(name) is value):
+        del graph.initializers[name]

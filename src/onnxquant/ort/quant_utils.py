@@ -7,13 +7,17 @@ case-insensitive, so ``"QUInt8"`` and the CLI spelling ``"quint8"`` both work).
 from __future__ import annotations
 
 import enum
+import os
+import tempfile
+from pathlib import Path
 
+import onnx
 from onnx import TensorProto
 
 from onnxquant import qtypes
 from onnxquant.ort._errors import InvalidOptionError
 
-__all__ = ["QuantType", "QuantFormat", "QuantizationMode"]
+__all__ = ["QuantType", "QuantFormat", "QuantizationMode", "load_model_with_shape_infer"]
 
 
 def _member(cls: type[enum.Enum], text: str) -> enum.Enum:
@@ -118,3 +122,32 @@ class QuantizationMode(enum.Enum):
             ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
         """
         return _member(QuantizationMode, mode)  # type: ignore[return-value]
+
+
+def load_model_with_shape_infer(model_path: str | os.PathLike) -> onnx.ModelProto:
+    """Load a model with ONNX shape inference applied (external data loaded too).
+
+    Inference runs file to file (``infer_shapes_path``), so models above 2 GB work; the
+    inferred copy lives in a private temporary folder that is always removed.
+
+    Raises:
+        onnxquant.errors.ModelLoadError: The file is missing or shape inference fails.
+    """
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from onnxquant.errors import ModelLoadError
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file '{path}' does not exist (or is not a file)")
+    with tempfile.TemporaryDirectory(prefix="onnxquant-") as tmp:
+        inferred = Path(tmp) / path.name
+        try:
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+            model = onnx.load(str(inferred), load_external_data=False)
+        except Exception as err:  # onnx raises several unrelated types
+            raise ModelLoadError(
+                f"shape inference failed on '{path}': {err}; check the model with "
+                "onnx.checker.check_model") from err
+    load_external_data_for_model(model, str(path.parent))
+    return model

@@ -189,11 +189,13 @@ def quantize(
     Args:
         model_input: Path or ``onnx.ModelProto``.
         model_output: Where to write the quantized model.
-        quant_config: A :class:`StaticQuantConfig` or :class:`DynamicQuantConfig` (this
-            module's, or onnxruntime's own).
+        quant_config: A :class:`StaticQuantConfig`, :class:`DynamicQuantConfig` or weight-only
+            config (``matmul_4bits_quantizer.*WeightOnlyQuantConfig``; written with external
+            data, as onnxruntime does) — this package's, or onnxruntime's own.
 
     Returns:
-        The :class:`onnxquant.QuantizationResult` of the run.
+        The :class:`onnxquant.QuantizationResult` of the run (a
+        :class:`onnxquant.weight_only.WeightOnlyResult` for weight-only configs).
 
     Raises:
         UnsupportedConfigError: (a ``TypeError`` and ``QuantizationError``) for unknown
@@ -208,11 +210,13 @@ def quantize(
         and all(hasattr(quant_config, name) for name in _STATIC_FIELDS)
     )
     if not is_static:
-        if kind.endswith("WeightOnlyQuantConfig"):
-            raise UnsupportedConfigError(
-                f"quantize() got a {kind}: weight-only quantization is not supported yet by "
-                "this version of onnxquant; use a StaticQuantConfig or a DynamicQuantConfig."
-            )
+        from onnxquant.ort.matmul_4bits_quantizer import (
+            is_weight_only_config,
+            quantize_weight_only,
+        )
+
+        if is_weight_only_config(quant_config):
+            return quantize_weight_only(model_input, model_output, quant_config)
         raise UnsupportedConfigError(f"quantize() needs a StaticQuantConfig, got {kind}.")
     options = {name: getattr(quant_config, name) for name in _STATIC_FIELDS}
     return quantize_static(model_input, model_output, **options)

@@ -1,0 +1,267 @@
+"""The native entry point of weight-only quantization: ``quantize_weights``.
+
+load (external data stays on disk) → opset 21 for QDQ → select → [GPTQ: stream calibration
+data, one Hessian per distinct A input] → per weight: read in slabs, quantize, emit, release →
+save (atomic; external data when asked or above 2 GB).
+
+Peak memory is one weight slab (or one whole weight for GPTQ / channel-wise blocks) plus the
+quantized tensors written so far (about ``bits / 32`` of the float weights) — not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnxquant import model_io
+from onnxquant._graph import iter_nodes
+from onnxquant.api import _check_output, _input_bytes, _protected_paths
+from onnxquant.config import QuantFormat
+from onnxquant.errors import CalibrationError, NumericsError, QuantizationError
+from onnxquant.weight_only._select import Target, WeightDecision, select_targets
+from onnxquant.weight_only._weights import quantize_slabs, release
+from onnxquant.weight_only.blocks import BlockQuantized
+from onnxquant.weight_only.config import WeightOnlyAlgorithm, WeightOnlyConfig
+from onnxquant.weight_only.emit import WeightEmitter
+from onnxquant.weight_only.gptq import quantize_gptq
+from onnxquant.weight_only.hqq import quantize_hqq
+from onnxquant.weight_only.rtn import quantize_rtn
+
+__all__ = ["WeightOnlyResult", "quantize_weights", "quantize_model_weights", "QDQ_OPSET"]
+
+logger = logging.getLogger(__name__)
+
+QDQ_OPSET = 21  # blocked DequantizeLinear and int4/uint4 types
+
+
+@dataclasses.dataclass
+class WeightOnlyResult:
+    """What a weight-only run did.
+
+    Attributes:
+        decisions: One per candidate node, in graph order.
+        output_files: Paths written (model, then external data if any).
+        float_bytes: Size of the input model (file plus external data; tensors when in memory).
+        quantized_bytes: Size of the written files.
+        calibration_samples: Feeds used by GPTQ (0 otherwise).
+        seconds: Wall time of the whole run.
+    """
+
+    decisions: list[WeightDecision]
+    output_files: list[Path]
+    float_bytes: int
+    quantized_bytes: int
+    calibration_samples: int
+    seconds: float
+
+    @property
+    def quantized(self) -> list[WeightDecision]:
+        """Decisions of the nodes whose weights were quantized."""
+        return [d for d in self.decisions if d.action == "weights"]
+
+
+def _needs_qdq_opset(model: ir.Model, config: WeightOnlyConfig) -> bool:
+    if config.format is not QuantFormat.QDQ or model_io.default_opset(model) >= QDQ_OPSET:
+        return False
+    return any(n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
+               for n in iter_nodes(model, subgraphs=config.subgraphs))
+
+
+def _key(target: Target, config: WeightOnlyConfig) -> Hashable:
+    """Targets with equal keys store the same quantized tensors."""
+    a_name = target.node.inputs[0].name if target.settings.algorithm is WeightOnlyAlgorithm.GPTQ \
+        else None
+    return (id(target.weight), target.op_type, target.settings, target.axis, target.block_size,
+            target.packed_uint8, config.format, a_name)
+
+
+def _quantizer(target: Target, config: WeightOnlyConfig, hessian: np.ndarray | None
+               ) -> tuple[Callable[[np.ndarray], BlockQuantized], int, bool]:
+    """(quantize function on a [rows, cols] float32 matrix, its block size, splittable)."""
+    s = target.settings
+    k = target.shape[target.axis]
+    block = s.block_size if s.block_size is not None else k
+    if s.algorithm is WeightOnlyAlgorithm.GPTQ and hessian is not None:
+        return functools.partial(
+            _call_gptq, quantize_gptq, hessian=hessian, bits=s.bits, block_size=block,
+            symmetric=s.symmetric, percdamp=config.gptq.percdamp,
+            act_order=config.gptq.act_order), block, False
+    if s.algorithm is WeightOnlyAlgorithm.HQQ:
+        float_zp = target.op_type == "MatMul" and config.format is QuantFormat.QOPERATOR
+        return functools.partial(
+            quantize_hqq, bits=s.bits, block_size=block, iterations=config.hqq_iterations,
+            integer_zero_point=not float_zp), block, True
+    return functools.partial(quantize_rtn, bits=s.bits, block_size=block,
+                             symmetric=s.symmetric), block, True
+
+
+def _call_gptq(fn: Callable[..., BlockQuantized], m: np.ndarray, **kwargs: Any) -> BlockQuantized:
+    hessian = kwargs.pop("hessian")
+    bits, block, symmetric = kwargs.pop("bits"), kwargs.pop("block_size"), kwargs.pop("symmetric")
+    return fn(m, hessian, bits, block, symmetric, **kwargs)
+
+
+def _quantize(target: Target, config: WeightOnlyConfig, hessian: np.ndarray | None
+              ) -> BlockQuantized:
+    tensor = target.weight.const_value
+    assert tensor is not None
+    quantize, block, splittable = _quantizer(target, config, hessian)
+    try:
+        blocks = quantize_slabs(tensor, target.axis, quantize, block_size=block,
+                                splittable=splittable and target.settings.block_size is not None)
+    except ValueError as err:
+        raise NumericsError(
+            f"cannot quantize weight '{target.weight.name}' of node '{target.node.name}': "
+            f"{err}. Exclude the node (nodes_to_exclude) or fix the weight") from err
+    finally:
+        release(tensor)
+    if blocks.block_size != target.block_size:  # channel-wise: one block, node-legal size
+        blocks = dataclasses.replace(blocks, block_size=target.block_size)
+    return blocks
+
+
+def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
+                   config: WeightOnlyConfig) -> tuple[dict[str, np.ndarray], int]:
+    """Hessian per A input of every main-graph GPTQ target; other GPTQ targets fall back."""
+    wanted: dict[str, int] = {}
+    for target in targets:
+        if target.settings.algorithm is not WeightOnlyAlgorithm.GPTQ:
+            continue
+        a = target.node.inputs[0]
+        if target.node.graph is not model.graph or a is None or not a.name:
+            target.settings = dataclasses.replace(target.settings,
+                                                  algorithm=WeightOnlyAlgorithm.RTN)
+            target.decision.reason = "GPTQ inside a subgraph is not supported; used RTN"
+            continue
+        wanted[a.name] = target.shape[target.axis]
+    if not wanted:
+        return {}, 0
+    if data is None:
+        raise CalibrationError(
+            "GPTQ needs calibration data: pass calibration_data (a reader, an iterable of "
+            "{input_name: array} dicts or a data folder), or use algorithm RTN/HQQ")
+    from onnxquant.weight_only.calib import collect_hessians
+
+    accumulators, samples = collect_hessians(
+        model, wanted, data, providers=config.gptq.providers,
+        max_samples=config.gptq.max_calibration_samples, progress=config.progress)
+    return {name: acc.hessian() for name, acc in accumulators.items()}, samples
+
+
+def quantize_model_weights(
+    model: ir.Model, config: WeightOnlyConfig | None = None, calibration_data: Any = None,
+    *, lazy: bool = False,
+) -> tuple[ir.Model, list[WeightDecision], int]:
+    """Quantize the weights of ``model`` in place (no file is written).
+
+    Args:
+        model: The model (changed in place unless the opset is converted for QDQ).
+        config: Settings.
+        calibration_data: Feeds for GPTQ.
+        lazy: Quantize RTN/HQQ weights only when the model is serialised (one weight in
+            memory at a time while saving; the float weights must stay readable until then).
+
+    Returns:
+        (the quantized model — a new object when the opset had to be converted for QDQ —,
+        a decision per candidate node, calibration samples used by GPTQ).
+    """
+    config = config or WeightOnlyConfig()
+    config.validate()
+    if _needs_qdq_opset(model, config):
+        model = model_io.convert_opset(model, QDQ_OPSET)
+    targets, decisions = select_targets(model, config)
+    hessians, samples = _gptq_hessians(model, targets, calibration_data, config)
+    emitter = WeightEmitter(model, config.format, lazy=lazy)
+    for target in tqdm(targets, desc="quantizing weights", unit="weight",
+                       disable=not config.progress or lazy):
+        key = _key(target, config)
+        hessian = None
+        if target.settings.algorithm is WeightOnlyAlgorithm.GPTQ:
+            hessian = hessians.get(target.node.inputs[0].name or "")
+        # GPTQ quantizes now, so that each Hessian can be freed after its last use.
+        make_blocks = functools.partial(_quantize, target, config, hessian)
+        if target.op_type == "MatMul":
+            emitted = emitter.matmul(target, make_blocks, key, now=hessian is not None)
+        else:
+            emitted = emitter.gather(target, make_blocks, key)
+        d, s = target.decision, target.settings
+        d.action, d.emitted, d.bits, d.block_size = "weights", emitted, s.bits, target.block_size
+        d.symmetric, d.algorithm = s.symmetric, s.algorithm.value
+    hessians.clear()
+    removed = emitter.finish()
+    logger.info("quantized %d weights (%d float initializers removed)", len(targets),
+                len(removed))
+    return model, decisions, samples
+
+
+def _quantization_error(err: BaseException) -> QuantizationError | None:
+    """The QuantizationError a serialiser wrapped, if any."""
+    seen = 0
+    current: BaseException | None = err
+    while current is not None and seen < 20:
+        if isinstance(current, QuantizationError):
+            return current
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
+
+
+def quantize_weights(
+    model_input: model_io.ModelInput,
+    model_output: str | os.PathLike,
+    config: WeightOnlyConfig | None = None,
+    calibration_data: Any = None,
+) -> WeightOnlyResult:
+    """Quantize the MatMul (and optionally Gather) weights of a model block-wise to 2/4/8 bits.
+
+    Activations stay float. Weights are read lazily (external data stays on disk until its
+    turn) and quantized one at a time, so memory stays far below the model's size.
+
+    Args:
+        model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
+        model_output: Where to write the quantized model (atomically; never the input path).
+        config: Settings; defaults to ``WeightOnlyConfig()`` (4 bits, blocks of 128,
+            asymmetric RTN, MatMulNBits).
+        calibration_data: Feeds for GPTQ: a reader with ``get_next()``, an iterable of
+            ``{input_name: array}`` dicts, or a folder of ``.npz`` files / ONNX test-data sets.
+
+    Returns:
+        A :class:`WeightOnlyResult` with a decision per node and the files written.
+
+    Raises:
+        onnxquant.errors.QuantizationError: With a message naming the file, node or tensor at
+            fault. Nothing is written on failure.
+    """
+    config = config or WeightOnlyConfig()
+    config.validate()
+    start = time.perf_counter()
+    _check_output(model_input, model_output)
+    model = model_io.load_model(model_input)
+    float_bytes = _input_bytes(model_input, model)
+    model, decisions, samples = quantize_model_weights(model, config, calibration_data,
+                                                       lazy=True)
+    try:
+        written = model_io.save_model(model, model_output, external_data=config.external_data,
+                                      protected=_protected_paths(model_input))
+    except Exception as err:  # weights are quantized while saving: surface our own error
+        cause = _quantization_error(err)
+        if cause is None:
+            raise
+        raise cause from cause.__cause__
+    return WeightOnlyResult(
+        decisions=decisions,
+        output_files=written,
+        float_bytes=float_bytes,
+        quantized_bytes=sum(p.stat().st_size for p in written),
+        calibration_samples=samples,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,209 @@
+"""The ``onnxquant weights`` subcommand: block-wise weight-only quantization.
+
+``onnxquant weights MODEL -o OUT --bits 4 --block-size 32 --algorithm rtn`` quantizes MatMul
+(and, with ``--op-types MatMul,Gather``, Gather) weights and prints a short summary. Arguments
+become a :class:`~onnxquant.weight_only.config.WeightOnlyConfig` in one place,
+:func:`weights_config_from_args`. The main ``onnxquant`` parser adds the subcommand with
+:func:`add_weights_parser`; the command returns its exit code from :func:`run_weights`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+from typing import Any
+
+from onnxquant.config import QuantFormat
+from onnxquant.errors import QuantizationError
+from onnxquant.summary import format_size
+from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
+from onnxquant.weight_only.config import (
+    OVERRIDE_KEYS,
+    GPTQSettings,
+    WeightOnlyAlgorithm,
+    WeightOnlyConfig,
+)
+
+__all__ = [
+    "add_weights_parser",
+    "run_weights",
+    "weights_config_from_args",
+    "format_weights_summary",
+]
+
+_MAX_EXAMPLES = 3
+
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like a,b")
+    return names
+
+
+def _block_size(text: str) -> int | None:
+    if text.lower() in ("channel", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a power of two >= 16 or 'channel', got {text!r}") from None
+
+
+def _override(text: str) -> tuple[str, dict[str, Any]]:
+    """``NODE:bits=8,block_size=32,symmetric=true`` -> (NODE, {...})."""
+    node, sep, spec = text.rpartition(":")
+    if not sep or not node or not spec:
+        raise argparse.ArgumentTypeError(
+            f"expected NODE:key=value[,key=value], e.g. lm_head:bits=8, got {text!r}")
+    values: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in OVERRIDE_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"bad override item {item!r} for node {node!r}; keys: {', '.join(OVERRIDE_KEYS)}")
+        raw = raw.strip()
+        if key == "symmetric":
+            values[key] = raw.lower() in ("1", "true", "yes", "sym")
+        elif key == "algorithm":
+            values[key] = raw.lower()
+        elif key == "block_size":
+            values[key] = _block_size(raw)
+        else:
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{key} must be an integer, got {raw!r}") from None
+    return node, values
+
+
+def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``weights`` subcommand to the main parser's subparsers."""
+    p = subparsers.add_parser(
+        "weights",
+        help="quantize MatMul/Gather weights block-wise to 2/4/8 bits (weight-only)",
+        description="Weight-only quantization: MatMul weights become MatMulNBits (or blocked "
+                    "DequantizeLinear with --format qdq) and Gather tables GatherBlockQuantized; "
+                    "activations stay float. Large models are processed one weight at a time.",
+    )
+    p.add_argument("model", metavar="MODEL", type=Path, help="float .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                   help="where to write the quantized model (must differ from MODEL)")
+    num = p.add_argument_group("numerics")
+    num.add_argument("--bits", type=int, choices=(2, 4, 8), default=4,
+                     help="bits per weight (default 4; qdq format: 4 or 8)")
+    num.add_argument("--block-size", type=_block_size, default=128, metavar="N",
+                     help="weights per block along K: a power of two >= 16, or 'channel' for "
+                          "one block per output column (default 128)")
+    num.add_argument("--algorithm", choices=[a.value for a in WeightOnlyAlgorithm],
+                     default="rtn", help="rtn (default), hqq (no data) or gptq (needs --calib)")
+    sym = num.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=False,
+                     help="symmetric blocks, no stored zero points")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="a zero point per block (default)")
+    num.add_argument("--format", choices=("qoperator", "qdq"), default="qoperator",
+                     help="qoperator: MatMulNBits (default); qdq: DequantizeLinear -> MatMul "
+                          "(opset 21)")
+    num.add_argument("--accuracy-level", type=int, choices=range(5), metavar="N",
+                     help="MatMulNBits accuracy_level 0-4 (4: int8 compute on CPU)")
+    sel = p.add_argument_group("what to quantize (comma-separated lists, may be repeated)")
+    sel.add_argument("--op-types", type=_names, action="extend", metavar="OPS",
+                     help="MatMul (default) and/or Gather")
+    sel.add_argument("--gather-axis", type=int, default=1, metavar="AXIS",
+                     help="axis along which Gather tables are blocked (default 1)")
+    sel.add_argument("--nodes", type=_names, action="extend", metavar="NAMES",
+                     help="quantize only these nodes")
+    sel.add_argument("--exclude", type=_names, action="extend", metavar="NAMES",
+                     help="keep these nodes float")
+    sel.add_argument("--override", type=_override, action="append", metavar="NODE:K=V,...",
+                     help="per-node settings, e.g. lm_head:bits=8 (keys: "
+                          f"{', '.join(OVERRIDE_KEYS)})")
+    gptq = p.add_argument_group("GPTQ")
+    gptq.add_argument("--calib", type=Path, metavar="DATA",
+                      help="calibration data: a folder of .npz files, one .npz, or ONNX "
+                           "test_data_set_* folders")
+    gptq.add_argument("--max-samples", type=int, metavar="N", help="use at most N feeds")
+    gptq.add_argument("--percdamp", type=float, default=0.01,
+                      help="Hessian dampening, fraction of its mean diagonal (default 0.01)")
+    gptq.add_argument("--act-order", action="store_true",
+                      help="quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--external-data", action="store_true",
+                   help="store tensors in OUT.data (default: only above 2 GB)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log progress (-vv: debug detail) and show tracebacks on errors")
+    p.set_defaults(run=run_weights)
+    return p
+
+
+def weights_config_from_args(args: argparse.Namespace) -> WeightOnlyConfig:
+    """Translate parsed ``weights`` arguments into a :class:`WeightOnlyConfig`."""
+    return WeightOnlyConfig(
+        bits=args.bits,
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        algorithm=WeightOnlyAlgorithm(args.algorithm),
+        format=QuantFormat(args.format),
+        accuracy_level=args.accuracy_level,
+        op_types=tuple(dict.fromkeys(args.op_types)) if args.op_types else ("MatMul",),
+        quant_axes={"Gather": args.gather_axis},
+        nodes_to_include=tuple(dict.fromkeys(args.nodes)) if args.nodes else None,
+        nodes_to_exclude=tuple(dict.fromkeys(args.exclude or ())),
+        overrides=dict(args.override or ()),
+        gptq=GPTQSettings(percdamp=args.percdamp, act_order=args.act_order,
+                          max_calibration_samples=args.max_samples),
+        external_data=True if args.external_data else None,
+        progress=not args.quiet,
+    )
+
+
+def format_weights_summary(result: WeightOnlyResult) -> str:
+    """A few lines: nodes per emitted op, float nodes by reason, sizes, time, files."""
+    done = result.quantized
+    by_op = collections.Counter(d.emitted for d in done)
+    ops = ", ".join(f"{op} {count}" for op, count in sorted(by_op.items()))
+    lines = [f"quantized {len(done)} of {len(result.decisions)} candidate nodes"
+             + (f" ({ops})" if ops else "")]
+    settings = collections.Counter(
+        (d.bits, d.block_size, "sym" if d.symmetric else "asym", d.algorithm) for d in done)
+    for (bits, block, sym, algo), count in sorted(settings.items()):
+        lines.append(f"  {count:>4} x {bits}-bit, block {block}, {sym}, {algo}")
+    floats: dict[str, list[str]] = collections.defaultdict(list)
+    for d in result.decisions:
+        if d.action != "weights":
+            floats[d.reason or "(no reason given)"].append(d.name or "<unnamed>")
+    for reason, names in sorted(floats.items(), key=lambda item: -len(item[1])):
+        more = ", ..." if len(names) > _MAX_EXAMPLES else ""
+        lines.append(f"  float {len(names)}: {reason} [{', '.join(names[:_MAX_EXAMPLES])}{more}]")
+    ratio = ""
+    if result.float_bytes and result.quantized_bytes:
+        ratio = f" ({result.float_bytes / result.quantized_bytes:.2f}x smaller)"
+    lines.append(f"size:         {format_size(result.float_bytes)} -> "
+                 f"{format_size(result.quantized_bytes)}{ratio}")
+    if result.calibration_samples:
+        lines.append(f"calibration:  {result.calibration_samples} samples")
+    lines.append(f"time:         {result.seconds:.2f} s")
+    for index, path in enumerate(result.output_files):
+        lines.append(f"{'written:' if index == 0 else '':<14}{path}")
+    return "\n".join(lines)
+
+
+def run_weights(args: argparse.Namespace) -> int:
+    """Run ``onnxquant weights``; returns 0 (errors are raised as QuantizationError)."""
+    config = weights_config_from_args(args)
+    if config.algorithm is WeightOnlyAlgorithm.GPTQ and args.calib is None:
+        raise QuantizationError("--algorithm gptq needs calibration data: --calib DATA")
+    calib = None
+    if args.calib is not None:
+        from onnxquant.calibration.readers import load_feed_folder
+
+        load_feed_folder(args.calib)  # a bad path fails before the model loads
+        calib = args.calib
+    result = quantize_weights(args.model, args.output, config, calib)
+    if not args.quiet:
+        print(format_weights_summary(result))
+    return 0

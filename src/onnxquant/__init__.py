@@ -1,7 +1,9 @@
 """onnxquant: quantize ONNX models for ONNX Runtime.
 
 The native API is typed: ``quantize_static(model_in, model_out, calibration_data, config)`` with
-a :class:`StaticQuantConfig`. Code written for ``onnxruntime.quantization`` runs unchanged with
+a :class:`StaticQuantConfig`, ``quantize_dynamic(model_in, model_out, config)`` with a
+:class:`DynamicQuantConfig`, and ``quantize_weights(model_in, model_out, config)`` (block-wise
+2/4/8-bit weight-only) with a :class:`WeightOnlyConfig`. Code written for ``onnxruntime.quantization`` runs unchanged with
 ``onnxquant.ort``.
 """
 
@@ -21,6 +23,13 @@ from onnxquant.errors import (
     UnsupportedModelError,
 )
 from onnxquant.plan import QuantPlan
+from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
+from onnxquant.weight_only.config import (
+    GPTQSettings,
+    WeightOnlyAlgorithm,
+    WeightOnlyConfig,
+    WeightOnlyConfigError,
+)
 from onnxquant.qtypes import (
     FLOAT8E4M3FN,
     INT4,
@@ -39,7 +48,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize_static",
+    "quantize_weights",
     "calibrate",
+    "WeightOnlyConfig",
+    "WeightOnlyAlgorithm",
+    "GPTQSettings",
+    "WeightOnlyResult",
+    "WeightOnlyConfigError",
     "CalibrationResult",
     "QuantizationResult",
     "StaticQuantConfig",

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 import onnx_ir as ir
 
 from onnxquant._graph import from_dequantize, is_constant, is_float
+from onnxquant.config import QuantFormat
 from onnxquant.rules import OpRule, OutputMode, rule_for
 
 __all__ = ["Chosen", "choose_nodes", "params_from_producer"]
@@ -36,14 +37,16 @@ class Chosen:
         return self.reasons.get(node, "")
 
 
-def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object]) -> str | None:
+def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object],
+                   qformat: QuantFormat) -> str | None:
     usable = False
     for index, value in enumerate(node.inputs):
         if value is None or not rule.is_quantized_input(index) or not is_float(value):
             continue
         if from_dequantize(value):
             continue
-        if not is_constant(value) and value.name not in ranges and not params_from_producer(value):
+        if (not is_constant(value) and value.name not in ranges
+                and not params_from_producer(value, qformat)):
             return f"input '{value.name}' has no calibrated range"
         usable = True
     if not rule.activations and not rule.weights:
@@ -66,11 +69,11 @@ def _large_constant(value: ir.Value) -> bool:
     return is_constant(value) and is_float(value) and value.const_value.size >= LARGE_CONSTANT  # type: ignore[union-attr]
 
 
-def params_from_producer(value: ir.Value) -> bool:
+def params_from_producer(value: ir.Value, qformat: QuantFormat = QuantFormat.QDQ) -> bool:
     """Whether a quantized producer of ``value`` would give it parameters without a range
     (shared with the producer's input, or fixed like Softmax's)."""
     producer = value.producer()
-    rule = rule_for(producer) if producer is not None else None
+    rule = rule_for(producer, qformat) if producer is not None else None
     return rule is not None and rule.output in (OutputMode.SHARED, OutputMode.FIXED)
 
 
@@ -78,17 +81,18 @@ def _is_follower(rule: OpRule) -> bool:
     return not rule.anchor
 
 
-def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object]) -> Chosen:
+def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
+                 qformat: QuantFormat = QuantFormat.QDQ) -> Chosen:
     """Decide which of ``nodes`` are quantized (see the module docstring)."""
     chosen = Chosen()
     followers = []
     for node in nodes:
-        rule = rule_for(node)
+        rule = rule_for(node, qformat)
         assert rule is not None
         if rule.weight_only:
             chosen.weight_only.add(node)
             continue
-        missing = _missing_input(node, rule, ranges)
+        missing = _missing_input(node, rule, ranges, qformat)
         if missing and rule.anchor and _has_constant_weight(node, rule):
             chosen.weight_only.add(node)
             chosen.reasons[node] = missing
@@ -98,17 +102,17 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object]) -> Chos
             followers.append(node)
         else:
             chosen.nodes.add(node)
-    _grow(chosen, followers)
+    _grow(chosen, followers, qformat)
     return chosen
 
 
-def _grow(chosen: Chosen, followers: list[ir.Node]) -> None:
+def _grow(chosen: Chosen, followers: list[ir.Node], qformat: QuantFormat) -> None:
     pending = list(followers)
     changed = True
     while changed and pending:
         changed = False
         for node in list(pending):
-            if _has_quantized_neighbour(node, chosen):
+            if _has_quantized_neighbour(node, chosen, qformat):
                 chosen.nodes.add(node)
                 pending.remove(node)
                 changed = True
@@ -116,17 +120,22 @@ def _grow(chosen: Chosen, followers: list[ir.Node]) -> None:
         chosen.reasons[node] = "no quantized neighbour (it would only add Q/DQ to float code)"
 
 
-def _has_quantized_neighbour(node: ir.Node, chosen: Chosen) -> bool:
+def _has_quantized_neighbour(node: ir.Node, chosen: Chosen, qformat: QuantFormat) -> bool:
+    rule = rule_for(node, qformat)
+    assert rule is not None
     data = node.inputs[0] if node.inputs else None
-    if data is not None:
-        if _large_constant(data) and rule_for(node).output is OutputMode.SHARED:  # type: ignore[union-attr]
-            return True  # an embedding table or a sliced weight is worth storing quantized
-        producer = data.producer()
+    if data is not None and _large_constant(data) and rule.output is OutputMode.SHARED:
+        return True  # an embedding table or a sliced weight is worth storing quantized
+    for index, value in enumerate(node.inputs):
+        # Input 0 always counts (Softmax's float input too); others when quantized (Mul(c, x)).
+        if value is None or (index and not rule.is_quantized_input(index)):
+            continue
+        producer = value.producer()
         if producer is not None and producer in chosen.nodes:
             return True
     for out in node.outputs:
         for consumer, index in out.uses():
-            rule = rule_for(consumer)
-            if consumer in chosen.nodes and rule is not None and rule.is_quantized_input(index):
+            reader = rule_for(consumer, qformat)
+            if consumer in chosen.nodes and reader is not None and reader.is_quantized_input(index):
                 return True
     return False

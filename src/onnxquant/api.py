@@ -19,8 +19,9 @@ from onnxquant.calibration.runner import (
     calibrate_ranges,
     ranges_from_statistics,
 )
-from onnxquant.config import StaticQuantConfig
+from onnxquant.config import QuantFormat, StaticQuantConfig
 from onnxquant.emitters.qdq import emit_qdq
+from onnxquant.emitters.qoperator import emit_qoperator
 from onnxquant.errors import CalibrationError, OutputPathError
 from onnxquant.plan import QuantPlan
 from onnxquant.planner import build_plan, select_nodes, tensors_to_calibrate
@@ -99,7 +100,7 @@ def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
 
 def _calibrate(model: ir.Model, nodes: list, data: Any,
                config: StaticQuantConfig) -> CalibrationResult:
-    names = tensors_to_calibrate(nodes)
+    names = tensors_to_calibrate(nodes, config.format)
     settings = config.calibration_settings()
     cache = config.calibration_cache
     if cache is not None and Path(cache).exists():
@@ -146,7 +147,7 @@ def quantize_static(
     calibration_data: Any,
     config: StaticQuantConfig | None = None,
 ) -> QuantizationResult:
-    """Quantize a float model statically into QDQ format.
+    """Quantize a float model statically (QDQ or QOperator format, see ``config.format``).
 
     Args:
         model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
@@ -170,7 +171,10 @@ def quantize_static(
     nodes = select_nodes(model, config)
     calibration = _calibrate(model, nodes, calibration_data, config)
     plan = build_plan(nodes, calibration.ranges, config)
-    emit_qdq(model, plan)
+    if config.format is QuantFormat.QOPERATOR:
+        emit_qoperator(model, plan)
+    else:
+        emit_qdq(model, plan)
     written = model_io.save_model(model, model_output, external_data=config.external_data,
                                   protected=_protected_paths(model_input))
     return QuantizationResult(

@@ -26,6 +26,7 @@ from onnxquant.errors import QuantizationError
 from onnxquant.qtypes import quant_type_from_name
 from onnxquant.speed import Latency, count_ops, first_feed, format_advice, measure_latency
 from onnxquant.summary import format_summary
+from onnxquant.weight_only.cli import add_weights_parser
 
 __all__ = ["main", "build_parser", "static_config_from_args"]
 
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnxquant {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_static(subparsers)
+    add_weights_parser(subparsers)
     return parser
 
 

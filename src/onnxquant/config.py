@@ -120,8 +120,17 @@ class StaticQuantConfig:
         )
 
     def required_opset(self) -> int:
-        """The lowest default-domain opset the output needs."""
+        """The lowest default-domain opset the output needs.
+
+        QDQ: QuantizeLinear/DequantizeLinear of the chosen types (13 for per-axis). QOperator:
+        QLinearConv/QLinearMatMul need 10; per-channel weights there are 1-D scale inputs, not
+        an ``axis`` attribute, but the fallback DequantizeLinear of a per-channel weight needs
+        13. Ops with their own minimum for 8-bit inputs (MaxPool 12, Resize/Pad 11) stay float
+        below it. The contrib ops use the ``com.microsoft`` opset 1, imported by the emitter.
+        """
         opset = max(self.activation_type.min_opset, self.weight_type.min_opset)
+        if self.format is QuantFormat.QOPERATOR:
+            opset = max(opset, 10)
         if self.per_channel or self.per_channel_fallback_db is not None:
             opset = max(opset, 13)
         return opset

@@ -11,10 +11,17 @@ import onnx_ir as ir
 from onnxquant import numerics
 from onnxquant._graph import from_dequantize, is_constant, is_float, iter_nodes
 from onnxquant._selection import choose_nodes, params_from_producer
-from onnxquant.config import StaticQuantConfig
+from onnxquant.config import QuantFormat, StaticQuantConfig
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.qtypes import QuantType
-from onnxquant.rules import FLOAT_INPUT_OPS, OpRule, OutputMode, rule_for, weight_axis
+from onnxquant.rules import (
+    SOFTMAX_MAX_INPUT_WIDTH,
+    OpRule,
+    OutputMode,
+    float_input_ops,
+    rule_for,
+    weight_axis,
+)
 
 __all__ = ["select_nodes", "tensors_to_calibrate", "build_plan"]
 
@@ -24,7 +31,7 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
     """Nodes that have a rule and pass the op-type and name filters of ``config``."""
     selected = []
     for node in iter_nodes(model, subgraphs=config.subgraphs):
-        if rule_for(node) is None or node.op_type in config.op_types_to_exclude:
+        if rule_for(node, config.format) is None or node.op_type in config.op_types_to_exclude:
             continue
         if config.op_types is not None and node.op_type not in config.op_types:
             continue
@@ -43,23 +50,24 @@ class _Everything:
         return True
 
 
-def tensors_to_calibrate(nodes: list[ir.Node]) -> set[str]:
+def tensors_to_calibrate(nodes: list[ir.Node],
+                         qformat: QuantFormat = QuantFormat.QDQ) -> set[str]:
     """Tensors whose calibrated range the plan can use.
 
     Only nodes that can be quantized count; outputs of ops whose parameters are shared with
     their input or fixed (Reshape, MaxPool, Softmax, ...) need no range, nor do inputs they
     produce. Fewer tensors make calibration faster, above all with histogram methods.
     """
-    chosen = choose_nodes(nodes, _Everything())
+    chosen = choose_nodes(nodes, _Everything(), qformat)
     names: set[str] = set()
     for node in nodes:
-        rule = rule_for(node)
+        rule = rule_for(node, qformat)
         assert rule is not None
         if node not in chosen:
             continue
         for index, value in enumerate(node.inputs):
             if (value is not None and rule.is_quantized_input(index) and is_float(value)
-                    and not is_constant(value) and not params_from_producer(value)):
+                    and not is_constant(value) and not params_from_producer(value, qformat)):
                 names.add(value.name or "")
         if rule.output is OutputMode.OWN:
             names.update(v.name or "" for v in node.outputs if is_float(v))
@@ -72,6 +80,29 @@ class _Planner:
         self.ranges = ranges
         self.plan = QuantPlan(settings=_settings(config))
         self.aliases: dict[ir.Value | None, ir.Value] = {}  # removed Relu output -> its input
+        self.qoperator = config.format is QuantFormat.QOPERATOR
+        self.float_input_ops = float_input_ops(config.format)
+        self.float_softmax: set[str] = set()  # QOperator Softmax nodes whose input stays float
+
+    def find_float_softmax(self, nodes: list[ir.Node]) -> None:
+        """QOperator: Softmax nodes whose input range is too wide for an 8-bit grid (attention
+        masks of -1e4) read a float input, as in QDQ."""
+        if not self.qoperator:
+            return
+        for node in nodes:
+            if node.op_type != "Softmax" or not node.inputs or node.inputs[0] is None:
+                continue
+            rng = self.ranges.get(node.inputs[0].name or "")
+            if rng is None or rng[1] - rng[0] > SOFTMAX_MAX_INPUT_WIDTH:
+                self.float_softmax.add(node.name or "")
+
+    def feeds_float_ops(self, value: ir.Value) -> bool:
+        """Whether every reader of ``value`` reads it as float (its producer's output then
+        needs no parameters)."""
+        uses = value.uses()
+        return bool(uses) and all(
+            n.op_type in self.float_input_ops or (n.name or "") in self.float_softmax
+            for n, _ in uses)
 
     # -- Relu/Clip removal -----------------------------------------------------------------
     def try_remove(self, node: ir.Node) -> bool:
@@ -159,6 +190,8 @@ class _Planner:
             value = self.aliases.get(value, value)
             if not (rule.is_quantized_input(index) and is_float(value)):
                 continue
+            if (node.name or "") in self.float_softmax:
+                continue
             assert value is not None
             if from_dequantize(value):
                 continue  # already quantized in the input model
@@ -192,7 +225,7 @@ class _Planner:
     def plan_outputs(self, node: ir.Node, rule: OpRule, decision: NodeDecision) -> None:
         for value in node.outputs:
             name = value.name or ""
-            if not is_float(value) or rule.output is OutputMode.NONE or _feeds_float_ops(value):
+            if not is_float(value) or rule.output is OutputMode.NONE or self.feeds_float_ops(value):
                 continue
             if rule.output is OutputMode.SHARED:
                 source = self.plan.tensors.get(decision.inputs.get(0, ""))
@@ -203,14 +236,23 @@ class _Planner:
                 if params.axis is not None:
                     continue  # a per-channel weight cannot be shared with an activation
             elif rule.output is OutputMode.FIXED:
-                assert rule.fixed_range is not None
-                params = self.activation(name, rule.fixed_range, "fixed")
+                params = self.fixed(node, name, rule)
             elif name in self.ranges:
                 params = self.activation(name, self.ranges[name], "calibrated")
             else:
                 continue
             self.plan.tensors.setdefault(name, params)
             decision.outputs.append(name)
+
+    def fixed(self, node: ir.Node, name: str, rule: OpRule) -> TensorQuant:
+        """Parameters of a fixed-range output. QLinearSoftmax writes probabilities on the grid
+        of step 1/256 starting at 0 (zero point 0 for uint8, -128 for int8)."""
+        assert rule.fixed_range is not None
+        qtype = self.config.activation_type
+        if self.qoperator and node.op_type == "Softmax" and qtype.bits == 8 and not qtype.is_float:
+            return _tensor(name, "activation", qtype, 1.0 / 256.0, qtype.qmin, None, "fixed",
+                           rule.fixed_range)
+        return self.activation(name, rule.fixed_range, "fixed")
 
     # -- bias ------------------------------------------------------------------------------
     def _bias_operands(self, node: ir.Node, rule: OpRule, decision: NodeDecision):
@@ -263,11 +305,6 @@ def _sqnr_db(data: np.ndarray, params: TensorQuant) -> float:
     noise = float(np.sum(err * err))
     signal = float(np.sum(data.astype(np.float64) ** 2))
     return float("inf") if noise == 0 else 10 * float(np.log10(signal / noise))
-
-
-def _feeds_float_ops(value: ir.Value) -> bool:
-    uses = value.uses()
-    return bool(uses) and all(n.op_type in FLOAT_INPUT_OPS for n, _ in uses)
 
 
 def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
@@ -340,11 +377,12 @@ def build_plan(
     in graph order, so data-movement ops see their input's final parameters and every bias sees
     its input and weight scales.
     """
-    chosen = choose_nodes(nodes, ranges)
+    chosen = choose_nodes(nodes, ranges, config.format)
     planner = _Planner(config, ranges)
+    planner.find_float_softmax(nodes)
     quantized: list[tuple[ir.Node, OpRule, NodeDecision]] = []
     for node in nodes:
-        rule = rule_for(node)
+        rule = rule_for(node, config.format)
         assert rule is not None
         if rule.weight_only or node in chosen.weight_only:
             planner.plan.nodes[node.name or ""] = planner.decide_weights(node, rule,

@@ -13,9 +13,11 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
+from onnxquant.config import QuantFormat
+
 __all__ = [
-    "OutputMode", "OpRule", "RULES", "rule_for", "weight_axis", "DEFAULT_OP_TYPES",
-    "FLOAT_INPUT_OPS",
+    "OutputMode", "OpRule", "RULES", "QOPERATOR_RULES", "rule_for", "weight_axis",
+    "DEFAULT_OP_TYPES", "FLOAT_INPUT_OPS", "float_input_ops", "SOFTMAX_MAX_INPUT_WIDTH",
 ]
 
 
@@ -115,16 +117,40 @@ RULES: dict[str, OpRule] = {
     "ArgMax": OpRule(output=OutputMode.NONE),
 }
 
+# QOperator format: rules that differ from the QDQ table. LeakyRelu has an integer kernel
+# (QLinearLeakyRelu) only there, and Div by a constant runs as QLinearMul by its reciprocal;
+# Softmax reads a quantized input (QLinearSoftmax) — unless the planner finds the input range
+# wider than SOFTMAX_MAX_INPUT_WIDTH (attention masks).
+QOPERATOR_RULES: dict[str, OpRule] = {
+    "LeakyRelu": OpRule(),
+    "Div": OpRule(),
+    "Softmax": OpRule(output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
+}
+
+# Widest calibrated input range (max - min) for which QLinearSoftmax is used: an 8-bit step of
+# width/255 = 0.125 shifts a logit by at most 0.0625, i.e. a probability by at most ~6.5%.
+SOFTMAX_MAX_INPUT_WIDTH = 32.0
+
 DEFAULT_OP_TYPES: frozenset[str] = frozenset(RULES)
 
 # Tensors read only by these ops are not quantized as outputs of their producer.
 FLOAT_INPUT_OPS: frozenset[str] = frozenset({"Softmax", "LayerNormalization"})
 
 
-def rule_for(node: ir.Node) -> OpRule | None:
-    """The rule for ``node``, or None for op types that stay float (and non-ONNX domains)."""
+def float_input_ops(qformat: QuantFormat = QuantFormat.QDQ) -> frozenset[str]:
+    """:data:`FLOAT_INPUT_OPS` for ``qformat`` (QOperator quantizes Softmax inputs)."""
+    if qformat is QuantFormat.QOPERATOR:
+        return FLOAT_INPUT_OPS - {"Softmax"}
+    return FLOAT_INPUT_OPS
+
+
+def rule_for(node: ir.Node, qformat: QuantFormat = QuantFormat.QDQ) -> OpRule | None:
+    """The rule for ``node`` in ``qformat``, or None for op types that stay float (and
+    non-ONNX domains)."""
     if node.domain not in ("", "ai.onnx"):
         return None
+    if qformat is QuantFormat.QOPERATOR and node.op_type in QOPERATOR_RULES:
+        return QOPERATOR_RULES[node.op_type]
     return RULES.get(node.op_type)
 
 

@@ -20,6 +20,9 @@ class DynamicQuantConfig:
             always uint8 in QOperator form (DynamicQuantizeLinear's type).
         per_channel: One scale per output channel of MatMul/Gemm/LSTM weights (Conv weights
             too where the runtime allows it).
+        per_channel_fallback_db: With per-tensor weights, a weight whose per-tensor
+            quantization SQNR is below this many dB (outlier channels) is quantized per channel
+            instead, where the runtime allows it; the decision's reason says so. None disables.
         reduce_range: Quantize weights to 7 bits (CPUs without VNNI overflow on u8s8).
         weight_symmetric: Symmetric weights; None means True for signed weight types.
         format: QOPERATOR (MatMulInteger, ConvInteger, QAttention, DynamicQuantizeLSTM, ...)
@@ -29,6 +32,7 @@ class DynamicQuantConfig:
         nodes_to_quantize: If given, only these node names are quantized.
         nodes_to_exclude: Node names never quantized.
         matmul_const_b_only: Only MatMuls whose B is a constant (default, as in the baseline).
+        fold_batchnorm: Fold BatchNormalization into the preceding Conv before quantizing.
         subgraphs: Quantize inside If/Loop/Scan bodies too.
         upgrade_opset: Convert models below opset 10 instead of refusing them.
         external_data: Save tensors to ``<output>.data``; None decides by size (> 2 GB).
@@ -39,6 +43,7 @@ class DynamicQuantConfig:
 
     weight_type: QuantType = INT8
     per_channel: bool = False
+    per_channel_fallback_db: float | None = 30.0
     reduce_range: bool = False
     weight_symmetric: bool | None = None
     format: QuantFormat = QuantFormat.QOPERATOR
@@ -47,6 +52,7 @@ class DynamicQuantConfig:
     nodes_to_quantize: Collection[str] | None = None
     nodes_to_exclude: Collection[str] = ()
     matmul_const_b_only: bool = True
+    fold_batchnorm: bool = True
     subgraphs: bool = True
     upgrade_opset: bool = False
     external_data: bool | None = None

@@ -1,0 +1,86 @@
+"""State shared by the dynamic rewrites of one run: config, names, weights, runtime notes."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant.dynamic._builder import Builder, Names
+from onnxquant.dynamic._weights import WeightStore, per_tensor_sqnr_db
+from onnxquant.dynamic.config import DynamicQuantConfig
+from onnxquant.dynamic.runtime import RuntimeSupport
+
+__all__ = ["Context", "Outcome"]
+
+Outcome = tuple[bool, str]
+"""What a rewrite did: (True, what was emitted) or (False, why the node stays float)."""
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything a rewrite handler needs besides the node itself.
+
+    Attributes:
+        model: The model being rewritten (a private copy).
+        config: The run's settings.
+        names: Model-wide unique name allocator.
+        support: What the runtime executes (see :mod:`onnxquant.dynamic.runtime`).
+        weights: Cache of quantized constant weights.
+        opset: The model's default-domain opset.
+        notes: Runtime note -> names of the nodes it applies to (for the summary).
+        memo: Values a rewrite created that later rewrites may reuse (keyed by the rewrite).
+    """
+
+    model: ir.Model
+    config: DynamicQuantConfig
+    names: Names
+    support: RuntimeSupport
+    weights: WeightStore
+    opset: int
+    notes: dict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list))
+    memo: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
+    _sqnr: dict[tuple, float] = dataclasses.field(default_factory=dict)
+
+    def builder(self, node: ir.Node) -> Builder:
+        """A builder inserting new nodes right before ``node`` in its graph."""
+        assert node.graph is not None
+        return Builder(node.graph, node, self.names)
+
+    def note(self, text: str, node: ir.Node) -> None:
+        """Record a runtime note (which form was chosen and why) for ``node``."""
+        if text:
+            self.notes[text].append(node.name or "")
+
+    def per_channel(
+        self, weight: ir.Value, axis: int | None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> tuple[bool, str]:
+        """Whether ``weight`` is quantized per channel along ``axis`` (of the transformed
+        weight), and why when only the per-tensor SQNR fallback asks for it."""
+        if axis is None:
+            return False, ""
+        if self.config.per_channel:
+            return True, ""
+        threshold = self.config.per_channel_fallback_db
+        if threshold is None:
+            return False, ""
+        key = ("per-tensor-sqnr", id(weight), self.config.weight_type.name)
+        if key not in self._sqnr:
+            array = weight.const_value.numpy()  # type: ignore[union-attr]
+            self._sqnr[key] = per_tensor_sqnr_db(
+                transform(array) if transform is not None else array, self.config.weight_type,
+                symmetric=self.symmetric, reduce_range=self.config.reduce_range)
+        sqnr = self._sqnr[key]
+        if sqnr < threshold:
+            return True, f"per-tensor SQNR {sqnr:.1f} dB < {threshold:g} dB"
+        return False, ""
+
+    @property
+    def symmetric(self) -> bool:
+        """Resolved weight symmetry."""
+        return self.config.weights_symmetric

@@ -1,0 +1,184 @@
+"""The native entry point of dynamic quantization: ``quantize_dynamic`` (load -> prepare ->
+probe the runtime -> rewrite -> save)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxquant import model_io, preprocess
+from onnxquant.api import _check_output, _input_bytes, _protected_paths
+from onnxquant.config import QuantFormat
+from onnxquant.dynamic._builder import Names, remove_unused_initializers
+from onnxquant.dynamic._context import Context
+from onnxquant.dynamic._rewrite import Decision, rewrite_model
+from onnxquant.dynamic._weights import WeightStore
+from onnxquant.dynamic.config import DynamicQuantConfig
+from onnxquant.dynamic.runtime import assume_everything, probe_runtime
+from onnxquant.errors import UnsupportedModelError
+
+__all__ = ["DynamicQuantizationResult", "Decision", "quantize_dynamic"]
+
+logger = logging.getLogger(__name__)
+
+_MS = "com.microsoft"
+_SHOWN_NODES = 5
+_SQNR = re.compile(r"per-tensor SQNR [-\d.inf]+ dB < ([\d.e+-]+) dB")
+
+
+@dataclasses.dataclass
+class DynamicQuantizationResult:
+    """What a dynamic quantization run did.
+
+    Attributes:
+        decisions: One entry per node of a quantizable op type (name, op type, action
+            ``"quantized"``/``"float"``, and what was emitted or why it stays float).
+        runtime_notes: Which form was chosen for which nodes and why (type/granularity
+            fallbacks forced by what the installed onnxruntime executes, and the forms used).
+        output_files: Paths written (model, then external data if any).
+        float_bytes: Size of the input model (file plus external data; tensors when in memory).
+        quantized_bytes: Size of the written files.
+        seconds: Wall time of the whole run.
+        format: The representation written (QOperator or QDQ).
+    """
+
+    decisions: list[Decision]
+    runtime_notes: list[str]
+    output_files: list[Path]
+    float_bytes: int
+    quantized_bytes: int
+    seconds: float
+    format: QuantFormat
+
+    @property
+    def quantized(self) -> list[Decision]:
+        """Decisions of the nodes that were quantized."""
+        return [d for d in self.decisions if d.action == "quantized"]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Op type -> (quantized nodes, candidate nodes)."""
+        totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        for d in self.decisions:
+            totals[d.op_type][1] += 1
+            totals[d.op_type][0] += d.action == "quantized"
+        return {op: (q, n) for op, (q, n) in totals.items()}
+
+
+def _intermediates(model: ir.Model) -> list[ir.Value]:
+    return [v for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs
+            if not v.is_graph_output()]
+
+
+def _prepare(model_input: model_io.ModelInput,
+             config: DynamicQuantConfig) -> tuple[ir.Model, set[int]]:
+    """The prepared private model, and the intermediate values the input annotated with a
+    shape."""
+    model = model_io.load_model(model_input, upgrade_opset=config.upgrade_opset)
+    # DynamicQuantizeLinear and Round need opset 11; per-axis DequantizeLinear needs 13.
+    qdq = config.format is QuantFormat.QDQ
+    required = 13 if qdq and config.per_channel else 11
+    if model_io.default_opset(model) < required:
+        model = model_io.convert_opset(model, required)
+    if qdq and config.per_channel_fallback_db is not None and model_io.default_opset(model) < 13:
+        try:  # per-channel fallback weights need opset 13 in QDQ form
+            model = model_io.convert_opset(model, 13)
+        except UnsupportedModelError as err:
+            logger.warning("%s; weights stay per tensor", err)
+    annotated = {id(v) for v in _intermediates(model) if v.shape is not None}
+    preprocess.prepare(model, fold_bn=config.fold_batchnorm)
+    for graph in (model.graph, *model.graph.subgraphs()):
+        graph.sort()
+    return model, annotated
+
+
+def _notes(ctx: Context, decisions: list[Decision]) -> list[str]:
+    def listing(names: list[str]) -> str:
+        shown = ", ".join(names[:_SHOWN_NODES]) + (", ..." if len(names) > _SHOWN_NODES else "")
+        return f"{len(names)} node{'s' if len(names) != 1 else ''}: {shown}"
+
+    forms: dict[str, list[str]] = collections.defaultdict(list)
+    for d in decisions:
+        if d.action == "quantized":
+            reason = _SQNR.sub(r"per-tensor SQNR below \1 dB", d.reason)
+            forms[f"{d.op_type} -> {reason}"].append(d.name)
+    notes = [f"{form} ({listing(names)})" for form, names in forms.items()]
+    notes += [f"{note} ({listing(names)})" for note, names in ctx.notes.items()]
+    return notes
+
+
+def _finish_model(model: ir.Model, annotated: set[int]) -> None:
+    remove_unused_initializers(model)
+    # Write only the shapes the input model had: the ones shape inference added for our own
+    # analysis change onnxruntime's fusions (e.g. Add+LayerNormalization -> the slower
+    # SkipLayerNormalization on minilm_l6, about 10 %).
+    for value in _intermediates(model):
+        if id(value) not in annotated:
+            value.shape = None
+    for graph in (model.graph, *model.graph.subgraphs()):
+        graph.sort()
+    uses_ms = any(n.domain == _MS for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    if uses_ms and _MS not in model.opset_imports:
+        model.opset_imports[_MS] = 1
+
+
+def quantize_dynamic(
+    model_input: model_io.ModelInput,
+    model_output: str | os.PathLike,
+    config: DynamicQuantConfig | None = None,
+) -> DynamicQuantizationResult:
+    """Quantize a float model dynamically: weights offline, activations at run time.
+
+    No calibration data is needed. In QOperator form (default) MatMul/Gemm become
+    DynamicQuantizeLinear + MatMulInteger (onnxruntime fuses them into DynamicQuantizeMatMul),
+    Conv becomes ConvInteger, Gather reads an 8-bit table, and LSTM/Attention/
+    EmbedLayerNormalization become their com.microsoft quantized ops. In QDQ form activations get
+    QuantizeLinear/DequantizeLinear fed by the model-local ``ComputeQuantizationParameters``
+    function. Only operator/type combinations the installed onnxruntime runs are emitted
+    (``config.check_runtime``); the result's ``runtime_notes`` say where that changed the form.
+
+    Args:
+        model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
+        model_output: Where to write the quantized model (atomically; never the input path).
+        config: Settings; defaults to ``DynamicQuantConfig()`` (int8 per-tensor weights,
+            QOperator form).
+
+    Returns:
+        A :class:`DynamicQuantizationResult` with every decision and the files written.
+
+    Raises:
+        onnxquant.errors.QuantizationError: With a message naming the file, node or tensor at
+            fault. Nothing is written on failure.
+    """
+    config = config or DynamicQuantConfig()
+    start = time.perf_counter()
+    _check_output(model_input, model_output)
+    model, annotated = _prepare(model_input, config)
+    float_bytes = _input_bytes(model_input, model)
+    names = Names(model)
+    ctx = Context(
+        model=model, config=config, names=names,
+        support=probe_runtime() if config.check_runtime else assume_everything(),
+        weights=WeightStore(names), opset=model_io.default_opset(model))
+    decisions = rewrite_model(ctx)
+    _finish_model(model, annotated)
+    written = model_io.save_model(model, model_output, external_data=config.external_data,
+                                  protected=_protected_paths(model_input))
+    result = DynamicQuantizationResult(
+        decisions=decisions,
+        runtime_notes=_notes(ctx, decisions),
+        output_files=written,
+        float_bytes=float_bytes,
+        quantized_bytes=sum(p.stat().st_size for p in written),
+        seconds=time.perf_counter() - start,
+        format=config.format,
+    )
+    logger.info("dynamic quantization: %d of %d candidate nodes quantized",
+                len(result.quantized), len(decisions))
+    return result

@@ -284,7 +284,7 @@ def test_conv_weights_in_constant_nodes_and_batchnorm(tmp_path):
 # -- subgraphs ---------------------------------------------------------------------------------
 def test_if_subgraphs(tmp_path):
     model = zoo.if_subgraph_model()
-    q = quantize(model, tmp_path)
+    q = quantize(model, tmp_path, subgraphs=True)
     assert q.ops()["ConvInteger"] == 3 and q.ops()["Conv"] == 0
     graphs = {d.name: d.graph for d in q.result.decisions}
     assert graphs == {"then_conv": "then_branch", "inner_conv": "inner_then_branch",
@@ -299,13 +299,15 @@ def test_if_subgraphs(tmp_path):
             feed["flag"] = np.array(flag)
         ref, got = zoo.run(model, feeds), zoo.run(str(q.path), feeds)
         assert min(zoo.sqnr_db(r[0], g[0]) for r, g in zip(ref, got, strict=True)) > 30
-    q = quantize(model, tmp_path, subgraphs=False)
-    assert q.ops()["ConvInteger"] == 0 and q.result.decisions == []
+    q = quantize(model, tmp_path)  # subgraphs are off by default
+    assert q.ops()["ConvInteger"] == 0
+    assert {d.action for d in q.result.decisions} == {"float"}
+    assert all("subgraphs=True" in d.reason for d in q.result.decisions)
 
 
 def test_loop_body(tmp_path):
     model = zoo.loop_model()
-    q = quantize(model, tmp_path, per_channel=True)
+    q = quantize(model, tmp_path, per_channel=True, subgraphs=True)
     (mmi,) = q.nodes(MMI)
     assert mmi.graph.name == "loop_body"
     assert worst_sqnr(model, q.path) > 35

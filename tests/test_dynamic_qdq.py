@@ -138,9 +138,9 @@ def test_one_call_per_activation_and_per_channel_axes(tmp_path):
                                      zoo.loop_model, lambda: gemm_model(trans_a=1, alpha=0.5)])
 def test_agrees_with_qoperator_form(tmp_path, builder):
     model = builder()
-    qdq, _, _ = quantize(model, tmp_path, weight_symmetric=True)
+    qdq, _, _ = quantize(model, tmp_path, weight_symmetric=True, subgraphs=True)
     qop, _, _ = quantize(model, tmp_path, "qop.onnx", format=QuantFormat.QOPERATOR,
-                         weight_symmetric=True)
+                         weight_symmetric=True, subgraphs=True)
     feeds = zoo.random_feeds(model, 3)
     ref, a, b = zoo.run(model, feeds), zoo.run(str(qdq), feeds), zoo.run(str(qop), feeds)
     for r, x, y in zip(ref, a, b, strict=True):
@@ -150,7 +150,7 @@ def test_agrees_with_qoperator_form(tmp_path, builder):
 
 def test_if_subgraphs(tmp_path):
     model = zoo.if_subgraph_model()
-    path, q, result = quantize(model, tmp_path)
+    path, q, result = quantize(model, tmp_path, subgraphs=True)
     convs = [n for n in nodes(q) if n.op_type == "Conv"]
     assert len(convs) == 3
     for conv in convs:

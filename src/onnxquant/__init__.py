@@ -3,8 +3,8 @@
 The native API is typed: ``quantize_static(model_in, model_out, calibration_data, config)`` with
 a :class:`StaticQuantConfig`, ``quantize_dynamic(model_in, model_out, config)`` with a
 :class:`DynamicQuantConfig`, and ``quantize_weights(model_in, model_out, config)`` (block-wise
-2/4/8-bit weight-only) with a :class:`WeightOnlyConfig`. Code written for ``onnxruntime.quantization`` runs unchanged with
-``onnxquant.ort``.
+2/4/8-bit weight-only) with a :class:`WeightOnlyConfig`. Code written for
+``onnxruntime.quantization`` runs unchanged with ``onnxquant.ort``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from onnxquant.api import QuantizationResult, calibrate, quantize_static
 from onnxquant.calibration.readers import CalibrationDataReader
 from onnxquant.calibration.runner import CalibrationResult
 from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
+from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
+from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.errors import (
     CalibrationError,
     FeedError,
@@ -23,13 +25,6 @@ from onnxquant.errors import (
     UnsupportedModelError,
 )
 from onnxquant.plan import QuantPlan
-from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
-from onnxquant.weight_only.config import (
-    GPTQSettings,
-    WeightOnlyAlgorithm,
-    WeightOnlyConfig,
-    WeightOnlyConfigError,
-)
 from onnxquant.qtypes import (
     FLOAT8E4M3FN,
     INT4,
@@ -43,12 +38,22 @@ from onnxquant.qtypes import (
     PerTensor,
     QuantType,
 )
+from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
+from onnxquant.weight_only.config import (
+    GPTQSettings,
+    WeightOnlyAlgorithm,
+    WeightOnlyConfig,
+    WeightOnlyConfigError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "quantize_static",
+    "quantize_dynamic",
     "quantize_weights",
+    "DynamicQuantConfig",
+    "DynamicQuantizationResult",
     "calibrate",
     "WeightOnlyConfig",
     "WeightOnlyAlgorithm",

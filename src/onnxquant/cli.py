@@ -1,7 +1,9 @@
 """The ``onnxquant`` command line: a thin layer over the Python API.
 
 ``onnxquant static MODEL -o OUT --calib DATA [options]`` quantizes a float model statically
-(QDQ, MinMax calibration) and prints a summary. Arguments are turned into a
+(QDQ or QOperator, with calibration data), ``onnxquant dynamic MODEL -o OUT`` dynamically (no
+data; :mod:`onnxquant.dynamic.cli`) and ``onnxquant weights MODEL -o OUT`` block-wise
+weight-only (:mod:`onnxquant.weight_only.cli`); each prints a summary. Arguments are turned into a
 :class:`~onnxquant.config.StaticQuantConfig` in one place, :func:`static_config_from_args`.
 
 Exit codes: 0 on success, 2 for usage errors and for any
@@ -22,6 +24,7 @@ from onnxquant import __version__
 from onnxquant.api import quantize_static
 from onnxquant.calibration.readers import iter_feeds, load_feed_folder
 from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
+from onnxquant.dynamic.cli import add_dynamic_parser
 from onnxquant.errors import QuantizationError
 from onnxquant.qtypes import quant_type_from_name
 from onnxquant.speed import Latency, count_ops, first_feed, format_advice, measure_latency
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnxquant {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_static(subparsers)
+    add_dynamic_parser(subparsers)
     add_weights_parser(subparsers)
     return parser
 

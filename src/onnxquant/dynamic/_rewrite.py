@@ -102,9 +102,13 @@ def _handler(op_type: str, fmt: QuantFormat) -> Handler | None:
 
 def _candidates(model: ir.Model, config: DynamicQuantConfig) -> list[ir.Node]:
     op_types = set(DEFAULT_OP_TYPES) | set(config.op_types or ())
-    nodes = (ir.traversal.RecursiveGraphIterator(model.graph) if config.subgraphs
-             else model.graph)
+    nodes = ir.traversal.RecursiveGraphIterator(model.graph)
     return [n for n in nodes if n.op_type in op_types and _domain_ok(n)]
+
+
+_SUBGRAPHS_OFF = ("inside an If/Loop/Scan body, left float by default (per-call dynamic "
+                  "quantization overhead dominates small branch/loop bodies); "
+                  "subgraphs=True / --subgraphs quantizes them")
 
 
 def rewrite_model(ctx: Context) -> list[Decision]:
@@ -113,6 +117,8 @@ def rewrite_model(ctx: Context) -> list[Decision]:
     for node in _candidates(ctx.model, ctx.config):
         graph_name = (node.graph.name if node.graph is not None else None) or ""
         done, reason = False, _not_selected(node, ctx.config)
+        if reason is None and not ctx.config.subgraphs and node.graph is not ctx.model.graph:
+            reason = _SUBGRAPHS_OFF
         if reason is None:
             handler = _handler(node.op_type, ctx.config.format)
             if handler is None:

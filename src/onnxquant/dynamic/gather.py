@@ -43,4 +43,4 @@ def rewrite_gather(ctx: Context, node: ir.Node) -> Outcome:
     b.replace(node.outputs[0], y)
     assert node.graph is not None
     node.graph.remove(node, safe=True)
-    return True, f"Gather on a {qtype} table ({'per-column' if per_channel else 'per-tensor'})"
+    return True, f"Gather on an {qtype} table ({'per-column' if per_channel else 'per-tensor'})"

@@ -6,7 +6,7 @@ Every argument becomes a field of one :class:`onnxquant.DynamicQuantConfig` in
 
 * **Mapped:** ``WeightSymmetric`` → ``weight_symmetric``, ``MatMulConstBOnly`` →
   ``matmul_const_b_only`` (default True, as in onnxruntime), ``EnableSubgraph`` → ``subgraphs``
-  (onnxquant quantizes If/Loop/Scan bodies unless the key is given as ``False``).
+  (If/Loop/Scan bodies are quantized only when it is ``True``, as in onnxruntime).
 * **Accepted, no effect:** keys of static quantization and calibration (dynamic quantization
   computes activation ranges at run time), ``ForceQuantizeNoInputCheck`` and
   ``DefaultTensorType``.

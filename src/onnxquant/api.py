@@ -88,14 +88,20 @@ def _input_bytes(model_input: Any, model: ir.Model) -> int:
 
 def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
     """Load and prepare a private copy of the model for quantization."""
+    return _prepare(model_input, config)[0]
+
+
+def _prepare(model_input: Any, config: StaticQuantConfig) -> tuple[ir.Model, set[int]]:
+    """The prepared model, and the values whose shapes the input model already had."""
     model = model_io.load_model(model_input, upgrade_opset=config.upgrade_opset)
     required = config.required_opset()
     if model_io.default_opset(model) < required:
         model = model_io.convert_opset(model, required)
+    annotated = preprocess.annotated_values(model)
     preprocess.prepare(model, fold_bn=config.fold_batchnorm)
     for graph in (model.graph, *model.graph.subgraphs()):
         graph.sort()
-    return model
+    return model, annotated
 
 
 def _calibrate(model: ir.Model, nodes: list, data: Any,
@@ -166,7 +172,7 @@ def quantize_static(
     config = config or StaticQuantConfig()
     start = time.perf_counter()
     _check_output(model_input, model_output)
-    model = prepare_model(model_input, config)
+    model, annotated = _prepare(model_input, config)
     float_bytes = _input_bytes(model_input, model)
     nodes = select_nodes(model, config)
     calibration = _calibrate(model, nodes, calibration_data, config)
@@ -175,6 +181,7 @@ def quantize_static(
         emit_qoperator(model, plan)
     else:
         emit_qdq(model, plan)
+    preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, model_output, external_data=config.external_data,
                                   protected=_protected_paths(model_input))
     return QuantizationResult(

@@ -71,11 +71,6 @@ class DynamicQuantizationResult:
         return {op: (q, n) for op, (q, n) in totals.items()}
 
 
-def _intermediates(model: ir.Model) -> list[ir.Value]:
-    return [v for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs
-            if not v.is_graph_output()]
-
-
 def _prepare(model_input: model_io.ModelInput,
              config: DynamicQuantConfig) -> tuple[ir.Model, set[int]]:
     """The prepared private model, and the intermediate values the input annotated with a
@@ -91,7 +86,7 @@ def _prepare(model_input: model_io.ModelInput,
             model = model_io.convert_opset(model, 13)
         except UnsupportedModelError as err:
             logger.warning("%s; weights stay per tensor", err)
-    annotated = {id(v) for v in _intermediates(model) if v.shape is not None}
+    annotated = preprocess.annotated_values(model)
     preprocess.prepare(model, fold_bn=config.fold_batchnorm)
     for graph in (model.graph, *model.graph.subgraphs()):
         graph.sort()
@@ -115,12 +110,7 @@ def _notes(ctx: Context, decisions: list[Decision]) -> list[str]:
 
 def _finish_model(model: ir.Model, annotated: set[int]) -> None:
     remove_unused_initializers(model)
-    # Write only the shapes the input model had: the ones shape inference added for our own
-    # analysis change onnxruntime's fusions (e.g. Add+LayerNormalization -> the slower
-    # SkipLayerNormalization on minilm_l6, about 10 %).
-    for value in _intermediates(model):
-        if id(value) not in annotated:
-            value.shape = None
+    preprocess.drop_inferred_shapes(model, annotated)
     for graph in (model.graph, *model.graph.subgraphs()):
         graph.sort()
     uses_ms = any(n.domain == _MS for n in ir.traversal.RecursiveGraphIterator(model.graph))

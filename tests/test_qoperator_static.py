@@ -499,3 +499,35 @@ def test_qdq_plan_unchanged_by_format(tmp_path: Path) -> None:
     result = quantize_static(model, tmp_path / "qdq.onnx", zoo.random_feeds(model, 4, seed=1),
                              StaticQuantConfig())
     assert "op" not in result.plan.nodes
+
+
+# -- recurrent layers ----------------------------------------------------------------------------
+def lstm_after_conv(hidden: int = 8) -> onnx.ModelProto:
+    """Conv -> [T, B, C] -> bidirectional LSTM: the LSTM is quantized weight-only."""
+    rng = np.random.default_rng(3)
+    conv_w = (rng.standard_normal((4, 3, 1, 3)) * 0.4).astype(np.float32)
+    w = (rng.standard_normal((2, 4 * hidden, 4)) * 0.3).astype(np.float32)
+    r = (rng.standard_normal((2, 4 * hidden, hidden)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal((2, 8 * hidden)) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", pads=[0, 1, 0, 1]),
+        helper.make_node("Squeeze", ["c", "axes"], ["s"], name="squeeze"),  # [1, 4, T]
+        helper.make_node("Transpose", ["s"], ["t"], name="to_tbc", perm=[2, 0, 1]),
+        helper.make_node("LSTM", ["t", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden,
+                         direction="bidirectional"),
+    ]
+    inits = {"cw": conv_w, "axes": _i64(2), "W": w, "R": r, "B": b}
+    return _model(nodes, inits, [_x("x", [1, 3, 1, 12])], ["y"])
+
+
+def test_lstm_becomes_dynamic_quantize_lstm(tmp_path: Path) -> None:
+    model = lstm_after_conv()
+    q = quantize(model, tmp_path, qconfig())
+    lstm = q.only("DynamicQuantizeLSTM")
+    assert lstm.domain == "com.microsoft" and q.ops()["LSTM"] == 0
+    types = elem_types(q)
+    assert [types[name] for name in lstm.input[1:3]] == [TensorProto.INT8] * 2
+    assert types[lstm.input[0]] == TensorProto.FLOAT  # activations are quantized inside
+    feeds = zoo.random_feeds(model, 4, seed=5)
+    ref, got = zoo.run(model, feeds), zoo.run(q.proto, feeds)
+    assert min(zoo.sqnr_db(r[0], g[0]) for r, g in zip(ref, got, strict=True)) > 25

@@ -28,6 +28,7 @@ from onnxquant._graph import is_float, iter_nodes
 from onnxquant.emitters._qop_ops import FORMS, MS_DOMAIN, IntNode, unsupported
 from onnxquant.emitters.qdq import _Names, _remove_unused_initializers
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.qtypes import INT8
 
 __all__ = ["emit_qoperator"]
 
@@ -244,6 +245,22 @@ class _QOperatorEmitter:
             dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
             node.replace_input_with(bias.input, dq.outputs[0])
 
+    def emit_recurrent(self, node: ir.Node, decision: NodeDecision) -> bool:
+        """LSTM -> DynamicQuantizeLSTM (int8 weights, activations quantized inside the kernel):
+        a weight-only LSTM behind DequantizeLinear would dequantize its weights on every run."""
+        if node.op_type != "LSTM" or node.graph is None:
+            return False
+        from onnxquant.dynamic.config import DynamicQuantConfig
+        from onnxquant.dynamic.contrib_ops import rewrite_lstm
+
+        axes = {self.plan.tensors[t].axis for t in decision.inputs.values()}
+        config = DynamicQuantConfig(weight_type=INT8, per_channel=axes != {None})
+        done, reason = rewrite_lstm(node.graph, node, config, self.names.new)
+        if done:
+            self.used_ms = True
+            decision.reason = f"{decision.reason}; DynamicQuantizeLSTM".lstrip("; ")
+        return done
+
     def dequantized_weight(self, node: ir.Node, value: ir.Value, tq: TensorQuant) -> ir.Value:
         """A weight stored quantized behind one DequantizeLinear (per graph)."""
         stored = self.stored_weight(node, value, tq)
@@ -261,6 +278,8 @@ class _QOperatorEmitter:
                 continue
             if node in self.integer:
                 self.emit_integer(node, decision)
+            elif decision.action == "weights" and self.emit_recurrent(node, decision):
+                continue
             elif decision.action in ("quantize", "weights"):
                 self.emit_float(node, decision)
         if self.used_ms:

@@ -193,7 +193,7 @@ CASES: dict[str, Case] = {
         transB=1, alpha=0.5, beta=2.0), "QGemm", MS, ints=_W),
     "Add": Case(lambda: after_conv("Add", second=True), "QLinearAdd", MS, ints=_W),
     "Add_constant": Case(lambda: after_conv("Add", ("c",), {
-        "c": _RNG.standard_normal((4, 1, 1)).astype(np.float32)}), "QLinearAdd", MS),
+        "c": _RNG.standard_normal((6, 1)).astype(np.float32)}), "QLinearAdd", MS),
     "Mul": Case(lambda: after_conv("Mul", second=True), "QLinearMul", MS, ints=_W),
     "Div": Case(lambda: after_conv("Div", ("c",), {"c": np.float32(3.0)}), "QLinearMul", MS),
     "Concat": Case(lambda: after_conv("Concat", second=True, axis=1), "QLinearConcat", MS,
@@ -207,7 +207,7 @@ CASES: dict[str, Case] = {
     "Softmax": Case(lambda: after_conv("Softmax", axis=1), "QLinearSoftmax", MS),
     "Where": Case(where_model, "QLinearWhere", MS, ints={1: 1, 2: 4}),
     "MaxPool": Case(lambda: after_conv("MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
-                    "MaxPool", steps=0),
+                    "NhwcMaxPool", MS, steps=0),
     "Reshape": Case(lambda: after_conv("Reshape", ("shape",), {"shape": _i64(1, -1)}),
                     "Reshape", steps=0),
     "Transpose": Case(lambda: after_conv("Transpose", perm=[0, 2, 3, 1]), "Transpose", steps=0),
@@ -229,8 +229,20 @@ CASES: dict[str, Case] = {
     "Gather_table": Case(gather_table, "Gather", steps=0),
     "ArgMax": Case(lambda: after_conv("ArgMax", axis=1), "ArgMax", steps=0),
 }
-MOVEMENT = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize",
-            "Split", "Slice", "Pad", "Gather", "ArgMax"}
+MOVEMENT = {"MaxPool", "NhwcMaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+            "Resize", "Split", "Slice", "Pad", "Gather", "ArgMax"}
+
+
+def nchw_view(q: Quantized, node: onnx.NodeProto) -> onnx.NodeProto:
+    """A channels-last node seen from outside its two Transposes (NCHW input and output)."""
+    before = next(n for n in q.nodes() if node.input[0] in n.output)
+    after = next(n for n in q.nodes() if node.output[0] in n.input)
+    assert before.op_type == after.op_type == "Transpose"
+    assert [list(n.attribute[0].ints) for n in (before, after)] == [[0, 2, 3, 1], [0, 3, 1, 2]]
+    view = onnx.NodeProto()
+    view.CopyFrom(node)
+    view.input[0], view.output[0] = before.input[0], after.output[0]
+    return view
 
 
 def float_reference(case: Case, q: Quantized, qnode: onnx.NodeProto, feed: dict,
@@ -271,6 +283,8 @@ def test_operator(tmp_path: Path, name: str, types: str) -> None:
     act, weight = (t.onnx_dtype.value for t in TYPES[types])
     float_op = name.split("_")[0]
     qnode = next(n for n in q.nodes() if n.name == "op_quant")
+    if qnode.op_type == "NhwcMaxPool":
+        qnode = nchw_view(q, qnode)
     # -- structure: the integer node replaced the float one
     assert (qnode.op_type, qnode.domain) == (case.qop, case.domain)
     assert float_op not in q.ops() or float_op == case.qop
@@ -353,12 +367,13 @@ def test_cnn(tmp_path: Path, types: str) -> None:
     ops = q.ops()
     assert ops == collections.Counter({
         "QLinearConv": 3, "QGemm": 1, "QLinearAdd": 1, "QLinearAveragePool": 1,
-        "QLinearGlobalAveragePool": 1, "MaxPool": 1, "Flatten": 1, Q: 1, DQ: 1})
+        "QLinearGlobalAveragePool": 1, "NhwcMaxPool": 1, "Transpose": 2, "Flatten": 1, Q: 1,
+        DQ: 1})
     act, weight = (t.onnx_dtype.value for t in TYPES[types])
     types_of = elem_types(q)
     for conv in (n for n in q.nodes() if n.op_type == "QLinearConv"):
         assert [types_of[conv.input[i]] for i in (0, 3, 8)] == [act, weight, TensorProto.INT32]
-    assert types_of[q.only("MaxPool").input[0]] == act
+    assert types_of[q.only("NhwcMaxPool").input[0]] == act
     assert q.only(Q).input[0] == "image" and q.only(DQ).output[0] == "logits"
     # Relu and Clip are fused into the producers' output grids
     removed = [d.name for d in q.result.plan.nodes.values() if d.action == "remove"]

@@ -82,13 +82,25 @@ def _is_follower(rule: OpRule) -> bool:
 
 
 def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
-                 qformat: QuantFormat = QuantFormat.QDQ) -> Chosen:
-    """Decide which of ``nodes`` are quantized (see the module docstring)."""
+                 qformat: QuantFormat = QuantFormat.QDQ, *,
+                 float_depthwise_multiple: int | None = None) -> Chosen:
+    """Decide which of ``nodes`` are quantized (see the module docstring).
+
+    With ``float_depthwise_multiple`` (QOperator only), depthwise Convs whose channel count is
+    not a multiple of it stay float, with their elementwise tail (see :func:`slow_depthwise`).
+    """
+    nodes = list(nodes)
     chosen = Chosen()
+    kept = {}
+    if float_depthwise_multiple is not None and qformat is QuantFormat.QOPERATOR:
+        kept = slow_depthwise(nodes, float_depthwise_multiple)
     followers = []
     for node in nodes:
         rule = rule_for(node, qformat)
         assert rule is not None
+        if node in kept:
+            chosen.reasons[node] = kept[node]
+            continue
         if rule.weight_only:
             chosen.weight_only.add(node)
             continue
@@ -139,3 +151,60 @@ def _has_quantized_neighbour(node: ir.Node, chosen: Chosen, qformat: QuantFormat
             if consumer in chosen.nodes and reader is not None and reader.is_quantized_input(index):
                 return True
     return False
+
+
+_TAIL_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "LeakyRelu", "HardSigmoid",
+                       "HardSwish", "Sigmoid", "Tanh"})
+
+
+def _depthwise_channels(node: ir.Node) -> int | None:
+    """Channels of a depthwise Conv (one input channel per group, group > 1), else None."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    group = node.attributes.get("group")
+    if weight is None or weight.shape is None or group is None or group.as_int() <= 1:
+        return None
+    dims = list(weight.shape)
+    if len(dims) < 3 or dims[1] != 1 or dims[0] != group.as_int():
+        return None
+    return group.as_int()
+
+
+def slow_depthwise(nodes: list[ir.Node], multiple: int) -> dict[ir.Node, str]:
+    """Depthwise Convs whose channel count is not a multiple of ``multiple``, and their
+    elementwise tails (activations computed only from the Conv's output and constants), with
+    the reason they stay float in QOperator form.
+
+    onnxruntime's u8s8 depthwise kernel (NHWC, AVX2) handles 16 channels per vector step and
+    the rest one channel at a time: measured on rapidocr, 5x5 layers of 88/104/200 channels
+    run 6-8x slower than the float NCHWc kernel, 48/240/480 channels 2x. The tail stays float
+    too: a float Conv read through a DequantizeLinear and written straight into a
+    QuantizeLinear is turned back into a QLinearConv by onnxruntime's QDQ fusion.
+    """
+    selected = set(nodes)
+    kept: dict[ir.Node, str] = {}
+    for node in nodes:
+        channels = _depthwise_channels(node)
+        if channels is None or channels % multiple == 0:
+            continue
+        kept[node] = (f"depthwise Conv with {channels} channels (not a multiple of {multiple}): "
+                      "onnxruntime's 8-bit depthwise kernel is several times slower than its "
+                      "float one there (float_depthwise_multiple)")
+        _add_tail(node, selected, kept)
+    return kept
+
+
+def _add_tail(node: ir.Node, selected: set[ir.Node], kept: dict[ir.Node, str]) -> None:
+    """Adds the elementwise tail of ``node`` (ops computed only from its output and
+    constants) to ``kept``."""
+    inside = {node.outputs[0]}
+    stack = [node.outputs[0]]
+    while stack:
+        for consumer, _ in stack.pop().uses():
+            if consumer in kept or consumer not in selected or consumer.op_type not in _TAIL_OPS:
+                continue
+            if all(v is None or v in inside or is_constant(v) for v in consumer.inputs):
+                kept[consumer] = f"elementwise tail of the float Conv '{node.name}'"
+                inside.update(consumer.outputs)
+                stack.extend(consumer.outputs)

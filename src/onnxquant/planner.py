@@ -377,7 +377,8 @@ def build_plan(
     in graph order, so data-movement ops see their input's final parameters and every bias sees
     its input and weight scales.
     """
-    chosen = choose_nodes(nodes, ranges, config.format)
+    chosen = choose_nodes(nodes, ranges, config.format,
+                          float_depthwise_multiple=config.float_depthwise_multiple)
     planner = _Planner(config, ranges)
     planner.find_float_softmax(nodes)
     quantized: list[tuple[ir.Node, OpRule, NodeDecision]] = []

@@ -18,6 +18,8 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
+from onnxquant._conv_add import fold_conv_add
+
 __all__ = ["prepare", "fix_names", "lift_constants", "fold_batchnorm", "infer_types",
            "annotated_values", "drop_inferred_shapes"]
 
@@ -32,6 +34,7 @@ def prepare(model: ir.Model, *, fold_bn: bool = True) -> None:
         count = fold_batchnorm(model)
         if count:
             logger.info("folded %d BatchNormalization nodes into their Conv", count)
+    fold_conv_add(model)
     infer_types(model)
 
 

@@ -25,6 +25,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant import numerics
 from onnxquant._graph import is_float, iter_nodes
+from onnxquant.emitters._qop_fold import fold_scales
+from onnxquant.emitters._qop_layout import nhwc_max_pool
 from onnxquant.emitters._qop_ops import FORMS, MS_DOMAIN, IntNode, unsupported
 from onnxquant.emitters.qdq import _Names, _remove_unused_initializers
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
@@ -48,6 +50,7 @@ class _QOperatorEmitter:
         self.integer: set[ir.Node] = set()
         self.int_for: dict[ir.Value, tuple[ir.Value, TensorQuant]] = {}
         self.cache: dict[tuple[int, str], ir.Value] = {}
+        self.kernel_grid: dict[ir.Value, str] = {}  # output -> plan tensor its kernel writes on
         self.used_ms = False
 
     # -- which nodes become integer ------------------------------------------------------------
@@ -157,7 +160,8 @@ class _QOperatorEmitter:
         return [found[0], *self.params(node, tq)]
 
     def out_params(self, node: ir.Node, index: int) -> list[ir.Value]:
-        return self.params(node, self.plan.tensors[node.outputs[index].name or ""])
+        value = node.outputs[index]
+        return self.params(node, self.plan.tensors[self.kernel_grid.get(value, value.name or "")])
 
     def bias(self, node: ir.Node, bias: BiasQuant) -> ir.Value:
         value = node.inputs[bias.input]
@@ -272,6 +276,7 @@ class _QOperatorEmitter:
     def run(self) -> None:
         self.choose()
         self.remove_folded_activations()
+        self.kernel_grid = fold_scales(self.order, self.integer, self.decisions, self.plan)
         for node in self.order:
             decision = self.decisions.get(node)
             if decision is None or node.graph is None:
@@ -284,6 +289,7 @@ class _QOperatorEmitter:
                 self.emit_float(node, decision)
         if self.used_ms:
             self.model.opset_imports.setdefault(MS_DOMAIN, 1)
+        nhwc_max_pool(self.model)
         RemoveUnusedNodesPass()(self.model)
         for graph in (self.model.graph, *self.model.graph.subgraphs()):
             _remove_unused_initializers(graph)

@@ -172,7 +172,8 @@ def _quantize_ours(model: str, out: str, feeds, method: str) -> None:
     import onnxquant
 
     config = onnxquant.StaticQuantConfig(
-        per_channel=False, calibration_method=getattr(onnxquant.CalibrationMethod, method.upper()))
+        per_channel=False, activation_type=onnxquant.INT8,  # S8S8, as the baseline's default
+        calibration_method=getattr(onnxquant.CalibrationMethod, method.upper()))
     onnxquant.quantize_static(model, out, feeds, config=config)
 
 

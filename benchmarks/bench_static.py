@@ -6,7 +6,8 @@ on = pc1) both tools quantize the float model with the 32 calibration feeds:
 
     ort:  onnxruntime.quantization.quantize_static(..., QuantFormat.QDQ, QInt8, QInt8,
           per_channel=pc, calibrate_method=CalibrationMethod.MinMax)
-    ours: onnxquant.quantize_static(model, out, feeds, config=StaticQuantConfig(per_channel=pc))
+    ours: onnxquant.quantize_static(model, out, feeds,
+                                    config=StaticQuantConfig(per_channel=pc, activation_type=INT8))
 
 Each quantize call runs in a fresh worker process (_bench_util.run_worker), which reports the
 wall time of the call and its own peak RSS (VmHWM: the whole worker process, i.e. interpreter +
@@ -64,7 +65,7 @@ def _quantize_ours(model: str, out: str, feeds, per_channel: bool) -> None:
     bu.use_working_tree()
     import onnxquant
 
-    config = onnxquant.StaticQuantConfig(per_channel=per_channel)
+    config = onnxquant.StaticQuantConfig(per_channel=per_channel, activation_type=onnxquant.INT8)
     onnxquant.quantize_static(model, out, feeds, config=config)
 
 

@@ -102,8 +102,7 @@ def _reader(feeds):
 def _link_external_data_into_cwd(model: str) -> None:
     """The baseline's GPTQ builds its calibration session from bytes, and onnxruntime then
     resolves external data against the working directory and refuses paths that resolve
-    outside it (so no symlinks): hard-link (or copy) the model's data files there."""
-    import os
+    outside it (and onnx refuses hard links): copy the model's data files there."""
     import shutil
 
     import onnx
@@ -113,10 +112,7 @@ def _link_external_data_into_cwd(model: str) -> None:
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         for entry in tensor.external_data:
             if entry.key == "location" and not Path(entry.value).exists():
-                try:
-                    os.link(base / entry.value, entry.value)
-                except OSError:
-                    shutil.copyfile(base / entry.value, entry.value)
+                shutil.copyfile(base / entry.value, entry.value)
 
 
 def _ort(algo: str, model: str, out: str, feeds, bits: int, block: int, sym: bool,

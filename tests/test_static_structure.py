@@ -25,7 +25,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxquant
-from onnxquant import QuantPlan, StaticQuantConfig, preprocess, quantize_static
+from onnxquant import QuantPlan, StaticQuantConfig, preprocess, qtypes, quantize_static
 
 CALIB_FEEDS = 8
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
@@ -180,7 +180,7 @@ zoo_tensors = zoo.zoo_tensors
 
 
 # -- op counts -------------------------------------------------------------------------------
-# (#QuantizeLinear, #DequantizeLinear) per graph for the default config (S8S8, per tensor).
+# (#QuantizeLinear, #DequantizeLinear) per graph for the default config (U8S8, per tensor).
 EXPECTED_QDQ = {
     # 10 activations: image, conv1_out (Relu folded), maxpool1_out, conv2_out (Clip folded),
     # avgpool1_out, conv3_out, add_residual_out (Relu folded), gap_out, flatten_out, logits;
@@ -228,8 +228,17 @@ def test_per_channel_keeps_the_same_structure(qcache, name: str) -> None:
 
 
 # -- element types and parameters ------------------------------------------------------------
-def test_s8s8_default_weights_and_biases_of_cnn(qcache) -> None:
+def test_u8s8_is_the_default(qcache) -> None:
     q = qcache("cnn")
+    for node in activation_qs(q):
+        assert node.outputs[0].dtype == UINT8
+        assert const(node.inputs[2]).dtype == np.uint8
+    conv2 = q.node("conv2")
+    assert stored_initializer(dequantizer(conv2.inputs[1])).dtype == INT8
+
+
+def test_s8s8_weights_and_biases_of_cnn(qcache) -> None:
+    q = qcache("cnn", activation_type=qtypes.INT8)
     tensors = zoo_tensors(zoo.cnn())
     for name, weight, bias in [("conv2", "conv2_W", "conv2_B"), ("conv3", "conv3_W", "conv3_B"),
                                ("gemm", "fc_W", "fc_B")]:
@@ -344,7 +353,7 @@ def test_relu_and_clip_removed_with_asymmetric_activations(qcache) -> None:
 
 
 @pytest.mark.parametrize("fields", [{"keep_removable_activations": True},
-                                    {"activation_symmetric": True}],
+                                    {"activation_symmetric": True, "activation_type": qtypes.INT8}],
                          ids=["keep_removable_activations", "activation_symmetric"])
 def test_relu_and_clip_kept(qcache, fields) -> None:
     q = qcache("cnn", **fields)
@@ -450,7 +459,7 @@ def test_softmax_input_float_output_fixed(qcache, activation_type, zero_point) -
 
 
 def test_sigmoid_output_fixed_range(qcache) -> None:
-    q = qcache("conv_transpose")
+    q = qcache("conv_transpose", activation_type=qtypes.INT8)
     out_q = _output_q(q.node("sigmoid"))
     assert const(out_q.inputs[1]) == BYTE_SCALE and int(const(out_q.inputs[2])) == -128
     dequantizer(q.node("sigmoid").inputs[0])

@@ -160,7 +160,7 @@ def quantize_static(
         model_output: Where to write the quantized model (atomically; never the input path).
         calibration_data: A reader with ``get_next()`` (ORT style), an iterable of
             ``{input_name: array}`` dicts, or a folder of ``.npz`` files / ONNX test-data sets.
-        config: Settings; defaults to ``StaticQuantConfig()`` (S8S8 QDQ, MinMax, per tensor).
+        config: Settings; defaults to ``StaticQuantConfig()`` (U8S8 QDQ, MinMax, per tensor).
 
     Returns:
         A :class:`QuantizationResult` with the plan and the files written.

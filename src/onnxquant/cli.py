@@ -110,8 +110,9 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
                           help="qdq: QuantizeLinear/DequantizeLinear around float ops (default); "
                                "qoperator: QLinearConv, QLinearMatMul, QGemm, ... "
                                "(use --activation-type uint8 with it on x86-64)")
-    numerics.add_argument("--activation-type", choices=QUANT_TYPE_CHOICES, default="int8",
-                          help="element type of quantized activations (default: int8)")
+    numerics.add_argument("--activation-type", choices=QUANT_TYPE_CHOICES, default="uint8",
+                          help="element type of quantized activations (default: uint8, "
+                               "i.e. U8S8 with int8 weights: the fast form on x86-64)")
     numerics.add_argument("--weight-type", choices=QUANT_TYPE_CHOICES, default="int8",
                           help="element type of quantized weights (default: int8)")
     numerics.add_argument("--per-channel", action="store_true",

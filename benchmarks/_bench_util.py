@@ -99,6 +99,23 @@ def use_working_tree() -> None:
         sys.path.insert(0, src)
 
 
+def ort_reader(feeds):
+    """An onnxruntime.quantization CalibrationDataReader over a list of feeds (rewindable)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(feeds)
+
+    return Reader()
+
+
 def timed_call(fn, *args, **kwargs) -> dict:
     """Run ``fn`` once in this worker: its wall time and the worker's peak RSS, or the error."""
     rss_before = current_rss_mb()

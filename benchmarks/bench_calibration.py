@@ -81,19 +81,6 @@ def _stream(paths: list[str], n: int):
         yield bu.load_pickle(paths[i % len(paths)])
 
 
-def _ort_reader(feeds):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-    return Reader()
-
-
 def _range(low, high) -> list[float]:
     import numpy as np
 
@@ -107,7 +94,7 @@ def _calibrate_ort(model: str, feeds, method: str, extra_options: dict) -> dict:
     cal = create_calibrator(model, [], augmented_model_path=str(Path.cwd() / "aug.onnx"),
                             calibrate_method=getattr(CalibrationMethod, ORT_METHOD[method]),
                             extra_options=extra_options)
-    cal.collect_data(_ort_reader(feeds))
+    cal.collect_data(bu.ort_reader(feeds))
     data = cal.compute_data()
     return {name: _range(*td.range_value) for name, td in data.data.items()}
 
@@ -161,7 +148,7 @@ def _quantize_ort(model: str, out: str, feeds, method: str) -> None:
         quantize_static,
     )
 
-    quantize_static(model, out, _ort_reader(feeds), quant_format=QuantFormat.QDQ,
+    quantize_static(model, out, bu.ort_reader(feeds), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     per_channel=False,
                     calibrate_method=getattr(CalibrationMethod, ORT_METHOD[method]))

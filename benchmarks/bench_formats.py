@@ -46,19 +46,6 @@ TOOLS = ("ours", "ort")
 
 
 # =========================================================================== worker side
-def _reader(feeds):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-    return Reader()
-
-
 def _ort(variant: str, model: str, out: str, feeds) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -71,7 +58,7 @@ def _ort(variant: str, model: str, out: str, feeds) -> None:
     if variant == "dyn-qop":
         quantize_dynamic(model, out, weight_type=QuantType.QInt8)
     elif variant == "static-qop":
-        quantize_static(model, out, _reader(feeds), quant_format=QuantFormat.QOperator,
+        quantize_static(model, out, bu.ort_reader(feeds), quant_format=QuantFormat.QOperator,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     else:

@@ -42,21 +42,13 @@ TOOL_LABEL = {"ours": "onnxquant", "ort": "onnxruntime.quantization"}
 # =========================================================================== worker side
 def _quantize_ort(model: str, out: str, feeds, per_channel: bool) -> None:
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(model, out, bu.ort_reader(feeds), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax)
 

@@ -83,22 +83,6 @@ def build_llm_model(path: Path) -> None:
 
 
 # =========================================================================== worker side
-def _reader(feeds):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-        def rewind(self):
-            self._it = iter(feeds)
-
-    return Reader()
-
-
 def _link_external_data_into_cwd(model: str) -> None:
     """The baseline's GPTQ builds its calibration session from bytes, and onnxruntime then
     resolves external data against the working directory and refuses paths that resolve
@@ -129,7 +113,7 @@ def _ort(algo: str, model: str, out: str, feeds, bits: int, block: int, sym: boo
     elif algo == "hqq":
         config = mq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
     elif algo == "gptq":
-        config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_reader(feeds))
+        config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=bu.ort_reader(feeds))
         _link_external_data_into_cwd(model)
     else:
         raise ValueError(algo)

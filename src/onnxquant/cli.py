@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from onnxquant import __version__
+from onnxquant._cli_args import add_node_selection, selection_fields
 from onnxquant.api import quantize_static
 from onnxquant.calibration.readers import iter_feeds, load_feed_folder
 from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
@@ -40,18 +41,6 @@ EXIT_OK = 0
 EXIT_OS_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def _name_list(text: str) -> list[str]:
-    """``"Conv, MatMul"`` -> ``["Conv", "MatMul"]`` (argparse type for comma-separated lists)."""
-    names = [part.strip() for part in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like Conv,MatMul")
-    return names
-
-
-def _unique(names: list[str] | None) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(names or ()))
 
 
 def _positive_int(text: str) -> int:
@@ -126,15 +115,7 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
     numerics.add_argument("--no-bias-quantization", action="store_true",
                           help="keep Conv/Gemm biases float instead of int32")
 
-    select = p.add_argument_group("what to quantize (comma-separated lists, may be repeated)")
-    select.add_argument("--op-types", type=_name_list, action="extend", metavar="OPS",
-                        help="quantize only these op types, e.g. Conv,MatMul")
-    select.add_argument("--exclude-op-types", type=_name_list, action="extend", metavar="OPS",
-                        help="never quantize these op types")
-    select.add_argument("--nodes", type=_name_list, action="extend", metavar="NAMES",
-                        help="quantize only the nodes with these names")
-    select.add_argument("--exclude-nodes", type=_name_list, action="extend", metavar="NAMES",
-                        help="never quantize the nodes with these names")
+    select = add_node_selection(p)
     select.add_argument("--keep-relu", action="store_true",
                         help="keep Relu/Clip even where the quantized range already clips")
     select.add_argument("--no-subgraphs", action="store_true",
@@ -189,10 +170,7 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         reduce_range=args.reduce_range,
         activation_symmetric=args.symmetric_activations,
         weight_symmetric=False if args.asymmetric_weights else None,
-        op_types=_unique(args.op_types) if args.op_types else None,
-        op_types_to_exclude=_unique(args.exclude_op_types),
-        nodes_to_quantize=_unique(args.nodes) if args.nodes else None,
-        nodes_to_exclude=_unique(args.exclude_nodes),
+        **selection_fields(args),
         quantize_bias=not args.no_bias_quantization,
         keep_removable_activations=args.keep_relu,
         fold_batchnorm=not args.no_fold_bn,

@@ -14,6 +14,7 @@ import argparse
 import collections
 from pathlib import Path
 
+from onnxquant._cli_args import add_node_selection, selection_fields
 from onnxquant.config import QuantFormat
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
@@ -26,13 +27,6 @@ __all__ = ["add_dynamic_parser", "run_dynamic", "dynamic_config_from_args",
 
 _MAX_EXAMPLES = 3
 _MAX_REASONS = 6
-
-
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like a,b")
-    return names
 
 
 def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,15 +54,7 @@ def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                      help="7-bit weights (for CPUs without VNNI)")
     num.add_argument("--asymmetric-weights", action="store_true",
                      help="asymmetric weights (default: symmetric for int8)")
-    sel = p.add_argument_group("what to quantize (comma-separated lists, may be repeated)")
-    sel.add_argument("--op-types", type=_names, action="extend", metavar="OPS",
-                     help="quantize only these op types, e.g. MatMul,Gemm")
-    sel.add_argument("--exclude-op-types", type=_names, action="extend", metavar="OPS",
-                     help="never quantize these op types")
-    sel.add_argument("--nodes", type=_names, action="extend", metavar="NAMES",
-                     help="quantize only the nodes with these names")
-    sel.add_argument("--exclude-nodes", type=_names, action="extend", metavar="NAMES",
-                     help="never quantize the nodes with these names")
+    sel = add_node_selection(p)
     sel.add_argument("--all-matmuls", action="store_true",
                      help="also quantize MatMuls whose B is not a constant")
     sel.add_argument("--subgraphs", action="store_true",
@@ -90,10 +76,6 @@ def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return p
 
 
-def _unique(names: list[str] | None) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(names or ()))
-
-
 def dynamic_config_from_args(args: argparse.Namespace) -> DynamicQuantConfig:
     """Translate parsed ``dynamic`` arguments into a :class:`DynamicQuantConfig`."""
     return DynamicQuantConfig(
@@ -102,10 +84,7 @@ def dynamic_config_from_args(args: argparse.Namespace) -> DynamicQuantConfig:
         reduce_range=args.reduce_range,
         weight_symmetric=False if args.asymmetric_weights else None,
         format=QuantFormat(args.format),
-        op_types=_unique(args.op_types) if args.op_types else None,
-        op_types_to_exclude=_unique(args.exclude_op_types),
-        nodes_to_quantize=_unique(args.nodes) if args.nodes else None,
-        nodes_to_exclude=_unique(args.exclude_nodes),
+        **selection_fields(args),
         matmul_const_b_only=not args.all_matmuls,
         subgraphs=args.subgraphs,
         fold_batchnorm=not args.no_fold_bn,

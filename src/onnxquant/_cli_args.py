@@ -1,0 +1,45 @@
+"""Argument pieces shared by the ``onnxquant`` subcommands (static, dynamic, weights)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["name_list", "unique", "add_node_selection", "selection_fields"]
+
+
+def name_list(text: str) -> list[str]:
+    """``"Conv, MatMul"`` -> ``["Conv", "MatMul"]`` (argparse type for comma-separated lists)."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like Conv,MatMul")
+    return names
+
+
+def unique(names: list[str] | None) -> tuple[str, ...]:
+    """The names in order, each once."""
+    return tuple(dict.fromkeys(names or ()))
+
+
+def add_node_selection(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--op-types``, ``--exclude-op-types``, ``--nodes`` and ``--exclude-nodes``."""
+    select = parser.add_argument_group(
+        "what to quantize (comma-separated lists, may be repeated)")
+    select.add_argument("--op-types", type=name_list, action="extend", metavar="OPS",
+                        help="quantize only these op types, e.g. Conv,MatMul")
+    select.add_argument("--exclude-op-types", type=name_list, action="extend", metavar="OPS",
+                        help="never quantize these op types")
+    select.add_argument("--nodes", type=name_list, action="extend", metavar="NAMES",
+                        help="quantize only the nodes with these names")
+    select.add_argument("--exclude-nodes", type=name_list, action="extend", metavar="NAMES",
+                        help="never quantize the nodes with these names")
+    return select
+
+
+def selection_fields(args: argparse.Namespace) -> dict[str, tuple[str, ...] | None]:
+    """The config fields of :func:`add_node_selection`'s arguments."""
+    return {
+        "op_types": unique(args.op_types) if args.op_types else None,
+        "op_types_to_exclude": unique(args.exclude_op_types),
+        "nodes_to_quantize": unique(args.nodes) if args.nodes else None,
+        "nodes_to_exclude": unique(args.exclude_nodes),
+    }

@@ -263,3 +263,8 @@ def test_int4_tensor_serialises_as_onnx_int4():
     proto = ir.serde.serialize_tensor(tensor)
     assert proto.data_type == onnx.TensorProto.INT4
     assert len(proto.raw_data) == 2
+
+
+def test_matmul_nbits_rejects_blocks_that_end_inside_a_byte():
+    with pytest.raises(ValueError, match="whole bytes"):
+        packing.matmul_nbits_arrays(_random_blocks(12, 3, 2, 6, None))

@@ -75,29 +75,50 @@ def input_specs(model: ir.Model) -> tuple[list[InputSpec], set[str]]:
 def make_session(
     model: ir.Model, providers: Sequence[str], workdir: Path
 ) -> ort.InferenceSession:
-    """An onnxruntime session for ``model`` (from bytes, or from ``workdir`` when large)."""
+    """An onnxruntime session for ``model``.
+
+    Built from bytes; external data is read where it is (one base folder, no copy). A model
+    whose in-memory tensors are too large for protobuf, or whose external data onnxruntime
+    cannot open in place, is saved to ``workdir`` first.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    has_external = any(
-        isinstance(v.const_value, ir.ExternalTensor)
-        for g in (model.graph, *model.graph.subgraphs())
-        for v in g.initializers.values()
-    )
+    external = [t for t in _initializer_tensors(model) if isinstance(t, ir.ExternalTensor)]
+    folders = {str(Path(t.base_dir or ".").resolve()) for t in external}
+    in_memory = model_size_bytes(model) - sum(t.nbytes for t in external)
     try:
-        if has_external or model_size_bytes(model) > PROTOBUF_LIMIT - (64 << 20):
-            path = workdir / "augmented.onnx"
-            ir.save(model, path, external_data="augmented.onnx.data")
-            return ort.InferenceSession(str(path), options, providers=list(providers))
-        proto = ir.serde.serialize_model(model)
-        data = proto.SerializeToString()
-        del proto  # keep one serialized copy alive while onnxruntime builds its own
-        return ort.InferenceSession(data, options, providers=list(providers))
+        if len(folders) <= 1 and in_memory <= PROTOBUF_LIMIT - (64 << 20):
+            try:
+                return _session_from_bytes(model, providers, options, folders)
+            except Exception as err:  # e.g. an onnxruntime without the external-folder option
+                if not external:
+                    raise
+                logger.debug("loading the model from bytes failed (%s); saving a copy", err)
+        path = workdir / "augmented.onnx"
+        ir.save(model, path, external_data="augmented.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as err:
         raise CalibrationError(
             f"onnxruntime could not load the model for calibration: {err}. Check that the "
             "float model runs in onnxruntime with these providers"
         ) from err
+
+
+def _initializer_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    return [v.const_value for g in (model.graph, *model.graph.subgraphs())
+            for v in g.initializers.values() if v.const_value is not None]
+
+
+def _session_from_bytes(model: ir.Model, providers: Sequence[str],
+                        options: ort.SessionOptions, folders: set[str]) -> ort.InferenceSession:
+    if folders:  # external data stays in its files, found relative to this folder
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", next(iter(folders)))
+    proto = ir.serde.serialize_model(model)
+    data = proto.SerializeToString()
+    del proto  # keep one serialized copy alive while onnxruntime builds its own
+    return ort.InferenceSession(data, options, providers=list(providers))
 
 
 def calibrate_ranges(

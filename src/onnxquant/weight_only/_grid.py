@@ -92,7 +92,8 @@ def quantize_onto(
     t = np.divide(x, scale, out=out)
     t += zp
     np.rint(t, out=t)
-    np.clip(t, 0, (1 << bits) - 1, out=t)
+    np.maximum(t, 0, out=t)  # np.clip without its Python-level overhead (NaN stays NaN)
+    np.minimum(t, (1 << bits) - 1, out=t)
     return t
 
 

@@ -1,11 +1,14 @@
 """The native entry point of weight-only quantization: ``quantize_weights``.
 
 load (external data stays on disk) → opset 21 for QDQ → select → [GPTQ: stream calibration
-data, one Hessian per distinct A input] → per weight: read in slabs, quantize, emit, release →
-save (atomic; external data when asked or above 2 GB).
+data through onnxruntime (segment by segment for large models), keeping one Hessian accumulator
+per distinct A input] → per weight: read in slabs, quantize, emit, release → save (atomic;
+external data when asked or above 2 GB).
 
 Peak memory is one weight slab (or one whole weight for GPTQ / channel-wise blocks) plus the
 quantized tensors written so far (about ``bits / 32`` of the float weights) — not the model.
+GPTQ adds its calibration rows (or dense Hessians, whichever is smaller), one onnxruntime
+segment's weights while calibrating, and one float64 ``K x K`` Hessian while factorising.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from onnxquant._graph import iter_nodes
 from onnxquant.api import _check_output, _input_bytes, _protected_paths
 from onnxquant.config import QuantFormat
 from onnxquant.errors import CalibrationError, NumericsError, QuantizationError
+from onnxquant.weight_only._hessian import HessianAccumulator, HessianStore
 from onnxquant.weight_only._select import Target, WeightDecision, select_targets
 from onnxquant.weight_only._weights import quantize_slabs, release
 from onnxquant.weight_only.blocks import BlockQuantized
 from onnxquant.weight_only.config import WeightOnlyAlgorithm, WeightOnlyConfig
 from onnxquant.weight_only.emit import WeightEmitter
-from onnxquant.weight_only.gptq import quantize_gptq
+from onnxquant.weight_only.gptq import inverse_factor, quantize_gptq
 from onnxquant.weight_only.hqq import quantize_hqq
 from onnxquant.weight_only.rtn import quantize_rtn
 
@@ -85,17 +89,18 @@ def _key(target: Target, config: WeightOnlyConfig) -> Hashable:
             target.packed_uint8, config.format, a_name)
 
 
-def _quantizer(target: Target, config: WeightOnlyConfig, hessian: np.ndarray | None
+def _quantizer(target: Target, config: WeightOnlyConfig, hessian: HessianAccumulator | None
                ) -> tuple[Callable[[np.ndarray], BlockQuantized], int, bool]:
     """(quantize function on a [rows, cols] float32 matrix, its block size, splittable)."""
     s = target.settings
     k = target.shape[target.axis]
     block = s.block_size if s.block_size is not None else k
     if s.algorithm is WeightOnlyAlgorithm.GPTQ and hessian is not None:
+        # Factorise before the weight is read: the float64 Hessian is gone by then.
+        factor = inverse_factor(hessian, k, config.gptq.percdamp, config.gptq.act_order)
         return functools.partial(
-            _call_gptq, quantize_gptq, hessian=hessian, bits=s.bits, block_size=block,
-            symmetric=s.symmetric, percdamp=config.gptq.percdamp,
-            act_order=config.gptq.act_order), block, False
+            _call_gptq, quantize_gptq, hessian=factor, bits=s.bits, block_size=block,
+            symmetric=s.symmetric, act_order=config.gptq.act_order), block, False
     if s.algorithm is WeightOnlyAlgorithm.HQQ:
         float_zp = target.op_type == "MatMul" and config.format is QuantFormat.QOPERATOR
         return functools.partial(
@@ -111,12 +116,12 @@ def _call_gptq(fn: Callable[..., BlockQuantized], m: np.ndarray, **kwargs: Any) 
     return fn(m, hessian, bits, block, symmetric, **kwargs)
 
 
-def _quantize(target: Target, config: WeightOnlyConfig, hessian: np.ndarray | None
+def _quantize(target: Target, config: WeightOnlyConfig, hessian: HessianAccumulator | None
               ) -> BlockQuantized:
     tensor = target.weight.const_value
     assert tensor is not None
-    quantize, block, splittable = _quantizer(target, config, hessian)
     try:
+        quantize, block, splittable = _quantizer(target, config, hessian)
         blocks = quantize_slabs(tensor, target.axis, quantize, block_size=block,
                                 splittable=splittable and target.settings.block_size is not None)
     except ValueError as err:
@@ -131,8 +136,8 @@ def _quantize(target: Target, config: WeightOnlyConfig, hessian: np.ndarray | No
 
 
 def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
-                   config: WeightOnlyConfig) -> tuple[dict[str, np.ndarray], int]:
-    """Hessian per A input of every main-graph GPTQ target; other GPTQ targets fall back."""
+                   config: WeightOnlyConfig) -> tuple[HessianStore, int]:
+    """Hessians per A input of every main-graph GPTQ target; other GPTQ targets fall back."""
     wanted: dict[str, int] = {}
     for target in targets:
         if target.settings.algorithm is not WeightOnlyAlgorithm.GPTQ:
@@ -145,7 +150,7 @@ def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
             continue
         wanted[a.name] = target.shape[target.axis]
     if not wanted:
-        return {}, 0
+        return HessianStore({}, []), 0
     if data is None:
         raise CalibrationError(
             "GPTQ needs calibration data: pass calibration_data (a reader, an iterable of "
@@ -155,7 +160,9 @@ def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
     accumulators, samples = collect_hessians(
         model, wanted, data, providers=config.gptq.providers,
         max_samples=config.gptq.max_calibration_samples, progress=config.progress)
-    return {name: acc.hessian() for name, acc in accumulators.items()}, samples
+    users = [t.node.inputs[0].name or "" for t in targets
+             if t.settings.algorithm is WeightOnlyAlgorithm.GPTQ]
+    return HessianStore(accumulators, users), samples
 
 
 def quantize_model_weights(
@@ -185,15 +192,17 @@ def quantize_model_weights(
     for target in tqdm(targets, desc="quantizing weights", unit="weight",
                        disable=not config.progress or lazy):
         key = _key(target, config)
-        hessian = None
+        rows = None  # GPTQ: the calibration rows of the node's input
         if target.settings.algorithm is WeightOnlyAlgorithm.GPTQ:
-            hessian = hessians.get(target.node.inputs[0].name or "")
-        # GPTQ quantizes now, so that each Hessian can be freed after its last use.
-        make_blocks = functools.partial(_quantize, target, config, hessian)
+            rows = hessians.take(target.node.inputs[0].name or "")
+        # GPTQ quantizes now, so that the rows of each input are freed after their last use.
+        make_blocks = functools.partial(_quantize, target, config, rows)
+        now, rows = rows is not None, None
         if target.op_type == "MatMul":
-            emitted = emitter.matmul(target, make_blocks, key, now=hessian is not None)
+            emitted = emitter.matmul(target, make_blocks, key, now=now)
         else:
             emitted = emitter.gather(target, make_blocks, key)
+        del make_blocks
         d, s = target.decision, target.settings
         d.action, d.emitted, d.bits, d.block_size = "weights", emitted, s.bits, target.block_size
         d.symmetric, d.algorithm = s.symmetric, s.algorithm.value

@@ -8,13 +8,13 @@ baseline instead re-quantizes GPTQ's fake-quantized output with RTN and loses pa
 
 Numerics:
 
-* ``H = 2/n Σ xᵀx`` accumulated in float64 (:class:`HessianAccumulator`). Dead inputs
+* ``H = 2/n Σ xᵀx`` in float64 (:class:`HessianAccumulator`, see ``_hessian``). Dead inputs
   (``H[k, k] == 0``) get ``H[k, k] = 1`` and their weight rows are zeroed: they never matter for
   the calibration outputs and quantize exactly to 0. Damping adds ``percdamp * mean(diag H)`` to
   the diagonal (raised 10x, up to 4 times, if the Cholesky factorisation still fails).
 * ``U``, the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), comes from one float64 Cholesky
   of the reversed ``H`` and one blocked float32 triangular inverse: ``U = rev(inv(chol(rev(H))))``
-  (about a third of the flops of the usual ``cholesky(inv(H))``).
+  (about a third of the flops of the usual ``cholesky(inv(H))``), computed in place (``_factor``).
 * The sweep is blocked twice: rank-1 error updates only inside 16-row inner blocks, one GEMM from
   each inner block to the rest of its ``column_block``-row outer block, and one lazy GEMM from each
   outer block to all later rows. Everything in the sweep is float32.
@@ -33,66 +33,20 @@ import math
 import numpy as np
 
 from onnxquant.weight_only import _grid
+from onnxquant.weight_only._factor import GptqFactor, inverse_factor
+from onnxquant.weight_only._hessian import HessianAccumulator
 from onnxquant.weight_only.blocks import BlockQuantized
 
-__all__ = ["HessianAccumulator", "quantize_gptq"]
+__all__ = ["GptqFactor", "HessianAccumulator", "inverse_factor", "quantize_gptq"]
 
 logger = logging.getLogger(__name__)
 
 _INNER_BLOCK = 16
-_UPDATE_ELEMENTS = 1 << 22  # float64 rows converted at a time: 32 MB
-
-
-class HessianAccumulator:
-    """Streaming ``H = 2/n Σ xᵀx`` over all rows ``x`` of the inputs of one weight, in float64."""
-
-    def __init__(self, k: int) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self._k = k
-        self._sum = np.zeros((k, k), dtype=np.float64)
-        self._n = 0
-
-    @property
-    def k(self) -> int:
-        return self._k
-
-    @property
-    def samples(self) -> int:
-        """Number of rows (input vectors) seen so far."""
-        return self._n
-
-    def update(self, x: np.ndarray) -> None:
-        """Add the rows of ``x[..., K]`` (any leading dimensions)."""
-        x = np.asarray(x)
-        if x.ndim == 0 or x.shape[-1] != self._k:
-            raise ValueError(f"expected inputs with last dimension {self._k}, got shape {x.shape}")
-        rows = x.reshape(-1, self._k)
-        step = max(1, _UPDATE_ELEMENTS // self._k)
-        for i in range(0, rows.shape[0], step):
-            chunk = rows[i : i + step].astype(np.float64)
-            if not np.isfinite(chunk).all():
-                raise ValueError("calibration inputs contain NaN or Inf")
-            self._sum += chunk.T @ chunk
-        self._n += rows.shape[0]
-
-    def merge(self, other: HessianAccumulator) -> None:
-        """Add the rows another accumulator of the same K has seen."""
-        if other.k != self._k:
-            raise ValueError(f"cannot merge a Hessian of K={other.k} into one of K={self._k}")
-        self._sum += other._sum
-        self._n += other._n
-
-    def hessian(self) -> np.ndarray:
-        """``2/n Σ xᵀx`` as float64 ``[K, K]`` (a new array)."""
-        if self._n == 0:
-            raise ValueError("no calibration inputs were accumulated for this weight")
-        return self._sum * (2.0 / self._n)
 
 
 def quantize_gptq(
     w: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | HessianAccumulator | GptqFactor,
     bits: int,
     block_size: int,
     symmetric: bool,
@@ -105,7 +59,11 @@ def quantize_gptq(
 
     Args:
         w: float ``[K, N]`` weight (K = input features); K need not be a multiple of block_size.
-        hessian: ``[K, K]`` Hessian of the inputs (``HessianAccumulator.hessian()``); not modified.
+        hessian: ``[K, K]`` Hessian of the inputs (``HessianAccumulator.hessian()``; not
+            modified), or the accumulator itself: the Hessian is then formed here and freed
+            as soon as it is factorised (one ``K x K`` float64 array fewer), or the result of
+            :func:`inverse_factor` (computed before the weight is read, to keep the two
+            apart in memory; its ``percdamp`` and ``act_order`` apply).
         bits: 2, 4 or 8.
         block_size: Rows per quantization group (``K`` for one group per column).
         symmetric: Symmetric grid (implied zero point) instead of an integer zero point.
@@ -122,32 +80,27 @@ def quantize_gptq(
     """
     w = _grid.check_args(w, bits, block_size)
     k, n = w.shape
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {h.shape} does not match the weight's K={k}")
-    if not np.isfinite(h).all():
-        raise ValueError("Hessian contains NaN or Inf")
     if percdamp < 0 or column_block < 1:
         raise ValueError("percdamp must be >= 0 and column_block >= 1")
     if not np.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; clean it or exclude this node")
+    if isinstance(hessian, GptqFactor):
+        u, dead, perm = hessian
+        if hessian.u.shape != (k, k) or (perm is not None) != act_order:
+            raise ValueError("the precomputed GPTQ factor does not match this weight or "
+                             "act_order")
+    else:
+        u, dead, perm = inverse_factor(hessian, k, percdamp, act_order)
+    del hessian
     work = w.copy()
-    diag = np.einsum("ii->i", h)  # a writable view of the diagonal
-    dead = diag == 0
-    diag[dead] = 1
     work[dead] = 0
     k_blocks = -(-k // block_size)
     scales = np.empty((k_blocks, n), dtype=np.float32)
     zps = np.empty((k_blocks, n), dtype=np.float32)
-    perm = None
-    if act_order:
+    if perm is not None:
         lo, hi = _grid.block_minmax(work, block_size)
         scales[:], zps[:] = _grid.block_params(lo, hi, bits, symmetric)
-        perm = np.argsort(-diag, kind="stable")
         work = work[perm]
-        h = h[perm][:, perm]
-    u = _inverse_upper_cholesky(h, percdamp)
-    del h
     q = _sweep(work, u, scales, zps, bits, block_size, symmetric, perm, column_block)
     if perm is not None:
         unperm = np.empty_like(q)
@@ -219,50 +172,3 @@ def _sweep(
             if j2 < i2:
                 work[j2:i2] -= u[j1:j2, j2:i2].T @ work[j1:j2]
     return q
-
-
-def _inverse_upper_cholesky(h: np.ndarray, percdamp: float) -> np.ndarray:
-    """Upper ``U`` with ``(H + damp I)⁻¹ = UᵀU`` as float32 (``h`` is damped in place)."""
-    k = h.shape[0]
-    diag = np.einsum("ii->i", h)
-    damp = percdamp * float(diag.mean())
-    diag += damp
-    for attempt in range(5):
-        try:
-            low = np.linalg.cholesky(h[::-1, ::-1])
-            break
-        except np.linalg.LinAlgError:
-            if attempt == 4:
-                raise ValueError(
-                    "the calibration Hessian is not positive definite even with damping "
-                    f"{damp:.3g}; use more calibration data or a larger percdamp"
-                ) from None
-            extra = max(damp, 1e-8 * max(1.0, float(diag.mean()))) * 9
-            diag += extra
-            damp += extra
-            logger.warning("GPTQ: Hessian not positive definite; raising damping to %.3g", damp)
-    # H = R Rᵀ with R = rev(low) upper, so H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = rev(low⁻¹).
-    # The inverse in float32 (2x faster, half the memory): its relative error is about
-    # sqrt(cond(H)) * 6e-8, and damping bounds cond(H) by roughly K / percdamp.
-    low32 = low.astype(np.float32)
-    del low
-    inv = _inverse_lower(low32)
-    del low32
-    u = np.ascontiguousarray(inv[::-1, ::-1])
-    assert u.shape == (k, k)
-    return u
-
-
-def _inverse_lower(low: np.ndarray) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by recursive 2x2 blocking (matrix products only)."""
-    n = low.shape[0]
-    if n <= 128:
-        return np.tril(np.linalg.inv(low))
-    h = n // 2
-    a_inv = _inverse_lower(low[:h, :h])
-    c_inv = _inverse_lower(low[h:, h:])
-    out = np.zeros_like(low)
-    out[:h, :h] = a_inv
-    out[h:, h:] = c_inv
-    out[h:, :h] = -(c_inv @ (low[h:, :h] @ a_inv))
-    return out

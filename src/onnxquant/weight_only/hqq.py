@@ -34,7 +34,7 @@ from onnxquant.weight_only.blocks import BlockQuantized
 
 __all__ = ["quantize_hqq"]
 
-_CHUNK_ELEMENTS = 1 << 15
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def quantize_hqq(
@@ -192,16 +192,19 @@ def _proximal_zero(x: np.ndarray, s: np.ndarray, z: np.ndarray, p: _Params) -> n
         cnt = idx.size
         t = buf_t[: rows * cnt].reshape(rows, cnt)
         qq = buf_q[: rows * cnt].reshape(rows, cnt)
+        lo_t, hi_t = lo_s + za, hi_s + za  # exactly t's extremes (rounding is monotonic)
         np.add(ws, za, out=t)
         np.rint(t, out=qq)
-        np.clip(qq, 0, p.maxq, out=qq)
+        if lo_t.min() < -0.5 or hi_t.max() >= p.maxq + 0.5:  # else nothing needs clipping
+            np.maximum(qq, 0, out=qq)  # np.clip, without its Python-level overhead
+            np.minimum(qq, p.maxq, out=qq)
         np.subtract(t, qq, out=t)  # residual in quantization steps: (W - W_r) * s
         step = t.sum(axis=0)
         np.abs(t, out=qq)
         err = qq.sum(axis=0) / sa  # block's sum |W - W_r|
         # shrink_p(r) = sign(r) relu(|r| - |r|^(p-1) / beta) is 0 for |r| below the threshold;
         # |t - rint(t)| <= 1/2 unless clipped, and clipping is bounded by the block's extremes.
-        bound = np.maximum(np.maximum(0.5, -(lo_s + za)), hi_s + za - p.maxq)
+        bound = np.maximum(np.maximum(0.5, -lo_t), hi_t - p.maxq)
         active = bound > 0.999 * beta ** (-1 / (2 - p.p)) * sa
         if active.any():
             r = t[:, active] / sa[active]

@@ -71,9 +71,10 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
         widths = [(0, 0)] * (values.ndim - 1) + [(0, pad)]
         values = np.pad(values, widths)
     grouped = values.reshape(*values.shape[:-1], -1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    packed = np.bitwise_or.reduce(grouped << shifts, axis=-1)
-    return packed.astype(np.uint8)
+    packed = grouped[..., 0].copy()
+    for j in range(1, per_byte):
+        packed |= grouped[..., j] << np.uint8(j * bits)
+    return packed
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -118,14 +119,16 @@ def matmul_nbits_arrays(blocks: BlockQuantized, scale_dtype: DTypeLike = np.floa
     k_blocks = -(-k // bs)
     if blocks.scales.shape != (k_blocks, n):
         raise ValueError(f"scales have shape {blocks.scales.shape}, expected {(k_blocks, n)}")
+    if bs % (8 // bits):
+        raise ValueError(f"a MatMulNBits block of {bs} {bits}-bit values does not fill whole "
+                         "bytes; use a block size that is a multiple of 8 / bits")
     q = np.asarray(blocks.q, dtype=np.uint8)
     pad = k_blocks * bs - k
     if pad:
         # Padded rows dequantize to 0: they repeat the last block's zero point.
         zp_last = blocks.zero_point_array()[-1].astype(np.uint8)
         q = np.concatenate([q, np.broadcast_to(zp_last, (pad, n))], axis=0)
-    columns = np.ascontiguousarray(q.T).reshape(n, k_blocks, bs)
-    b = pack_bits(columns, bits)
+    b = _pack_columns(q, bits).reshape(n, k_blocks, -1)
     scales = np.ascontiguousarray(blocks.scales.T, dtype=scale_dtype)
     zero_points = None
     if blocks.zero_points is not None:
@@ -136,6 +139,28 @@ def matmul_nbits_arrays(blocks: BlockQuantized, scale_dtype: DTypeLike = np.floa
             zero_points = pack_bits(np.ascontiguousarray(zp.T.astype(np.uint8)), bits)
     return MatMulNBitsTensors(b=b, scales=scales, zero_points=zero_points, k=k, n=n,
                               bits=bits, block_size=bs)
+
+
+def _pack_columns(q: np.ndarray, bits: int) -> np.ndarray:
+    """``pack_bits(q.T, bits)`` for ``q[K, N]`` with ``K`` a multiple of ``8 // bits``.
+
+    Packs along K first (rows ``j::per_byte`` are whole contiguous rows) and then transposes
+    the smaller packed array in strips, which is an order of magnitude faster than
+    transposing the codes.
+    """
+    per_byte = 8 // bits
+    packed = q[0::per_byte].copy()
+    for j in range(1, per_byte):
+        packed |= q[j::per_byte] << np.uint8(j * bits)
+    return _transposed(packed)
+
+
+def _transposed(a: np.ndarray, strip: int = 32) -> np.ndarray:
+    """``a.T`` as a C-contiguous copy, built from ``strip``-row pieces (cache friendly)."""
+    out = np.empty(a.shape[::-1], dtype=a.dtype)
+    for r0 in range(0, a.shape[0], strip):
+        out[:, r0:r0 + strip] = a[r0:r0 + strip].T
+    return out
 
 
 # --------------------------------------------------------------------------- DequantizeLinear

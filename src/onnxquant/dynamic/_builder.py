@@ -10,32 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant._names import UniqueNames as Names
+
 __all__ = ["Names", "Builder"]
-
-
-class Names:
-    """Allocator of model-wide unique names; call it with a stem to get a fresh name."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.used: set[str] = set()
-        for graph in (model.graph, *model.graph.subgraphs()):
-            self.used.update(v.name or "" for v in graph.inputs)
-            self.used.update(v.name or "" for v in graph.outputs)
-            self.used.update(graph.initializers)
-            for node in graph:
-                self.used.add(node.name or "")
-                self.used.update(v.name or "" for v in node.outputs)
-        for function in model.functions.values():
-            for node in function:
-                self.used.add(node.name or "")
-                self.used.update(v.name or "" for v in node.outputs)
-
-    def __call__(self, stem: str) -> str:
-        name, i = stem, 1
-        while name in self.used:
-            name, i = f"{stem}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 class Builder:

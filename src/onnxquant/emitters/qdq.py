@@ -19,6 +19,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant import numerics
 from onnxquant._graph import iter_nodes
+from onnxquant._names import UniqueNames
 from onnxquant.plan import BiasQuant, QuantPlan, TensorQuant
 
 __all__ = ["emit_qdq"]
@@ -26,31 +27,11 @@ __all__ = ["emit_qdq"]
 logger = logging.getLogger(__name__)
 
 
-class _Names:
-    """Unique names for new values and nodes."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.used: set[str] = set()
-        for node in iter_nodes(model):
-            self.used.add(node.name or "")
-            self.used.update(v.name or "" for v in node.outputs)
-        for graph in (model.graph, *model.graph.subgraphs()):
-            self.used.update(v.name or "" for v in graph.inputs)
-            self.used.update(graph.initializers)
-
-    def new(self, stem: str) -> str:
-        name, i = stem, 1
-        while name in self.used:
-            name, i = f"{stem}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
 class _QDQEmitter:
     def __init__(self, model: ir.Model, plan: QuantPlan) -> None:
         self.model = model
         self.plan = plan
-        self.names = _Names(model)
+        self.names = UniqueNames(model)
         self.nodes = {n.name: n for n in iter_nodes(model)}
         self.values: dict[str, ir.Value] = {}
         for graph in (model.graph, *model.graph.subgraphs()):

@@ -25,10 +25,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant import numerics
 from onnxquant._graph import is_float, iter_nodes
+from onnxquant._names import UniqueNames
 from onnxquant.emitters._qop_fold import fold_scales
 from onnxquant.emitters._qop_layout import nhwc_max_pool
 from onnxquant.emitters._qop_ops import FORMS, MS_DOMAIN, IntNode, unsupported
-from onnxquant.emitters.qdq import _Names, _remove_unused_initializers
+from onnxquant.emitters.qdq import _remove_unused_initializers
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.qtypes import INT8
 
@@ -44,7 +45,7 @@ class _QOperatorEmitter:
         self.model = model
         self.plan = plan
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-        self.names = _Names(model)
+        self.names = UniqueNames(model)
         self.order = list(iter_nodes(model))
         self.decisions = {n: plan.nodes[n.name] for n in self.order if n.name in plan.nodes}
         self.integer: set[ir.Node] = set()

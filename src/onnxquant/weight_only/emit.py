@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import iter_nodes
+from onnxquant._names import UniqueNames
 from onnxquant.config import QuantFormat
 from onnxquant.model_io import default_opset
 from onnxquant.weight_only import packing
@@ -45,26 +45,6 @@ MS_DOMAIN = "com.microsoft"
 
 BlocksFn = Callable[[], BlockQuantized]
 Build = Callable[[BlockQuantized], list]  # blocks -> [tensor | None, ...] in spec order
-
-
-class _Names:
-    """Unique value/node names across the model (all graphs share one namespace)."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.used: set[str] = set()
-        for node in iter_nodes(model):
-            self.used.add(node.name or "")
-            self.used.update(v.name or "" for v in node.outputs)
-        for graph in (model.graph, *model.graph.subgraphs()):
-            self.used.update(v.name or "" for v in graph.inputs)
-            self.used.update(graph.initializers)
-
-    def new(self, stem: str) -> str:
-        name, i = stem, 1
-        while name in self.used:
-            name, i = f"{stem}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 @dataclasses.dataclass
@@ -125,7 +105,7 @@ class WeightEmitter:
         self.model = model
         self.format = fmt
         self.lazy = lazy
-        self.names = _Names(model)
+        self.names = UniqueNames(model)
         self.opset = default_opset(model)
         self._shared: dict[Hashable, list[ir.Value | None]] = {}
         self._weights: dict[int, tuple[ir.Value, ir.Graph]] = {}

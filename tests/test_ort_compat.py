@@ -222,16 +222,8 @@ def test_library_never_imports_onnxruntime_quantization(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The same script with both modules: fidelity.
 
-CNN_PER_TENSOR_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="native per-tensor S8S8 on the cnn is ~1.2-1.4 dB below onnxruntime (measured over "
-           "calibration seeds and sizes; BatchNormalization folded into per-tensor conv1 "
-           "weights accounts for about half); reported to the lead",
-)
-
-
 @pytest.mark.parametrize(("builder", "per_channel"), [
-    pytest.param(zoo.cnn, False, marks=CNN_PER_TENSOR_GAP, id="cnn-per_tensor"),
+    pytest.param(zoo.cnn, False, id="cnn-per_tensor"),
     pytest.param(zoo.cnn, True, id="cnn-per_channel"),
     pytest.param(zoo.matmul_chain, False, id="matmul_chain-per_tensor"),
     pytest.param(zoo.matmul_chain, True, id="matmul_chain-per_channel"),

@@ -666,3 +666,14 @@ def test_plan_json_round_trip(qcache, tmp_path, name) -> None:
     plan.to_json(path)
     assert QuantPlan.from_json(path) == plan
     assert QuantPlan.from_json(str(path)) == plan
+
+
+def test_batchnorm_folded_weights_get_per_channel_scales(qcache) -> None:
+    """Folding BatchNorm puts its per-channel scale into the weight: per-tensor quantization
+    would spend levels on it, so those weights (only those) are quantized per channel."""
+    q = qcache("cnn")
+    conv1_weight = q.result.plan.tensors["conv1_bn_weight"]
+    assert conv1_weight.axis == 0 and "BatchNormalization folded" in conv1_weight.source
+    assert q.result.plan.tensors["conv3_W"].axis is None  # no BatchNorm: per tensor
+    off = qcache("cnn", per_channel_fallback_db=None)
+    assert off.result.plan.tensors["conv1_bn_weight"].axis is None

@@ -37,8 +37,9 @@ class StaticQuantConfig:
         weight_type: Element type of quantized weights.
         per_channel: One scale per output channel for Conv/ConvTranspose/Gemm/MatMul weights.
         per_channel_fallback_db: With per-tensor weights, a weight whose per-tensor quantization
-            SQNR is below this many dB (outlier channels, e.g. depthwise convs or folded
-            BatchNorm) is quantized per channel instead; the plan records it. None disables it.
+            SQNR is below this many dB (outlier channels, e.g. depthwise convs) is quantized per
+            channel instead, and so is every Conv weight with a BatchNormalization folded into
+            it (its channels carry BatchNorm's scale); the plan records it. None disables it.
         reduce_range: Quantize weights to 7 bits (for CPUs without VNNI that overflow on u8s8).
         activation_symmetric: Symmetric activation ranges (zero point 0 / midpoint).
         weight_symmetric: Symmetric weights; None means True for signed weight types.

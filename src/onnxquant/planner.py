@@ -13,6 +13,7 @@ from onnxquant._graph import from_dequantize, is_constant, is_float, iter_nodes
 from onnxquant._selection import choose_nodes, params_from_producer
 from onnxquant.config import QuantFormat, StaticQuantConfig
 from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.preprocess import BATCHNORM_FOLDED
 from onnxquant.qtypes import QuantType
 from onnxquant.rules import (
     SOFTMAX_MAX_INPUT_WIDTH,
@@ -154,11 +155,15 @@ class _Planner:
         axis = weight_axis(node, index, data.ndim)
         if axis is None or data.ndim < 2 or (node.op_type == "ConvTranspose" and _group(node) > 1):
             return params
-        db = _sqnr_db(data, params)
-        if db >= self.config.per_channel_fallback_db:  # type: ignore[operator]
-            return params
+        if value.meta.get(BATCHNORM_FOLDED):
+            why = "BatchNormalization folded into it"
+        else:
+            db = _sqnr_db(data, params)
+            if db >= self.config.per_channel_fallback_db:  # type: ignore[operator]
+                return params
+            why = f"per-tensor SQNR {db:.1f} dB"
         fallback = self.constant(value, axis, True)
-        fallback.source = f"constant: per channel (per-tensor SQNR {db:.1f} dB)"
+        fallback.source = f"constant: per channel ({why})"
         return fallback
 
     # -- inputs ----------------------------------------------------------------------------

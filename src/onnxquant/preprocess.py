@@ -20,8 +20,13 @@ from onnx_ir.passes.common import (
 
 from onnxquant._conv_add import fold_conv_add
 
-__all__ = ["prepare", "fix_names", "lift_constants", "fold_batchnorm", "infer_types",
-           "annotated_values", "drop_inferred_shapes"]
+BATCHNORM_FOLDED = "onnxquant.batchnorm_folded"
+"""``value.meta`` key set on Conv weights that have a BatchNormalization folded into them: their
+output channels carry BatchNorm's per-channel scale, so per-tensor quantization wastes levels on
+them (quantizers use per-channel scales there)."""
+
+__all__ = ["BATCHNORM_FOLDED", "prepare", "fix_names", "lift_constants", "fold_batchnorm",
+           "infer_types", "annotated_values", "drop_inferred_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +131,7 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
     dtype = weight.dtype
     new_w = ir.Value(name=f"{conv.name}_bn_weight", const_value=ir.tensor(w.astype(dtype)))
     new_b = ir.Value(name=f"{conv.name}_bn_bias", const_value=ir.tensor(b.astype(dtype)))
+    new_w.meta[BATCHNORM_FOLDED] = True
     for value in (new_w, new_b):
         value.const_value.name = value.name  # type: ignore[union-attr]
         value.type = ir.TensorType(ir.DataType.from_numpy(dtype))

@@ -23,7 +23,9 @@ from onnxquant._conv_add import fold_conv_add
 BATCHNORM_FOLDED = "onnxquant.batchnorm_folded"
 """``value.meta`` key set on Conv weights that have a BatchNormalization folded into them: their
 output channels carry BatchNorm's per-channel scale, so per-tensor quantization wastes levels on
-them (quantizers use per-channel scales there)."""
+them (static quantization uses per-channel scales there, which QLinearConv and Q/DQ fusions apply
+for free; dynamic quantization does not: ConvInteger's per-channel rescale is a broadcast Mul that
+measured 6 % slower on rapidocr_cls_v2 at the same accuracy)."""
 
 __all__ = ["BATCHNORM_FOLDED", "prepare", "fix_names", "lift_constants", "fold_batchnorm",
            "infer_types", "annotated_values", "drop_inferred_shapes"]

@@ -13,7 +13,6 @@ from onnxquant.dynamic._builder import Builder, Names
 from onnxquant.dynamic._weights import WeightStore, per_tensor_sqnr_db
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.runtime import RuntimeSupport
-from onnxquant.preprocess import BATCHNORM_FOLDED
 
 __all__ = ["Context", "Outcome"]
 
@@ -70,8 +69,6 @@ class Context:
         threshold = self.config.per_channel_fallback_db
         if threshold is None:
             return False, ""
-        if weight.meta.get(BATCHNORM_FOLDED):
-            return True, "BatchNormalization folded into it"
         key = ("per-tensor-sqnr", id(weight), self.config.weight_type.name)
         if key not in self._sqnr:
             array = weight.const_value.numpy()  # type: ignore[union-attr]

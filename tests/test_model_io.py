@@ -76,3 +76,19 @@ def test_load_copies_ir_model_and_proto():
 def test_unknown_source_type():
     with pytest.raises(onnxquant.ModelLoadError, match="cannot load a model from int"):
         model_io.load_model(3)  # type: ignore[arg-type]
+
+
+def test_convert_opset_keeps_large_tensors_without_copying() -> None:
+    model = model_io.load_model(zoo.matmul_chain(opset=13, dim=64))
+    before = {n: v.const_value for n, v in model.graph.initializers.items()}
+    converted = model_io.convert_opset(model, 21)
+    assert model_io.default_opset(converted) == 21
+    for name, tensor in before.items():
+        after = converted.graph.initializers[name].const_value
+        if tensor.nbytes > 1024:
+            assert after is tensor  # the same object: nothing was copied
+        np.testing.assert_array_equal(after.numpy(), tensor.numpy())
+    # The input model still holds its own tensors (no placeholder left behind).
+    assert all(v.const_value is before[n] for n, v in model.graph.initializers.items())
+    proto = ir.serde.serialize_model(converted)
+    onnx.checker.check_model(proto, full_check=True)

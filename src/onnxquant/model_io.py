@@ -9,6 +9,7 @@ the model would not fit a 2 GB protobuf.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -115,11 +116,18 @@ def default_opset(model: ir.Model) -> int:
 def convert_opset(model: ir.Model, target: int) -> ir.Model:
     """Convert ``model`` to default-domain opset ``target`` with ``onnx.version_converter``.
 
-    External tensors stay external: only the graph structure passes through the converter.
+    Only the graph structure passes through the converter: large in-memory initializers are
+    detached first (replaced by placeholders that reference no data) and the same tensor
+    objects are attached to the converted model, so converting a big model does not copy its
+    weights (external tensors stay external).
     """
     from onnx import version_converter
 
-    proto = ir.serde.serialize_model(model)
+    detached = _detach_large_tensors(model)
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        _reattach(model, detached)
     domains = {i.domain for i in proto.opset_import}
     try:
         converted = version_converter.convert_version(proto, target)
@@ -129,15 +137,55 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
             f"{default_opset(model)} to {target}: {err}. Convert it yourself (e.g. re-export "
             "with a newer opset) and try again"
         ) from err
+    del proto
     # The converter may drop non-default domains it does not know; restore them.
     present = {i.domain for i in converted.opset_import}
-    for imp in proto.opset_import:
-        if imp.domain in domains - present:
-            converted.opset_import.append(imp)
+    for imp in model.opset_imports.items():
+        if imp[0] in domains - present:
+            converted.opset_import.append(onnx.helper.make_opsetid(imp[0], imp[1]))
     result = ir.serde.deserialize_model(converted)
+    _reattach(result, detached)
+    if any(isinstance(t, ir.ExternalTensor) and str(t.location).startswith(_PLACEHOLDER_DIR)
+           for t in _all_initializer_tensors(result)):
+        raise UnsupportedModelError(  # the converter renamed or rewrote a large initializer
+            f"converting the model to opset {target} changed its large initializers; convert it "
+            "yourself (e.g. re-export with a newer opset) and try again")
     _copy_external_base_dir(model, result)
     logger.info("converted the model to opset %d", target)
     return result
+
+
+_DETACH_BYTES = 1024
+_PLACEHOLDER_DIR = "__onnxquant_detached__"
+
+
+def _detach_large_tensors(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """Replace in-memory initializers above 1 KB by data-less placeholders; returns the
+    originals by initializer name (small ones stay: converters may read shapes or scales; so do
+    names used in more than one graph)."""
+    graphs = [model.graph, *model.graph.subgraphs()]
+    seen = collections.Counter(name for graph in graphs for name in graph.initializers)
+    detached: dict[str, ir.TensorProtocol] = {}
+    for graph in graphs:
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            if tensor.nbytes <= _DETACH_BYTES or seen[name] > 1:  # names must identify them
+                continue
+            detached[name] = tensor
+            value.const_value = ir.ExternalTensor(
+                f"{_PLACEHOLDER_DIR}/{len(detached)}", 0, tensor.nbytes, tensor.dtype,
+                shape=tensor.shape, name=name)
+    return detached
+
+
+def _reattach(model: ir.Model, detached: dict[str, ir.TensorProtocol]) -> None:
+    """Put the detached tensors back on the initializers of the same names."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            if name in detached:
+                value.const_value = detached[name]
 
 
 def _copy_external_base_dir(src: ir.Model, dst: ir.Model) -> None:

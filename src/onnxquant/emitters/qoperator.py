@@ -27,6 +27,7 @@ from onnxquant import numerics
 from onnxquant._graph import is_float, iter_nodes
 from onnxquant._names import UniqueNames
 from onnxquant.emitters._qop_fold import fold_scales
+from onnxquant.emitters._qop_hardsigmoid import fold_hard_sigmoids
 from onnxquant.emitters._qop_layout import nhwc_max_pool
 from onnxquant.emitters._qop_ops import FORMS, MS_DOMAIN, IntNode, unsupported
 from onnxquant.emitters.qdq import _remove_unused_initializers
@@ -278,6 +279,8 @@ class _QOperatorEmitter:
         self.choose()
         self.remove_folded_activations()
         self.kernel_grid = fold_scales(self.order, self.integer, self.decisions, self.plan)
+        fold_hard_sigmoids(self.order, self.integer, self.decisions, self.plan, self.constant,
+                           kernel_grid=self.kernel_grid)
         for node in self.order:
             decision = self.decisions.get(node)
             if decision is None or node.graph is None:

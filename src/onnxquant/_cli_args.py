@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["name_list", "unique", "add_node_selection", "selection_fields"]
+__all__ = ["name_list", "unique", "add_node_selection", "selection_fields",
+           "add_model_handling", "add_speed_check"]
 
 
 def name_list(text: str) -> list[str]:
@@ -43,3 +44,33 @@ def selection_fields(args: argparse.Namespace) -> dict[str, tuple[str, ...] | No
         "nodes_to_quantize": unique(args.nodes) if args.nodes else None,
         "nodes_to_exclude": unique(args.exclude_nodes),
     }
+
+
+def add_model_handling(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--no-fold-bn``, ``--upgrade-opset`` and ``--external-data``."""
+    model = parser.add_argument_group("model handling")
+    model.add_argument("--no-fold-bn", action="store_true",
+                       help="do not fold BatchNormalization into the preceding Conv")
+    model.add_argument("--upgrade-opset", action="store_true",
+                       help="convert models older than opset 10 instead of refusing them")
+    model.add_argument("--external-data", action="store_true",
+                       help="store tensors in OUT.data next to the model "
+                            "(default: only when the model exceeds 2 GB)")
+    return model
+
+
+def add_speed_check(parser: argparse.ArgumentParser) -> None:
+    """``--check-speed [RUNS]``: time the float and the quantized model."""
+    parser.add_argument("--check-speed", nargs="?", const=30, type=_runs, metavar="RUNS",
+                        help="time the float and the quantized model (1 thread, median of RUNS "
+                             "runs, default 30) on one feed and report the ratio")
+
+
+def _runs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -21,7 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from onnxquant import __version__
-from onnxquant._cli_args import add_node_selection, selection_fields
+from onnxquant._cli_args import (
+    add_model_handling,
+    add_node_selection,
+    add_speed_check,
+    selection_fields,
+)
 from onnxquant.api import quantize_static
 from onnxquant.calibration.readers import iter_feeds, load_feed_folder
 from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
@@ -121,26 +126,13 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
     select.add_argument("--no-subgraphs", action="store_true",
                         help="do not quantize inside If/Loop/Scan bodies")
 
-    model = p.add_argument_group("model handling")
-    model.add_argument("--no-fold-bn", action="store_true",
-                       help="do not fold BatchNormalization into the preceding Conv")
-    model.add_argument("--upgrade-opset", action="store_true",
-                       help="convert models older than opset 10 instead of refusing them")
-    model.add_argument("--external-data", action="store_true",
-                       help="store tensors in OUT.data next to the model "
-                            "(default: only when the model exceeds 2 GB)")
+    model = add_model_handling(p)
     model.add_argument("--plan-json", type=Path, metavar="PATH",
                        help="also write the quantization plan (every decision and parameter) "
                             "as JSON")
-    _add_speed_check(p)
+    add_speed_check(p)
     _add_common(p)
     p.set_defaults(run=_run_static)
-
-
-def _add_speed_check(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--check-speed", nargs="?", const=30, type=_positive_int, metavar="RUNS",
-                        help="time the float and the quantized model (1 thread, median of RUNS "
-                             "runs, default 30) on one feed and report the ratio")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,12 @@ import argparse
 import collections
 from pathlib import Path
 
-from onnxquant._cli_args import add_node_selection, selection_fields
+from onnxquant._cli_args import (
+    add_model_handling,
+    add_node_selection,
+    add_speed_check,
+    selection_fields,
+)
 from onnxquant.config import QuantFormat
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
@@ -59,16 +64,8 @@ def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                      help="also quantize MatMuls whose B is not a constant")
     sel.add_argument("--subgraphs", action="store_true",
                      help="also quantize inside If/Loop/Scan bodies (off by default)")
-    model = p.add_argument_group("model handling")
-    model.add_argument("--no-fold-bn", action="store_true",
-                       help="do not fold BatchNormalization into the preceding Conv")
-    model.add_argument("--upgrade-opset", action="store_true",
-                       help="convert models older than opset 10 instead of refusing them")
-    model.add_argument("--external-data", action="store_true",
-                       help="store tensors in OUT.data (default: only above 2 GB)")
-    p.add_argument("--check-speed", nargs="?", const=30, type=int, metavar="RUNS",
-                   help="time the float and the quantized model (1 thread, median of RUNS "
-                        "runs, default 30) on a random feed and report the ratio")
+    add_model_handling(p)
+    add_speed_check(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no summary")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log progress (-vv: debug detail) and show tracebacks on errors")

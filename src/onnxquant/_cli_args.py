@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["name_list", "unique", "add_node_selection", "selection_fields",
-           "add_model_handling", "add_speed_check"]
+           "add_model_handling", "add_speed_check", "positive_int"]
 
 
 def name_list(text: str) -> list[str]:
@@ -61,12 +61,13 @@ def add_model_handling(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
 
 def add_speed_check(parser: argparse.ArgumentParser) -> None:
     """``--check-speed [RUNS]``: time the float and the quantized model."""
-    parser.add_argument("--check-speed", nargs="?", const=30, type=_runs, metavar="RUNS",
+    parser.add_argument("--check-speed", nargs="?", const=30, type=positive_int, metavar="RUNS",
                         help="time the float and the quantized model (1 thread, median of RUNS "
                              "runs, default 30) on one feed and report the ratio")
 
 
-def _runs(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:

@@ -25,6 +25,7 @@ from onnxquant._cli_args import (
     add_model_handling,
     add_node_selection,
     add_speed_check,
+    positive_int,
     selection_fields,
 )
 from onnxquant.api import quantize_static
@@ -48,16 +49,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar and no summary (errors and warnings still shown)")
@@ -79,22 +70,22 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
                    help="calibration data: a folder of .npz files (keys = input names), a single "
                         ".npz file, or a folder of ONNX test_data_set_* folders (may be omitted "
                         "when --calib-cache exists)")
-    p.add_argument("--max-samples", type=_positive_int, metavar="N",
+    p.add_argument("--max-samples", type=positive_int, metavar="N",
                    help="use at most N calibration feeds")
     calib = p.add_argument_group("calibration")
     calib.add_argument("--method", choices=[m.value for m in CalibrationMethod],
                        default="minmax", help="how activation ranges are found (default minmax)")
     calib.add_argument("--percentile", type=float, default=99.999,
                        help="percentile method: %% of values kept in range (default 99.999)")
-    calib.add_argument("--histogram-bins", type=_positive_int, default=2048, metavar="N",
+    calib.add_argument("--histogram-bins", type=positive_int, default=2048, metavar="N",
                        help="histogram methods: bins over the observed range (default 2048)")
-    calib.add_argument("--quantized-bins", type=_positive_int, default=128, metavar="N",
+    calib.add_argument("--quantized-bins", type=positive_int, default=128, metavar="N",
                        help="entropy: quantized levels of the KL search (default 128)")
     calib.add_argument("--symmetric-ranges", action="store_true",
                        help="calibrated ranges symmetric around 0")
     calib.add_argument("--moving-average", action="store_true",
                        help="minmax: exponential moving average of per-batch ranges")
-    calib.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    calib.add_argument("--workers", type=positive_int, default=1, metavar="N",
                        help="processes sharing the calibration inference (same ranges)")
     calib.add_argument("--calib-cache", type=Path, metavar="JSON",
                        help="statistics cache: reused if it exists (same settings), else written")

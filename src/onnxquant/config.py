@@ -110,6 +110,7 @@ class StaticQuantConfig:
     max_calibration_samples: int | None = None
     progress: bool = False
     float_depthwise_multiple: int | None = 16
+    float_conv_depth: int | None = None
 
     @property
     def weights_symmetric(self) -> bool:

@@ -383,7 +383,8 @@ def build_plan(
     its input and weight scales.
     """
     chosen = choose_nodes(nodes, ranges, config.format,
-                          float_depthwise_multiple=config.float_depthwise_multiple)
+                          float_depthwise_multiple=config.float_depthwise_multiple,
+                          float_conv_depth=config.float_conv_depth)
     planner = _Planner(config, ranges)
     planner.find_float_softmax(nodes)
     quantized: list[tuple[ir.Node, OpRule, NodeDecision]] = []

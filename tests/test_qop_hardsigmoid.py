@@ -50,7 +50,8 @@ def se_gate(alpha: float = 1 / 6, beta: float = 0.5, extra_reader: bool = False)
 def quantize(model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
     out = tmp_path / "q.onnx"
     feeds = zoo.random_feeds(model, 8, seed=1)
-    quantize_static(model, out, feeds, StaticQuantConfig(format=QuantFormat.QOPERATOR))
+    quantize_static(model, out, feeds, StaticQuantConfig(format=QuantFormat.QOPERATOR,
+                                                         float_conv_depth=None))
     return onnx.load(out)
 
 

@@ -4,6 +4,7 @@
 - ``Conv → Add(per-channel constant)`` is folded into the Conv's bias before planning;
 - depthwise Convs whose channel count is not a multiple of 16 stay float with their
   elementwise tail (``float_depthwise_multiple``);
+- shallow Convs (depth < 32) on a float input stay float (``float_conv_depth``);
 - an 8-bit MaxPool is emitted channels-last (see also ``test_operator[MaxPool-*]``).
 """
 
@@ -42,6 +43,7 @@ def _weight(*shape: int) -> np.ndarray:
 
 def _quantize(model: onnx.ModelProto, tmp_path: Path, **fields: object):
     out = tmp_path / f"q{len(list(tmp_path.iterdir()))}.onnx"
+    fields.setdefault("float_conv_depth", None)  # the toy models' stems are shallow
     config = StaticQuantConfig(activation_type=UINT8, weight_type=INT8,
                                format=QuantFormat.QOPERATOR, per_channel_fallback_db=None,
                                **fields)  # type: ignore[arg-type]
@@ -174,3 +176,50 @@ def test_depthwise_rule_leaves_qdq_alone(tmp_path: Path) -> None:
     dequantized = {n.output[0] for n in onnx.load(out).graph.node
                    if n.op_type == "DequantizeLinear"}
     assert all(c.input[1] in dequantized for c in convs)
+
+
+def stem_model(in_channels: int) -> onnx.ModelProto:
+    """3x3 stride-2 stem on the graph input (depth ``in_channels`` * 9) → Relu → pw conv
+    (32 → 32, depth 32) → Relu → pw conv (32 → 16, depth 32)."""
+    nodes = [helper.make_node("Conv", ["x", "Ws"], ["s"], name="stem", strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["s"], ["sr"], name="stem_relu"),
+             helper.make_node("Conv", ["sr", "W1"], ["p"], name="pw1"),
+             helper.make_node("Relu", ["p"], ["pr"], name="pw1_relu"),
+             helper.make_node("Conv", ["pr", "W2"], ["y"], name="pw2")]
+    inits = {"Ws": _weight(32, in_channels, 3, 3), "W1": _weight(32, 32, 1, 1),
+             "W2": _weight(16, 32, 1, 1)}
+    return _model(nodes, inits, [1, in_channels, 12, 12], ["y"])
+
+
+def test_shallow_stem_on_graph_input_stays_float(tmp_path: Path) -> None:
+    model = stem_model(3)  # depth 3 * 3 * 3 = 27 < 32
+    proto, result = _quantize(model, tmp_path, float_conv_depth=32)
+    ops = _ops(proto)
+    assert ops["Conv"] == 1 and ops["Relu"] == 1 and ops["QLinearConv"] == 2
+    stem = result.plan.nodes["stem"]
+    assert stem.action == "float" and "reduction depth 27" in stem.reason
+    assert "float_conv_depth" in stem.reason
+    assert "elementwise tail" in result.plan.nodes["stem_relu"].reason
+    first = proto.graph.node[0]
+    assert first.op_type == "Conv" and first.input[0] == "x"  # the graph input stays float
+    assert [n.op_type for n in proto.graph.node].index("QuantizeLinear") == 2
+    assert _sqnr(model, proto) > 25
+    # a deep stem (4 * 9 = 36), or the rule switched off: every Conv is integer
+    for channels, fields in ((4, {"float_conv_depth": 32}), (3, {})):
+        proto, _ = _quantize(stem_model(channels), tmp_path, **fields)
+        assert _ops(proto)["QLinearConv"] == 3 and _ops(proto)["Conv"] == 0
+
+
+def test_shallow_conv_inside_integer_region_stays_integer(tmp_path: Path) -> None:
+    """pw1 (depth 32 < 34) reads the quantized output of a deeper stem (36): leaving it would
+    cost a DequantizeLinear/QuantizeLinear pair, so only a float input makes a shallow Conv
+    float."""
+    proto, result = _quantize(stem_model(4), tmp_path, float_conv_depth=34)
+    assert _ops(proto)["QLinearConv"] == 3
+    assert result.plan.nodes["pw1"].action == "quantize"
+    # with depth 40 the stem (36) stays float, and so do pw1 and pw2 (32) on its float
+    # output: no integer region is opened at all
+    proto, result = _quantize(stem_model(4), tmp_path, float_conv_depth=40)
+    assert [result.plan.nodes[n].action for n in ("stem", "pw1", "pw2")] == ["float"] * 3
+    assert _ops(proto)["QLinearConv"] == 0 and _ops(proto)["QuantizeLinear"] == 0

@@ -67,9 +67,13 @@ class Quantized:
 
 
 def qconfig(types: str = "u8s8", **fields: object) -> StaticQuantConfig:
+    """QOperator config; the toy models' shallow stems are quantized here (the
+    ``float_conv_depth`` rule has its own tests in test_qoperator_speed.py)."""
     act, weight = TYPES[types]
-    return StaticQuantConfig(activation_type=act, weight_type=weight,
-                             format=QuantFormat.QOPERATOR, **fields)  # type: ignore[arg-type]
+    fields.setdefault("float_conv_depth", None)
+    fields.setdefault("activation_type", act)
+    fields.setdefault("weight_type", weight)
+    return StaticQuantConfig(format=QuantFormat.QOPERATOR, **fields)  # type: ignore[arg-type]
 
 
 def quantize(model: onnx.ModelProto, tmp_path: Path, config: StaticQuantConfig,
@@ -403,8 +407,7 @@ def inits_of(q: Quantized) -> dict[str, np.ndarray]:
 def test_int8_activations_with_uint8_weights_stay_float(tmp_path: Path) -> None:
     """onnxruntime has no QLinearConv/QGemm for int8 x uint8: those nodes run float on
     quantized weights, with the reason in the plan."""
-    config = StaticQuantConfig(activation_type=INT8, weight_type=UINT8,
-                               format=QuantFormat.QOPERATOR)
+    config = qconfig("u8s8", activation_type=INT8, weight_type=UINT8)
     q = quantize(zoo.cnn(), tmp_path, config)
     ops = q.ops()
     assert ops["QLinearConv"] == 0 and ops["Conv"] == 3 and ops["Gemm"] == 1

@@ -22,7 +22,8 @@ interleaving 3 rounds of --runs/3 runs each (default 30 in all), and reports the
 quantized/float.
 
     python benchmarks/bench_formats.py [--models a,b] [--variants dyn-qop,static-qop]
-                                       [--tools ours,ort] [--runs 30] [--json PATH] [--keep DIR]
+                                       [--tools ours,ort] [--per-channel] [--runs 30]
+                                       [--json PATH] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ TOOLS = ("ours", "ort")
 
 
 # =========================================================================== worker side
-def _ort(variant: str, model: str, out: str, feeds) -> None:
+def _ort(variant: str, model: str, out: str, feeds, per_channel: bool) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -56,33 +57,36 @@ def _ort(variant: str, model: str, out: str, feeds) -> None:
     )
 
     if variant == "dyn-qop":
-        quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+        quantize_dynamic(model, out, weight_type=QuantType.QInt8, per_channel=per_channel)
     elif variant == "static-qop":
         quantize_static(model, out, bu.ort_reader(feeds), quant_format=QuantFormat.QOperator,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax)
     else:
         raise ValueError(f"onnxruntime has no {variant} mode")
 
 
-def _ours(variant: str, model: str, out: str, feeds) -> None:
+def _ours(variant: str, model: str, out: str, feeds, per_channel: bool) -> None:
     bu.use_working_tree()
     import onnxquant
     from onnxquant.dynamic.config import DynamicQuantConfig
 
     if variant == "static-qop":
         config = onnxquant.StaticQuantConfig(format=onnxquant.QuantFormat.QOPERATOR,
-                                             activation_type=onnxquant.UINT8)
+                                             activation_type=onnxquant.UINT8,
+                                             per_channel=per_channel)
         onnxquant.quantize_static(model, out, feeds, config=config)
     else:
         fmt = onnxquant.QuantFormat.QOPERATOR if variant == "dyn-qop" else onnxquant.QuantFormat.QDQ
-        onnxquant.quantize_dynamic(model, out, DynamicQuantConfig(format=fmt))
+        onnxquant.quantize_dynamic(model, out,
+                                   DynamicQuantConfig(format=fmt, per_channel=per_channel))
 
 
 def worker_quant(job: dict) -> dict:
     feeds = bu.load_pickle(job["feeds"]) if job["variant"] == "static-qop" else None
     fn = _ours if job["tool"] == "ours" else _ort
-    return bu.timed_call(fn, job["variant"], job["model"], job["out"], feeds)
+    return bu.timed_call(fn, job["variant"], job["model"], job["out"], feeds,
+                         job.get("per_channel", False))
 
 
 def _session(path: str):
@@ -125,7 +129,8 @@ def bench_one(ctx: dict, variant: str, tool: str, runs: int) -> dict:
     jobdir = ctx["workdir"] / ctx["name"] / variant / tool
     jobdir.mkdir(parents=True, exist_ok=True)
     job = {"tool": tool, "variant": variant, "model": ctx["model"],
-           "out": str(jobdir / "model" / "model.onnx"), "feeds": ctx["calib"]}
+           "out": str(jobdir / "model" / "model.onnx"), "feeds": ctx["calib"],
+           "per_channel": ctx["per_channel"]}
     rec = bu.quantize_and_evaluate(ctx, "bench_formats:worker_quant", job, jobdir,
                                    model=ctx["name"], setting=variant, tool=tool)
     if rec["ok"] and rec.get("runs"):
@@ -143,7 +148,8 @@ def bench_one(ctx: dict, variant: str, tool: str, runs: int) -> dict:
 def run_all(args, workdir: Path) -> list[dict]:
     results = []
     for name in args.models:
-        ctx = bu.prepare_model(name, workdir, repeat=1, timeout=args.timeout)
+        ctx = bu.prepare_model(name, workdir, repeat=1, timeout=args.timeout,
+                               per_channel=args.per_channel)
         for variant in args.variants:
             for tool in args.tools:
                 if tool == "ort" and variant == "dyn-qdq":
@@ -210,6 +216,8 @@ def parse_args(argv=None):
                    help="dyn-qop, dyn-qdq, static-qop (default: all)")
     p.add_argument("--tools", type=bu.list_arg(list(TOOLS)), default=list(TOOLS),
                    help="ours = onnxquant, ort = onnxruntime.quantization (default: both)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="per-channel weights in every variant, both tools")
     p.add_argument("--runs", type=int, default=30,
                    help="timed runs per model for the latency (default 30)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

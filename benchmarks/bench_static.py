@@ -2,7 +2,8 @@
 """Static int8 QDQ quantization, onnxquant side by side with onnxruntime.quantization.
 
 For each corpus model (../shared/corpus) and setting (QDQ, MinMax, S8S8; per-channel off = pc0,
-on = pc1) both tools quantize the float model with the 32 calibration feeds:
+on = pc1; u8pc0 / u8pc1 = the same with uint8 activations, U8S8, in both tools) both tools
+quantize the float model with the 32 calibration feeds:
 
     ort:  onnxruntime.quantization.quantize_static(..., QuantFormat.QDQ, QInt8, QInt8,
           per_channel=pc, calibrate_method=CalibrationMethod.MinMax)
@@ -34,13 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_util as bu  # noqa: E402
 import _corpus_eval as ce  # noqa: E402
 
-SETTINGS = {"pc0": {"per_channel": False}, "pc1": {"per_channel": True}}
+SETTINGS = {"pc0": {"per_channel": False}, "pc1": {"per_channel": True},
+            "u8pc0": {"per_channel": False, "uint8": True},
+            "u8pc1": {"per_channel": True, "uint8": True}}
+DEFAULT_SETTINGS = ["pc0", "pc1"]
 TOOLS = ("ours", "ort")
 TOOL_LABEL = {"ours": "onnxquant", "ort": "onnxruntime.quantization"}
 
 
 # =========================================================================== worker side
-def _quantize_ort(model: str, out: str, feeds, per_channel: bool) -> None:
+def _quantize_ort(model: str, out: str, feeds, per_channel: bool, uint8: bool = False) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -49,15 +53,17 @@ def _quantize_ort(model: str, out: str, feeds, per_channel: bool) -> None:
     )
 
     quantize_static(model, out, bu.ort_reader(feeds), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8 if uint8 else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
                     per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax)
 
 
-def _quantize_ours(model: str, out: str, feeds, per_channel: bool) -> None:
+def _quantize_ours(model: str, out: str, feeds, per_channel: bool, uint8: bool = False) -> None:
     bu.use_working_tree()
     import onnxquant
 
-    config = onnxquant.StaticQuantConfig(per_channel=per_channel, activation_type=onnxquant.INT8)
+    config = onnxquant.StaticQuantConfig(
+        per_channel=per_channel, activation_type=onnxquant.UINT8 if uint8 else onnxquant.INT8)
     onnxquant.quantize_static(model, out, feeds, config=config)
 
 
@@ -132,8 +138,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=bu.list_arg(ce.model_names()), default=ce.model_names(),
                    help="comma-separated corpus models (default: all 7)")
-    p.add_argument("--settings", type=bu.list_arg(list(SETTINGS)), default=list(SETTINGS),
-                   help="pc0 = per-channel off, pc1 = on (default: both)")
+    p.add_argument("--settings", type=bu.list_arg(list(SETTINGS)), default=DEFAULT_SETTINGS,
+                   help="pc0 = per-channel off, pc1 = on (default: both); u8pc0/u8pc1: U8S8")
     p.add_argument("--tools", type=bu.list_arg(list(TOOLS)), default=list(TOOLS),
                    help="ours = onnxquant, ort = onnxruntime.quantization (default: both)")
     p.add_argument("--repeat", type=int, default=1,

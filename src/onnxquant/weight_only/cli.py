@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 _MAX_EXAMPLES = 3
+_MAX_REASONS = 5
+_QUOTED = re.compile(r"'[^']*'")
 
 
 def _names(text: str) -> list[str]:
@@ -175,10 +178,15 @@ def format_weights_summary(result: WeightOnlyResult) -> str:
     floats: dict[str, list[str]] = collections.defaultdict(list)
     for d in result.decisions:
         if d.action != "weights":
-            floats[d.reason or "(no reason given)"].append(d.name or "<unnamed>")
-    for reason, names in sorted(floats.items(), key=lambda item: -len(item[1])):
+            reason = _QUOTED.sub("'...'", d.reason) if d.reason else "(no reason given)"
+            floats[reason].append(d.name or "<unnamed>")
+    ordered = sorted(floats.items(), key=lambda item: -len(item[1]))
+    for reason, names in ordered[:_MAX_REASONS]:
         more = ", ..." if len(names) > _MAX_EXAMPLES else ""
         lines.append(f"  float {len(names)}: {reason} [{', '.join(names[:_MAX_EXAMPLES])}{more}]")
+    if len(ordered) > _MAX_REASONS:
+        rest = sum(len(names) for _, names in ordered[_MAX_REASONS:])
+        lines.append(f"  float {rest}: other reasons ({len(ordered) - _MAX_REASONS} more)")
     ratio = ""
     if result.float_bytes and result.quantized_bytes:
         ratio = f" ({result.float_bytes / result.quantized_bytes:.2f}x smaller)"

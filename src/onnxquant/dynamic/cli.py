@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 from pathlib import Path
 
 from onnxquant._cli_args import (
@@ -32,6 +33,7 @@ __all__ = ["add_dynamic_parser", "run_dynamic", "dynamic_config_from_args",
 
 _MAX_EXAMPLES = 3
 _MAX_REASONS = 6
+_QUOTED = re.compile(r"'[^']*'")
 
 
 def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -105,7 +107,8 @@ def _float_reasons(result: DynamicQuantizationResult) -> list[str]:
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for d in result.decisions:
         if d.action != "quantized":
-            groups[d.reason or "(no reason given)"].append(d.name or "<unnamed>")
+            reason = _QUOTED.sub("'...'", d.reason) if d.reason else "(no reason given)"
+            groups[reason].append(d.name or "<unnamed>")
     lines = []
     for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:_MAX_REASONS]:
         more = ", ..." if len(names) > _MAX_EXAMPLES else ""

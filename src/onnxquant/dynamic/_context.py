@@ -9,15 +9,34 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant._graph import is_constant, is_float
 from onnxquant.dynamic._builder import Builder, Names
 from onnxquant.dynamic._weights import WeightStore, per_tensor_sqnr_db
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.runtime import RuntimeSupport
 
-__all__ = ["Context", "Outcome"]
+__all__ = ["Context", "Outcome", "operand_problem"]
 
 Outcome = tuple[bool, str]
 """What a rewrite did: (True, what was emitted) or (False, why the node stays float)."""
+
+
+def operand_problem(node: ir.Node, config: DynamicQuantConfig) -> str | None:
+    """Why MatMul/Gemm/Conv ``node`` cannot be quantized dynamically from its first two
+    inputs (None when it can): they must be float32, not both constant, and the weight must be
+    a constant for Conv and, with ``matmul_const_b_only``, for MatMul/Gemm."""
+    a, w = node.inputs[0], node.inputs[1]
+    if not is_float(a) or not is_float(w):
+        return "inputs are not float32"
+    assert a is not None and w is not None
+    if is_constant(a) and is_constant(w):
+        return f"both inputs are constants (constant folding removes this {node.op_type})"
+    if not is_constant(w):
+        if node.op_type == "Conv":
+            return "the weight is not a constant"
+        if config.matmul_const_b_only:
+            return "B is not a constant (matmul_const_b_only)"
+    return None
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxquant._graph import is_constant, is_float
 from onnxquant.dynamic._builder import Builder
-from onnxquant.dynamic._context import Context, Outcome
+from onnxquant.dynamic._context import Context, Outcome, operand_problem
 
 __all__ = ["rewrite_matmul", "rewrite_gemm", "rewrite_conv", "dynamic_quantize"]
 
@@ -128,17 +128,14 @@ def _matmul_dynamic(ctx: Context, node: ir.Node, b: Builder, a: ir.Value, w: ir.
 
 def rewrite_matmul(ctx: Context, node: ir.Node) -> Outcome:
     """MatMul -> DynamicQuantizeLinear + MatMulInteger + Cast + Mul."""
+    problem = operand_problem(node, ctx.config)
+    if problem:
+        return False, problem
     a, w = node.inputs[0], node.inputs[1]
-    if not is_float(a) or not is_float(w):
-        return False, "inputs are not float32"
     assert a is not None and w is not None
-    if is_constant(a) and is_constant(w):
-        return False, "both inputs are constants (constant folding removes this MatMul)"
     b = ctx.builder(node)
     if is_constant(w):
         return _matmul_const(ctx, node, b, a, w)
-    if ctx.config.matmul_const_b_only:
-        return False, "B is not a constant (matmul_const_b_only)"
     return _matmul_dynamic(ctx, node, b, a, w)
 
 
@@ -165,14 +162,11 @@ def _gemm_bias(b: Builder, node: ir.Node, beta: float) -> ir.Value | None:
 
 def rewrite_gemm(ctx: Context, node: ir.Node) -> Outcome:
     """Gemm -> [Transpose(A)] + the MatMul form, bias added after the scale."""
+    problem = operand_problem(node, ctx.config)
+    if problem:
+        return False, problem
     a, w = node.inputs[0], node.inputs[1]
-    if not is_float(a) or not is_float(w):
-        return False, "inputs are not float32"
     assert a is not None and w is not None
-    if is_constant(a) and is_constant(w):
-        return False, "both inputs are constants (constant folding removes this Gemm)"
-    if not is_constant(w) and ctx.config.matmul_const_b_only:
-        return False, "B is not a constant (matmul_const_b_only)"
     alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
     trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
     b = ctx.builder(node)
@@ -198,13 +192,12 @@ def rewrite_gemm(ctx: Context, node: ir.Node) -> Outcome:
 # -- Conv --------------------------------------------------------------------------------------
 def rewrite_conv(ctx: Context, node: ir.Node) -> Outcome:
     """Conv -> DynamicQuantizeLinear + ConvInteger + Cast + Mul [+ Add(bias [C,1,..])]."""
+    problem = operand_problem(node, ctx.config)
+    if problem:
+        return False, problem
     x, w = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if not is_float(x) or not is_float(w):
-        return False, "inputs are not float32"
     assert x is not None and w is not None
-    if not is_constant(w):
-        return False, "the weight is not a constant"
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and not is_float(bias):
         return False, "the bias is not float32"
     config = ctx.config

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant, is_float
-from onnxquant.dynamic._context import Context, Outcome
+from onnxquant._graph import is_constant
+from onnxquant.dynamic._context import Context, Outcome, operand_problem
 
 __all__ = ["FUNCTION_DOMAIN", "FUNCTION_NAME", "rewrite_matmul", "rewrite_gemm", "rewrite_conv",
            "compute_parameters_function"]
@@ -108,15 +108,11 @@ def _weight(ctx: Context, node: ir.Node, value: ir.Value, axis: int | None) -> i
 
 
 def _quantize_inputs(ctx: Context, node: ir.Node, weight_axis: int | None) -> Outcome:
+    problem = operand_problem(node, ctx.config)
+    if problem:
+        return False, problem
     a, w = node.inputs[0], node.inputs[1]
-    if not is_float(a) or not is_float(w):
-        return False, "inputs are not float32"
     assert a is not None and w is not None
-    if is_constant(a) and is_constant(w):
-        return False, "both inputs are constants"
-    if not is_constant(w) and (node.op_type == "Conv" or ctx.config.matmul_const_b_only):
-        return False, ("the weight is not a constant" if node.op_type == "Conv"
-                       else "B is not a constant (matmul_const_b_only)")
     if is_constant(w):
         rank = w.const_value.shape.rank()  # type: ignore[union-attr]
         if node.op_type != "Conv" and rank != 2:

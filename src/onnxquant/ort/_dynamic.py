@@ -1,5 +1,5 @@
-"""onnxruntime's ``quantize_dynamic`` and ``DynamicQuantConfig``, backed by
-:func:`onnxquant.quantize_dynamic`.
+"""onnxruntime's ``quantize_dynamic``, backed by :func:`onnxquant.quantize_dynamic` (its config
+class, ``DynamicQuantConfig``, is in :mod:`onnxquant.ort.quantize` next to ``QuantConfig``).
 
 Every argument becomes a field of one :class:`onnxquant.DynamicQuantConfig` in
 :func:`_to_native_dynamic_config`. ``extra_options``:
@@ -35,7 +35,7 @@ from onnxquant.ort.quant_utils import QuantType
 if TYPE_CHECKING:
     from onnxquant.dynamic.api import DynamicQuantizationResult
 
-__all__ = ["DynamicQuantConfig", "quantize_dynamic"]
+__all__ = ["quantize_dynamic"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,42 +139,3 @@ def quantize_dynamic(
         nodes_to_exclude=nodes_to_exclude, use_external_data_format=use_external_data_format,
         extra_options=extra_options)
     return native_quantize_dynamic(model_input, model_output, config)
-
-
-class DynamicQuantConfig:
-    """onnxruntime's dynamic config, for :func:`onnxquant.ort.quantize`; the arguments are
-    those of :func:`quantize_dynamic` (``None`` lists become ``[]``)."""
-
-    def __init__(
-        self,
-        weight_type: QuantType = QuantType.QInt8,
-        op_types_to_quantize: Collection[str] | None = None,
-        nodes_to_quantize: Collection[str] | None = None,
-        nodes_to_exclude: Collection[str] | None = None,
-        per_channel: bool = False,
-        reduce_range: bool = False,
-        use_external_data_format: bool = False,
-        extra_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.weight_type = weight_type
-        self.activation_type = QuantType.QUInt8
-        self.op_types_to_quantize = op_types_to_quantize or []
-        self.nodes_to_quantize = nodes_to_quantize or []
-        self.nodes_to_exclude = nodes_to_exclude or []
-        self.per_channel = per_channel
-        self.reduce_range = reduce_range
-        self.use_external_data_format = use_external_data_format
-        self.extra_options = extra_options or {}
-
-
-DYNAMIC_FIELDS = (
-    "op_types_to_quantize", "per_channel", "reduce_range", "weight_type", "nodes_to_quantize",
-    "nodes_to_exclude", "use_external_data_format", "extra_options",
-)
-
-
-def is_dynamic_config(config: object) -> bool:
-    """Our :class:`DynamicQuantConfig` or onnxruntime's (by name and fields)."""
-    return isinstance(config, DynamicQuantConfig) or (
-        type(config).__name__ == "DynamicQuantConfig"
-        and all(hasattr(config, name) for name in DYNAMIC_FIELDS))

@@ -11,7 +11,7 @@ Differences from onnxruntime, on purpose:
 * The output path may not be the input path; nothing is written when quantization fails.
 * If/Loop/Scan bodies are quantized unless ``extra_options={"EnableSubgraph": False}``.
 * ``use_external_data_format=False`` means "decide by size" instead of failing above 2 GB.
-* ``quantize_dynamic`` / ``DynamicQuantConfig`` are in :mod:`onnxquant.ort._dynamic`.
+* ``quantize_dynamic`` is in :mod:`onnxquant.ort._dynamic`.
 * Not supported yet (raise :class:`~onnxquant.errors.QuantizationError`): ``QFLOAT8E4M3FN``.
 """
 
@@ -23,12 +23,7 @@ from typing import Any
 
 from onnxquant import api
 from onnxquant.model_io import ModelInput
-from onnxquant.ort._dynamic import (
-    DYNAMIC_FIELDS,
-    DynamicQuantConfig,
-    is_dynamic_config,
-    quantize_dynamic,
-)
+from onnxquant.ort._dynamic import quantize_dynamic
 from onnxquant.ort._errors import UnsupportedConfigError
 from onnxquant.ort._options import _to_native_config
 from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
@@ -110,6 +105,33 @@ class StaticQuantConfig(QuantConfig):
         self.extra_options = extra_options or {}
 
 
+class DynamicQuantConfig(QuantConfig):
+    """onnxruntime's dynamic config, for :func:`quantize`; the arguments are those of
+    :func:`quantize_dynamic` (activations are always uint8)."""
+
+    def __init__(
+        self,
+        weight_type: QuantType = QuantType.QInt8,
+        op_types_to_quantize: Collection[str] | None = None,
+        nodes_to_quantize: Collection[str] | None = None,
+        nodes_to_exclude: Collection[str] | None = None,
+        per_channel: bool = False,
+        reduce_range: bool = False,
+        use_external_data_format: bool = False,
+        extra_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            weight_type=weight_type,
+            op_types_to_quantize=op_types_to_quantize,
+            nodes_to_quantize=nodes_to_quantize,
+            nodes_to_exclude=nodes_to_exclude,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            use_external_data_format=use_external_data_format,
+        )
+        self.extra_options = extra_options or {}
+
+
 def quantize_static(
     model_input: ModelInput,
     model_output: str | os.PathLike,
@@ -174,11 +196,21 @@ def quantize_static(
     return api.quantize_static(model_input, model_output, calibration_data_reader, config)
 
 
+_DYNAMIC_FIELDS = (
+    "op_types_to_quantize", "per_channel", "reduce_range", "weight_type", "nodes_to_quantize",
+    "nodes_to_exclude", "use_external_data_format", "extra_options",
+)
 _STATIC_FIELDS = (
     "calibration_data_reader", "quant_format", "op_types_to_quantize", "per_channel",
     "reduce_range", "activation_type", "weight_type", "nodes_to_quantize", "nodes_to_exclude",
     "use_external_data_format", "calibrate_method", "calibration_providers", "extra_options",
 )
+
+
+def _is_config(config: object, cls: type, fields: tuple[str, ...]) -> bool:
+    """``config`` is our ``cls`` or onnxruntime's class of the same name (with its fields)."""
+    return isinstance(config, cls) or (
+        type(config).__name__ == cls.__name__ and all(hasattr(config, f) for f in fields))
 
 
 def quantize(
@@ -202,14 +234,10 @@ def quantize(
             configs.
     """
     kind = type(quant_config).__name__
-    if is_dynamic_config(quant_config):
-        options = {name: getattr(quant_config, name) for name in DYNAMIC_FIELDS}
+    if _is_config(quant_config, DynamicQuantConfig, _DYNAMIC_FIELDS):
+        options = {name: getattr(quant_config, name) for name in _DYNAMIC_FIELDS}
         return quantize_dynamic(model_input, model_output, **options)
-    is_static = isinstance(quant_config, StaticQuantConfig) or (
-        kind == "StaticQuantConfig"
-        and all(hasattr(quant_config, name) for name in _STATIC_FIELDS)
-    )
-    if not is_static:
+    if not _is_config(quant_config, StaticQuantConfig, _STATIC_FIELDS):
         from onnxquant.ort.matmul_4bits_quantizer import (
             is_weight_only_config,
             quantize_weight_only,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["name_list", "unique", "add_node_selection", "selection_fields",
-           "add_model_handling", "add_speed_check", "positive_int"]
+           "add_model_handling", "add_speed_check", "add_verbosity", "positive_int"]
 
 
 def name_list(text: str) -> list[str]:
@@ -75,3 +75,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` and ``-v/--verbose`` (repeatable)."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar and no summary (errors and warnings still shown)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-vv: debug detail) and show tracebacks on errors")

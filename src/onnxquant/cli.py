@@ -25,6 +25,7 @@ from onnxquant._cli_args import (
     add_model_handling,
     add_node_selection,
     add_speed_check,
+    add_verbosity,
     positive_int,
     selection_fields,
 )
@@ -47,13 +48,6 @@ EXIT_OK = 0
 EXIT_OS_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bar and no summary (errors and warnings still shown)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress (-vv: debug detail) and show tracebacks on errors")
 
 
 def _add_static(subparsers: argparse._SubParsersAction) -> None:
@@ -122,7 +116,7 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
                        help="also write the quantization plan (every decision and parameter) "
                             "as JSON")
     add_speed_check(p)
-    _add_common(p)
+    add_verbosity(p)
     p.set_defaults(run=_run_static)
 
 

@@ -19,6 +19,7 @@ from onnxquant._cli_args import (
     add_model_handling,
     add_node_selection,
     add_speed_check,
+    add_verbosity,
     selection_fields,
 )
 from onnxquant.config import QuantFormat
@@ -68,9 +69,7 @@ def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                      help="also quantize inside If/Loop/Scan bodies (off by default)")
     add_model_handling(p)
     add_speed_check(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log progress (-vv: debug detail) and show tracebacks on errors")
+    add_verbosity(p)
     p.set_defaults(run=run_dynamic)
     return p
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from onnxquant._cli_args import add_verbosity, name_list
 from onnxquant.config import QuantFormat
 from onnxquant.errors import QuantizationError
 from onnxquant.summary import format_size
@@ -36,13 +37,6 @@ __all__ = [
 _MAX_EXAMPLES = 3
 _MAX_REASONS = 5
 _QUOTED = re.compile(r"'[^']*'")
-
-
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"empty name in {text!r}; use a list like a,b")
-    return names
 
 
 def _block_size(text: str) -> int | None:
@@ -114,13 +108,13 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     num.add_argument("--accuracy-level", type=int, choices=range(5), metavar="N",
                      help="MatMulNBits accuracy_level 0-4 (4: int8 compute on CPU)")
     sel = p.add_argument_group("what to quantize (comma-separated lists, may be repeated)")
-    sel.add_argument("--op-types", type=_names, action="extend", metavar="OPS",
+    sel.add_argument("--op-types", type=name_list, action="extend", metavar="OPS",
                      help="MatMul (default) and/or Gather")
     sel.add_argument("--gather-axis", type=int, default=1, metavar="AXIS",
                      help="axis along which Gather tables are blocked (default 1)")
-    sel.add_argument("--nodes", type=_names, action="extend", metavar="NAMES",
+    sel.add_argument("--nodes", type=name_list, action="extend", metavar="NAMES",
                      help="quantize only these nodes")
-    sel.add_argument("--exclude", type=_names, action="extend", metavar="NAMES",
+    sel.add_argument("--exclude", type=name_list, action="extend", metavar="NAMES",
                      help="keep these nodes float")
     sel.add_argument("--override", type=_override, action="append", metavar="NODE:K=V,...",
                      help="per-node settings, e.g. lm_head:bits=8 (keys: "
@@ -136,9 +130,7 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="quantize columns by decreasing Hessian diagonal")
     p.add_argument("--external-data", action="store_true",
                    help="store tensors in OUT.data (default: only above 2 GB)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log progress (-vv: debug detail) and show tracebacks on errors")
+    add_verbosity(p)
     p.set_defaults(run=run_weights)
     return p
 

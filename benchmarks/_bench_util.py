@@ -17,6 +17,7 @@ Every measured call runs in a fresh worker process so that its time and memory a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -24,9 +25,11 @@ import pickle
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +100,19 @@ def use_working_tree() -> None:
     src = str(REPO / "src")
     if src not in sys.path:
         sys.path.insert(0, src)
+
+
+@contextlib.contextmanager
+def scratch_dir(keep: str | None, prefix: str):
+    """The benchmark's working folder: ``keep`` (created, kept) or a temporary folder that is
+    removed afterwards, also when the benchmark fails."""
+    workdir = Path(keep).resolve() if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield workdir
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def ort_reader(feeds):

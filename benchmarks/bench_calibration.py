@@ -47,7 +47,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -509,23 +508,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.keep:
-        workdir = Path(args.keep).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="onnxquant-bench-calib-"))
     scaling: list[dict] = []
     fidelity: list[dict] = []
-    try:
+    with bu.scratch_dir(args.keep, "onnxquant-bench-calib-") as workdir:
         if args.mem_limit_mb:
             print(f"memory limit per worker: {args.mem_limit_mb:.0f} MB", flush=True)
         if args.part in ("scaling", "all"):
             scaling = run_scaling(args, workdir)
         if args.part in ("fidelity", "all"):
             fidelity = run_fidelity(args, workdir)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     if scaling:
         print("\n## Calibration only: peak memory and time vs number of samples\n")
         print(scaling_table(scaling, args.samples, args.time_at))

@@ -33,7 +33,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -229,16 +228,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.keep:
-        workdir = Path(args.keep).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="onnxquant-bench-formats-"))
-    try:
+    with bu.scratch_dir(args.keep, "onnxquant-bench-formats-") as workdir:
         results = run_all(args, workdir)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(markdown_table(results))
     if args.json:

@@ -35,7 +35,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -370,18 +369,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workdir = Path(args.keep).resolve() if args.keep else Path(
-        tempfile.mkdtemp(prefix="onnxquant-bench-wo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    try:
+    with bu.scratch_dir(args.keep, "onnxquant-bench-wo-") as workdir:
         if args.part in ("llm", "both"):
             results += run_llm(args, workdir)
         if args.part in ("minilm", "both"):
             results += run_minilm(args, workdir)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     print()
     if args.part in ("llm", "both"):
         print(llm_table(results))

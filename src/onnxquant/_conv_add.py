@@ -14,6 +14,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from onnxquant._graph import add_initializer
+
 __all__ = ["fold_conv_add"]
 
 logger = logging.getLogger(__name__)
@@ -84,11 +86,8 @@ def _fold_one(graph: ir.Graph, add: ir.Node) -> bool:
             continue
         dtype = weight.dtype.numpy()
         total = (bias.astype(np.float64) if bias is not None else 0.0) + vector.astype(np.float64)
-        new_bias = ir.Value(name=f"{conv.name}_add_bias",
-                            const_value=ir.tensor(total.astype(dtype)))
-        new_bias.const_value.name = new_bias.name  # type: ignore[union-attr]
-        new_bias.type, new_bias.shape = ir.TensorType(weight.dtype), ir.Shape([channels])
-        graph.register_initializer(new_bias)
+        new_bias = add_initializer(graph, f"{conv.name}_add_bias",
+                                   np.asarray(total).astype(dtype).reshape(channels))
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
         conv.replace_input_with(2, new_bias)

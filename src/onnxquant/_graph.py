@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx_ir as ir
 
-__all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize"]
+__all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize", "add_initializer"]
 
 
 def iter_nodes(model: ir.Model, *, subgraphs: bool = True) -> Iterator[ir.Node]:
@@ -30,3 +31,18 @@ def is_constant(value: ir.Value) -> bool:
 def from_dequantize(value: ir.Value) -> bool:
     producer = value.producer()
     return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def add_initializer(graph: ir.Graph, name: str,
+                    data: np.ndarray | np.generic | ir.TensorProtocol) -> ir.Value:
+    """Register ``data`` (an array or an onnx_ir tensor) as initializer ``name`` of ``graph``,
+    with its type and shape set."""
+    if isinstance(data, (np.ndarray, np.generic)):
+        tensor: ir.TensorProtocol = ir.tensor(np.asarray(data), name=name)
+    else:
+        tensor = data
+        tensor.name = name
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape),
+                     type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value

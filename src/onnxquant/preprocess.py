@@ -19,6 +19,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxquant._conv_add import fold_conv_add
+from onnxquant._graph import add_initializer
 
 BATCHNORM_FOLDED = "onnxquant.batchnorm_folded"
 """``value.meta`` key set on Conv weights that have a BatchNormalization folded into them: their
@@ -131,14 +132,9 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
     b = (bias.astype(np.float64) if bias is not None else 0.0) - mean
     b = b * factor + beta
     dtype = weight.dtype
-    new_w = ir.Value(name=f"{conv.name}_bn_weight", const_value=ir.tensor(w.astype(dtype)))
-    new_b = ir.Value(name=f"{conv.name}_bn_bias", const_value=ir.tensor(b.astype(dtype)))
+    new_w = add_initializer(graph, f"{conv.name}_bn_weight", w.astype(dtype))
+    new_b = add_initializer(graph, f"{conv.name}_bn_bias", np.asarray(b).astype(dtype))
     new_w.meta[BATCHNORM_FOLDED] = True
-    for value in (new_w, new_b):
-        value.const_value.name = value.name  # type: ignore[union-attr]
-        value.type = ir.TensorType(ir.DataType.from_numpy(dtype))
-        value.shape = ir.Shape(value.const_value.shape)  # type: ignore[union-attr]
-        graph.register_initializer(value)
     inputs = [conv.inputs[0], new_w, new_b]
     if len(conv.inputs) < 3:
         conv.resize_inputs(3)

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant._graph import add_initializer
+
 __all__ = ["expose_ranges", "expose_tensors", "PAIR", "VALUES"]
 
 _FLOAT = ir.DataType.FLOAT
@@ -38,12 +40,7 @@ class _Augmenter:
         self.flat_shape = self._initializer(np.array([-1], np.int64), "flat")
 
     def _initializer(self, array: np.ndarray, stem: str) -> ir.Value:
-        name = self._name(stem)
-        tensor = ir.tensor(array, name=name)
-        value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(tensor.dtype))
-        self.model.graph.register_initializer(value)
-        return value
+        return add_initializer(self.model.graph, self._name(stem), array)
 
     def _name(self, stem: str) -> str:
         return f"_oqcal_{next(self._ids)}_{stem}"

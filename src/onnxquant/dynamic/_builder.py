@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant._graph import add_initializer
 from onnxquant._names import UniqueNames as Names
 
 __all__ = ["Names", "Builder"]
@@ -72,12 +73,7 @@ class Builder:
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | np.generic) -> ir.Value:
     """Register ``array`` as initializer ``name`` of ``graph``."""
-    array = np.asarray(array)
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
-                     type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, name, np.asarray(array))
 
 
 def remove_unused_initializers(model: ir.Model) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant import numerics
+from onnxquant._graph import add_initializer
 from onnxquant.qtypes import QuantType
 
 __all__ = [
@@ -63,13 +64,8 @@ def input_name(node: ir.Node, index: int, default: str) -> str:
 
 def new_initializer(graph: ir.Graph, unique_name: NameFn, stem: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer of ``graph`` named ``unique_name(stem)``."""
-    name = unique_name(stem)
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(
-        name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype)
-    )
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, unique_name(stem),
+                           np.ascontiguousarray(array) if array.ndim else array)
 
 
 def quantized_initializers(

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant import numerics
-from onnxquant._graph import iter_nodes
+from onnxquant._graph import add_initializer, iter_nodes
 from onnxquant._names import UniqueNames
 from onnxquant.plan import BiasQuant, QuantPlan, TensorQuant
 
@@ -49,12 +49,7 @@ class _QDQEmitter:
 
     # -- building blocks ---------------------------------------------------------------------
     def initializer(self, graph: ir.Graph, stem: str, array: np.ndarray) -> ir.Value:
-        name = self.names.new(stem)
-        tensor = ir.tensor(array, name=name)
-        value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(tensor.dtype))
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, self.names.new(stem), array)
 
     def node(self, graph: ir.Graph, op: str, inputs: list[ir.Value], stem: str,
              axis: int | None, dtype: ir.DataType) -> ir.Value:

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant import numerics
-from onnxquant._graph import is_float, iter_nodes
+from onnxquant._graph import add_initializer, is_float, iter_nodes
 from onnxquant._names import UniqueNames
 from onnxquant.emitters._qop_fold import fold_scales
 from onnxquant.emitters._qop_hardsigmoid import fold_hard_sigmoids
@@ -111,15 +111,8 @@ class _QOperatorEmitter:
 
     # -- building blocks (the Builder protocol of _qop_ops) --------------------------------------
     def constant(self, node: ir.Node, stem: str, array: np.ndarray) -> ir.Value:
-        graph = node.graph
-        assert graph is not None
-        name = self.names.new(stem)
-        array = np.asarray(array)
-        tensor = ir.tensor(array, name=name)
-        value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(tensor.dtype))
-        graph.register_initializer(value)
-        return value
+        assert node.graph is not None
+        return add_initializer(node.graph, self.names.new(stem), np.asarray(array))
 
     def _cached(self, node: ir.Node, key: str, make) -> ir.Value:
         graph_key = (id(node.graph), key)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant._graph import add_initializer
 from onnxquant._names import UniqueNames
 from onnxquant.config import QuantFormat
 from onnxquant.model_io import default_opset
@@ -115,11 +116,7 @@ class WeightEmitter:
 
     # -- building blocks ------------------------------------------------------------------
     def _initializer(self, graph: ir.Graph, stem: str, tensor: ir.TensorProtocol) -> ir.Value:
-        name = self.names.new(stem)
-        tensor.name = name
-        value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape),
-                         type=ir.TensorType(tensor.dtype))
-        graph.register_initializer(value)
+        value = add_initializer(graph, self.names.new(stem), tensor)
         if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
             self.uses_int4 = True
         return value

@@ -376,7 +376,8 @@ def test_format_size(size, text):
 
 def test_public_api():
     assert set(cli.__all__) == {"main", "build_parser", "static_config_from_args"}
-    assert set(summary.__all__) == {"format_summary", "format_size", "speed_lines"}
+    assert set(summary.__all__) == {"format_summary", "format_size", "speed_lines", "size_line",
+                                    "files_lines"}
     for module in (cli, summary):
         for name in module.__all__:
             assert getattr(module, name).__doc__

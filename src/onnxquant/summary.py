@@ -10,12 +10,13 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from onnxquant.api import QuantizationResult
 from onnxquant.plan import NodeDecision
 from onnxquant.speed import Latency
 
-__all__ = ["format_summary", "format_size", "speed_lines"]
+__all__ = ["format_summary", "format_size", "speed_lines", "size_line", "files_lines"]
 
 # Column title of each known NodeDecision action, in table order. "weights" (weight-only) and
 # any action this module does not know get a column only when some node has them.
@@ -77,13 +78,18 @@ def _float_reasons(floats: list[NodeDecision]) -> list[str]:
     return lines
 
 
-def _size_line(result: QuantizationResult) -> str:
-    before, after = result.float_bytes, result.quantized_bytes
+def size_line(before: int, after: int) -> str:
+    """``size:  12.30 MB -> 3.10 MB (3.97x smaller)`` (or ``larger``)."""
     text = f"size:         {format_size(before)} -> {format_size(after)}"
     if before > 0 and after > 0:
         ratio = before / after
         text += f" ({ratio:.2f}x smaller)" if ratio >= 1 else f" ({1 / ratio:.2f}x larger)"
     return text
+
+
+def files_lines(paths: Sequence[Path]) -> list[str]:
+    """``written:`` followed by the files, one per line."""
+    return [f"{'written:' if index == 0 else '':<14}{path}" for index, path in enumerate(paths)]
 
 
 def speed_lines(advice: Sequence[str] = (), latency: Latency | None = None) -> list[str]:
@@ -130,7 +136,7 @@ def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
         lines += _float_reasons(floats)
     else:
         lines.append("float nodes:  0")
-    lines.append(_size_line(result))
+    lines.append(size_line(result.float_bytes, result.quantized_bytes))
     lines.append(f"calibration:  {result.calibration_samples} "
                  f"sample{'s' if result.calibration_samples != 1 else ''}")
     if result.unobserved:
@@ -140,6 +146,5 @@ def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
                      f"calibration data stay float ({names}{more})")
     lines.append(f"time:         {result.seconds:.2f} s")
     lines += speed_lines(advice, latency)
-    for index, path in enumerate(result.output_files):
-        lines.append(f"{'written:' if index == 0 else '':<14}{path}")
+    lines += files_lines(result.output_files)
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.qtypes import quant_type_from_name
 from onnxquant.speed import Latency, count_ops, format_advice, measure_latency
-from onnxquant.summary import format_size, speed_lines
+from onnxquant.summary import files_lines, size_line, speed_lines
 
 __all__ = ["add_dynamic_parser", "run_dynamic", "dynamic_config_from_args",
            "format_dynamic_summary"]
@@ -127,15 +127,10 @@ def format_dynamic_summary(result: DynamicQuantizationResult, advice: list[str] 
     if result.runtime_notes:
         lines.append("forms chosen for this onnxruntime:")
         lines += [f"  - {note}" for note in result.runtime_notes]
-    ratio = ""
-    if result.float_bytes and result.quantized_bytes:
-        ratio = f" ({result.float_bytes / result.quantized_bytes:.2f}x smaller)"
-    lines.append(f"size:         {format_size(result.float_bytes)} -> "
-                 f"{format_size(result.quantized_bytes)}{ratio}")
+    lines.append(size_line(result.float_bytes, result.quantized_bytes))
     lines.append(f"time:         {result.seconds:.2f} s")
     lines += speed_lines(advice, latency)
-    for index, path in enumerate(result.output_files):
-        lines.append(f"{'written:' if index == 0 else '':<14}{path}")
+    lines += files_lines(result.output_files)
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from onnxquant._cli_args import add_verbosity, name_list
 from onnxquant.config import QuantFormat
 from onnxquant.errors import QuantizationError
-from onnxquant.summary import format_size
+from onnxquant.summary import files_lines, size_line
 from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
 from onnxquant.weight_only.config import (
     OVERRIDE_KEYS,
@@ -179,16 +179,11 @@ def format_weights_summary(result: WeightOnlyResult) -> str:
     if len(ordered) > _MAX_REASONS:
         rest = sum(len(names) for _, names in ordered[_MAX_REASONS:])
         lines.append(f"  float {rest}: other reasons ({len(ordered) - _MAX_REASONS} more)")
-    ratio = ""
-    if result.float_bytes and result.quantized_bytes:
-        ratio = f" ({result.float_bytes / result.quantized_bytes:.2f}x smaller)"
-    lines.append(f"size:         {format_size(result.float_bytes)} -> "
-                 f"{format_size(result.quantized_bytes)}{ratio}")
+    lines.append(size_line(result.float_bytes, result.quantized_bytes))
     if result.calibration_samples:
         lines.append(f"calibration:  {result.calibration_samples} samples")
     lines.append(f"time:         {result.seconds:.2f} s")
-    for index, path in enumerate(result.output_files):
-        lines.append(f"{'written:' if index == 0 else '':<14}{path}")
+    lines += files_lines(result.output_files)
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 What is checked: exact QuantizeLinear/DequantizeLinear counts per graph (subgraphs included),
 the element type behind every quantized input (int8 weights, int32 biases whose scale is exactly
 input scale x weight scale in float32), per-channel axes, the quantized types of each config,
-removal of Relu/Clip, BatchNormalization folding, the fixed output ranges of Softmax/Sigmoid,
+the fixed output ranges of Softmax/Sigmoid (Relu/Clip and BatchNorm: test_static_activations.py),
 node selection filters, weights inside If/Loop bodies, that the input model is left untouched
 and that the plan survives a JSON round trip. Every produced model passes the full ONNX checker
 and runs in onnxruntime (see :func:`quantize`).
@@ -11,173 +11,40 @@ and runs in onnxruntime (see :func:`quantize`).
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import os
-from collections.abc import Callable
-from pathlib import Path
 
 import model_zoo as zoo
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
+from static_helpers import (
+    BYTE_SCALE,
+    DQ,
+    FLOAT,
+    INT8,
+    INT16,
+    INT32,
+    UINT8,
+    Q,
+    activation_qs,
+    check_bias,
+    check_weight,
+    const,
+    dequantizer,
+    float_initializers,
+    qcache,
+    qdq_counts,
+    quantize,
+    stored_initializer,
+    zoo_tensors,
+)
 
 import onnxquant
-from onnxquant import QuantPlan, StaticQuantConfig, preprocess, qtypes, quantize_static
+from onnxquant import QuantPlan, StaticQuantConfig, qtypes, quantize_static
 
-CALIB_FEEDS = 8
-Q, DQ = "QuantizeLinear", "DequantizeLinear"
-INT8, UINT8, INT16, INT32 = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16,
-                             ir.DataType.INT32)
-FLOAT = ir.DataType.FLOAT
-BYTE_SCALE = np.float32(1.0 / 255.0)  # the scale of a fixed [0, 1] range on an 8-bit grid
-
-
-# -- helpers ---------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Quantized:
-    proto: onnx.ModelProto
-    model: ir.Model
-    result: onnxquant.QuantizationResult
-    path: Path
-
-    def nodes(self) -> list[ir.Node]:
-        return list(ir.traversal.RecursiveGraphIterator(self.model.graph))
-
-    def node(self, name: str) -> ir.Node:
-        found = [n for n in self.nodes() if n.name == name]
-        assert len(found) == 1, f"expected one node named {name!r}, found {len(found)}"
-        return found[0]
-
-    def ops(self) -> collections.Counter:
-        return collections.Counter(n.op_type for n in self.nodes())
-
-    def graph(self, name: str) -> ir.Graph:
-        graphs = [self.model.graph, *self.model.graph.subgraphs()]
-        found = [g for g in graphs if g.name == name]
-        assert len(found) == 1, f"expected one graph named {name!r}"
-        return found[0]
-
-
-def quantize(model: onnx.ModelProto, out: Path, config: StaticQuantConfig | None = None,
-             feeds: list | None = None) -> Quantized:
-    """Quantize, then check the output with the full ONNX checker and run it in onnxruntime."""
-    feeds = feeds if feeds is not None else zoo.random_feeds(model, CALIB_FEEDS, seed=1)
-    result = quantize_static(model, out, feeds, config or StaticQuantConfig())
-    assert result.output_files == [Path(out).absolute()] or result.output_files == [Path(out)]
-    proto = onnx.load(out)
-    onnx.checker.check_model(proto, full_check=True)
-    for outputs in zoo.run(proto, zoo.random_feeds(model, 2, seed=2)):
-        for array in outputs:
-            assert np.all(np.isfinite(array))
-    return Quantized(proto, ir.serde.deserialize_model(proto), result, Path(out))
-
-
-@pytest.fixture(scope="module")
-def qcache(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Quantized]:
-    """``qcache(builder_name, **config_fields)``: quantized zoo model, computed once per module."""
-    cache: dict[tuple, Quantized] = {}
-    folder = tmp_path_factory.mktemp("quantized")
-
-    def get(name: str, **fields: object) -> Quantized:
-        key = (name, tuple(sorted((k, repr(v)) for k, v in fields.items())))
-        if key not in cache:
-            out = folder / f"{name}_{len(cache)}.onnx"
-            cache[key] = quantize(getattr(zoo, name)(), out, StaticQuantConfig(**fields))
-        return cache[key]
-
-    return get
-
-
-def const(value: ir.Value | None) -> np.ndarray:
-    assert value is not None and value.const_value is not None, f"{value} is not a constant"
-    return value.const_value.numpy()
-
-
-def dequantizer(value: ir.Value | None) -> ir.Node:
-    """The DequantizeLinear that produces ``value`` (fails when there is none)."""
-    assert value is not None
-    producer = value.producer()
-    assert producer is not None and producer.op_type == DQ, (
-        f"{value.name} is produced by {producer and producer.op_type}, not DequantizeLinear")
-    return producer
-
-
-def axis_of(node: ir.Node) -> int | None:
-    attr = node.attributes.get("axis")
-    return attr.as_int() if attr is not None else None
-
-
-def stored_initializer(dq: ir.Node) -> ir.Value:
-    """Input 0 of a DequantizeLinear, checked to be an initializer of the DQ's own graph."""
-    x = dq.inputs[0]
-    assert x is not None and x.const_value is not None
-    assert dq.graph is not None and dq.graph.initializers.get(x.name or "") is x, (
-        f"{x.name} is not an initializer of graph {dq.graph and dq.graph.name}")
-    return x
-
-
-def qdq_counts(q: Quantized) -> dict[str, tuple[int, int]]:
-    """``{graph name: (#QuantizeLinear, #DequantizeLinear)}`` over all graphs with any."""
-    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for node in q.nodes():
-        if node.op_type in (Q, DQ):
-            assert node.graph is not None
-            counts[node.graph.name or ""][node.op_type == DQ] += 1
-    return {k: (v[0], v[1]) for k, v in counts.items()}
-
-
-def activation_qs(q: Quantized) -> list[ir.Node]:
-    return [n for n in q.nodes() if n.op_type == Q]
-
-
-def float_initializers(graph: ir.Graph) -> dict[str, ir.Value]:
-    return {k: v for k, v in graph.initializers.items() if v.dtype == FLOAT}
-
-
-def check_weight(node: ir.Node, index: int, dtype: ir.DataType, float_weight: np.ndarray,
-                 axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Input ``index`` of ``node`` is DQ(stored ``dtype`` initializer) that reproduces the weight
-    within half a step everywhere. Returns (scale, zero point)."""
-    dq = dequantizer(node.inputs[index])
-    stored = stored_initializer(dq)
-    assert stored.dtype == dtype
-    assert axis_of(dq) == axis
-    scale, zero_point = const(dq.inputs[1]), const(dq.inputs[2])
-    assert scale.dtype == np.float32 and zero_point.dtype == stored.const_value.numpy().dtype
-    shape = [1] * float_weight.ndim
-    if axis is not None:
-        assert scale.shape == (float_weight.shape[axis],)
-        shape[axis] = -1
-    else:
-        assert scale.size == 1
-    s, z = scale.reshape(shape), zero_point.astype(np.float64).reshape(shape)
-    restored = (const(stored).astype(np.float64) - z) * s
-    assert np.all(np.abs(restored - float_weight) <= s / 2 * (1 + 1e-6) + 1e-12)
-    return scale, zero_point
-
-
-def check_bias(node: ir.Node, float_bias: np.ndarray | None) -> None:
-    """Input 2 is DQ(int32 initializer) with scale float32(x_scale) * float32(w_scale), exactly."""
-    x_dq, w_dq, b_dq = (dequantizer(node.inputs[i]) for i in range(3))
-    stored = stored_initializer(b_dq)
-    assert stored.dtype == INT32
-    assert len(b_dq.inputs) == 2 or not np.any(const(b_dq.inputs[2]))
-    x_scale, w_scale, b_scale = (const(dq.inputs[1]) for dq in (x_dq, w_dq, b_dq))
-    assert x_scale.size == 1 and b_scale.dtype == np.float32
-    expected = np.float32(x_scale.reshape(())) * w_scale.astype(np.float32)
-    np.testing.assert_array_equal(b_scale, expected)
-    if w_scale.size > 1:
-        assert axis_of(b_dq) == 0
-    if float_bias is not None:
-        restored = const(stored).astype(np.float64) * b_scale.astype(np.float64)
-        assert np.all(np.abs(restored - float_bias) <= b_scale / 2 * (1 + 1e-6) + 1e-12)
-
-
-zoo_tensors = zoo.zoo_tensors
-
+__all__ = ["qcache"]  # the fixture, imported for pytest
 
 # -- op counts -------------------------------------------------------------------------------
 # (#QuantizeLinear, #DequantizeLinear) per graph for the default config (U8S8, per tensor).
@@ -328,112 +195,6 @@ def test_int16_activations_convert_to_opset_21(qcache, name) -> None:
                   and n.inputs[0].dtype != INT32]
     assert weight_dqs and all(n.inputs[0].dtype == INT8 for n in weight_dqs)
     assert qdq_counts(q) == EXPECTED_QDQ[name]  # the converted graph is quantized the same way
-
-
-# -- Relu / Clip / BatchNormalization --------------------------------------------------------
-def _quantized_range(q: Quantized, value: ir.Value) -> tuple[float, float]:
-    node = next(u for u, _ in value.uses() if u.op_type == Q)
-    scale = float(const(node.inputs[1]))
-    zero_point = int(const(node.inputs[2]))
-    info = np.iinfo(const(node.inputs[2]).dtype)
-    return scale * (info.min - zero_point), scale * (info.max - zero_point)
-
-
-def test_relu_and_clip_removed_with_asymmetric_activations(qcache) -> None:
-    q = qcache("cnn")
-    ops = q.ops()
-    assert ops["Relu"] == 0 and ops["Clip"] == 0
-    # Their clipping now lives in the producers' quantized ranges.
-    low, high = _quantized_range(q, q.node("conv1").outputs[0])
-    assert low == 0.0 and high > 0
-    low, high = _quantized_range(q, q.node("conv2").outputs[0])
-    assert low == 0.0 and high <= 6.0 * (1 + 1e-6)
-    assert {d.name for d in q.result.plan.nodes.values() if d.action == "remove"} == {
-        "relu1", "clip1", "relu2"}
-
-
-@pytest.mark.parametrize("fields", [{"keep_removable_activations": True},
-                                    {"activation_symmetric": True, "activation_type": qtypes.INT8}],
-                         ids=["keep_removable_activations", "activation_symmetric"])
-def test_relu_and_clip_kept(qcache, fields) -> None:
-    q = qcache("cnn", **fields)
-    ops = q.ops()
-    assert ops["Relu"] == 2 and ops["Clip"] == 1
-    for name in ("relu1", "relu2", "clip1"):
-        node = q.node(name)
-        dequantizer(node.inputs[0])  # reads the quantized producer
-        assert any(u.op_type == Q for u, _ in node.outputs[0].uses())
-    assert not any(d.action == "remove" for d in q.result.plan.nodes.values())
-    if fields.get("activation_symmetric"):
-        assert all(int(const(n.inputs[2])) == 0 for n in activation_qs(q))
-
-
-def test_batchnorm_folded_in_quantized_model(qcache) -> None:
-    q = qcache("cnn")
-    assert q.ops()["BatchNormalization"] == 0
-    assert q.result.plan.nodes["conv1"].action == "quantize"
-
-
-def test_batchnorm_kept_when_folding_is_off(qcache) -> None:
-    q = qcache("cnn", fold_batchnorm=False)
-    assert q.ops()["BatchNormalization"] == 1
-    bn = q.node("bn1")
-    assert bn.inputs[0] is not None and bn.inputs[0].producer() is not None
-
-
-def test_fold_batchnorm_matches_float_model() -> None:
-    float_model = zoo.cnn()
-    model = ir.serde.deserialize_model(float_model)
-    assert preprocess.fold_batchnorm(model) == 1
-    assert not [n for n in model.graph if n.op_type == "BatchNormalization"]
-    folded = ir.serde.serialize_model(model)
-    onnx.checker.check_model(folded, full_check=True)
-    feeds = zoo.random_feeds(float_model, 4, seed=3)
-    for expected, got in zip(zoo.run(float_model, feeds), zoo.run(folded, feeds), strict=True):
-        # Folding is done in float64; only float32 rounding of the new weights remains
-        # (measured max abs difference 2.4e-7 on outputs of magnitude ~1.6).
-        np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=2e-6)
-
-
-def _conv_bn_model(bn_is_output: bool, with_bias: bool) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    arrays = {"W": rng.standard_normal((4, 3, 3, 3)) * 0.3, "s": rng.uniform(0.5, 2, 4),
-              "b": rng.standard_normal(4), "mu": rng.standard_normal(4),
-              "var": rng.uniform(0.1, 3, 4), "B": rng.standard_normal(4) * 0.1}
-    conv_inputs = ["x", "W", "B"] if with_bias else ["x", "W"]
-    nodes = [helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1],
-                              kernel_shape=[3, 3]),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "mu", "var"],
-                              ["y" if bn_is_output else "bn_out"], name="bn", epsilon=1e-3)]
-    if not bn_is_output:
-        nodes.append(helper.make_node("Relu", ["bn_out"], ["y"], name="relu"))
-    graph = helper.make_graph(
-        nodes, "conv_bn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        initializer=[numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()
-                     if with_bias or n != "B"])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-
-
-def _check_fold(float_model: onnx.ModelProto) -> None:
-    model = ir.serde.deserialize_model(float_model)
-    assert preprocess.fold_batchnorm(model) == 1
-    folded = ir.serde.serialize_model(model)
-    onnx.checker.check_model(folded, full_check=True)
-    assert [o.name for o in folded.graph.output] == ["y"]
-    assert "BatchNormalization" not in {n.op_type for n in folded.graph.node}
-    feeds = zoo.random_feeds(float_model, 2, seed=3)
-    for expected, got in zip(zoo.run(float_model, feeds), zoo.run(folded, feeds), strict=True):
-        np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
-
-
-def test_fold_batchnorm_conv_without_bias() -> None:
-    _check_fold(_conv_bn_model(bn_is_output=False, with_bias=False))
-
-
-def test_fold_batchnorm_whose_output_is_the_graph_output() -> None:
-    _check_fold(_conv_bn_model(bn_is_output=True, with_bias=True))
 
 
 # -- fixed output ranges ---------------------------------------------------------------------
@@ -666,14 +427,3 @@ def test_plan_json_round_trip(qcache, tmp_path, name) -> None:
     plan.to_json(path)
     assert QuantPlan.from_json(path) == plan
     assert QuantPlan.from_json(str(path)) == plan
-
-
-def test_batchnorm_folded_weights_get_per_channel_scales(qcache) -> None:
-    """Folding BatchNorm puts its per-channel scale into the weight: per-tensor quantization
-    would spend levels on it, so those weights (only those) are quantized per channel."""
-    q = qcache("cnn")
-    conv1_weight = q.result.plan.tensors["conv1_bn_weight"]
-    assert conv1_weight.axis == 0 and "BatchNormalization folded" in conv1_weight.source
-    assert q.result.plan.tensors["conv3_W"].axis is None  # no BatchNorm: per tensor
-    off = qcache("cnn", per_channel_fallback_db=None)
-    assert off.result.plan.tensors["conv1_bn_weight"].axis is None

@@ -1,6 +1,6 @@
-"""Tests of int32 bias quantization (onnxquant._bias through onnxquant.numerics): the bias scale
-is the float32 product input scale x weight scale, rounding and overflow, and the weight-scale
-enlargement that keeps every bias inside int32."""
+"""Tests of int32 bias quantization (onnxquant.core.bias through onnxquant.core.numerics):
+the bias scale is the float32 product input scale x weight scale, rounding and overflow, and
+the weight-scale enlargement that keeps every bias inside int32."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxquant.errors import NumericsError
-from onnxquant.numerics import bias_scale, dequantize, quantize_bias, weight_scale_for_bias
+from onnxquant.core.errors import NumericsError
+from onnxquant.core.numerics import bias_scale, dequantize, quantize_bias, weight_scale_for_bias
 
 INT32_MAX = 2**31 - 1
 FAST = settings(max_examples=50, deadline=None)

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant import StaticQuantConfig
-from onnxquant.api import prepare_model
 from onnxquant.calibration.augment import expose_ranges
 from onnxquant.calibration.observers import MinMaxObserver
 from onnxquant.calibration.runner import calibrate_ranges
+from onnxquant.static.api import prepare_model
 
 Range = tuple[float, float]
 

@@ -18,8 +18,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxquant import INT16, UINT8, QuantizationResult, StaticQuantConfig, cli, summary
-from onnxquant.plan import NodeDecision, QuantPlan
+from onnxquant import INT16, UINT8, QuantizationResult, StaticQuantConfig, cli
+from onnxquant.cli import summary
+from onnxquant.core.plan import NodeDecision, QuantPlan
 
 CALIB_SAMPLES = 4
 _ROW = re.compile(r"^  (\S+)((?:\s+\d+)+)$")

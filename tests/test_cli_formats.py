@@ -11,8 +11,8 @@ import pytest
 from test_cli import check_model, run_cli, write_npz_folder
 
 from onnxquant import UINT8, cli
-from onnxquant.config import QuantFormat
-from onnxquant.dynamic.cli import dynamic_config_from_args
+from onnxquant.cli.dynamic import dynamic_config_from_args
+from onnxquant.core.qtypes import QuantFormat
 
 
 def _ops(model: onnx.ModelProto) -> set[str]:
@@ -51,7 +51,7 @@ def test_static_qoperator(models: Path) -> None:
 
 
 def test_static_s8s8_gets_a_speed_warning_on_x86(models: Path) -> None:
-    from onnxquant.speed import cpu_info
+    from onnxquant.core.speed import cpu_info
 
     run = run_cli("static", "cnn.onnx", "-o", "cnn_s8.onnx", "--calib", "calib",
                   "--activation-type", "int8", cwd=models)

@@ -23,11 +23,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxquant.core.errors import ModelLoadError, OutputPathError
+from onnxquant.core.qtypes import INT8, UINT8
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.runtime import RuntimeSupport, probe_runtime
-from onnxquant.errors import ModelLoadError, OutputPathError
-from onnxquant.qtypes import INT8, UINT8
 
 U8, I8, I32, F32 = ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.INT32, ir.DataType.FLOAT
 DQL, MMI = "DynamicQuantizeLinear", "MatMulInteger"

@@ -16,9 +16,9 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
+from onnxquant.core.qtypes import INT4, INT8, UINT8
 from onnxquant.dynamic import contrib_ops
 from onnxquant.dynamic.config import DynamicQuantConfig
-from onnxquant.qtypes import INT4, INT8, UINT8
 
 MS = "com.microsoft"
 I32, F32 = ir.DataType.INT32, ir.DataType.FLOAT

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper
 from test_dynamic import const, conv_model, dtypes, gemm_model
 
-from onnxquant.config import QuantFormat
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic.api import quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.qdq import FUNCTION_DOMAIN, FUNCTION_NAME, compute_parameters_function
@@ -188,8 +188,8 @@ def test_per_channel_fallback_below_opset_13(tmp_path, monkeypatch):
     path, q, _ = quantize(model, tmp_path, "no_fallback.onnx", per_channel_fallback_db=None)
     assert q.opset_imports[""] == 12
     # When the converter cannot convert, the weights stay per tensor and a note says why.
-    from onnxquant import model_io
-    from onnxquant.errors import UnsupportedModelError
+    from onnxquant.core import model_io
+    from onnxquant.core.errors import UnsupportedModelError
 
     def refuse(model, target):
         raise UnsupportedModelError("converter refused")

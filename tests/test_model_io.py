@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxquant
-from onnxquant import model_io
+from onnxquant.core import model_io
 
 
 def _save_external(model: onnx.ModelProto, path) -> None:

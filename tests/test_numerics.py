@@ -1,4 +1,5 @@
-"""Tests of onnxquant.numerics: bit-exact against onnxruntime, properties, hand-checked values."""
+"""Tests of onnxquant.core.numerics: bit-exact against onnxruntime, properties, hand-checked
+values."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnxquant import numerics
-from onnxquant.errors import NumericsError
-from onnxquant.numerics import (
+from onnxquant.core import numerics
+from onnxquant.core.errors import NumericsError
+from onnxquant.core.numerics import (
     QuantizedTensor,
     compute_scale_zero_point,
     dequantize,
@@ -25,7 +26,7 @@ from onnxquant.numerics import (
     quantize_weight,
     tensor_range,
 )
-from onnxquant.qtypes import FLOAT8E4M3FN, INT4, INT8, INT16, UINT4, UINT8, UINT16, QuantType
+from onnxquant.core.qtypes import FLOAT8E4M3FN, INT4, INT8, INT16, UINT4, UINT8, UINT16, QuantType
 
 INT_TYPES = [INT4, UINT4, INT8, UINT8, INT16, UINT16]
 INT32_MAX = 2**31 - 1

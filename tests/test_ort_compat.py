@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 
 import onnxquant
 import onnxquant.ort as oqq
-from onnxquant.errors import CalibrationError, QuantizationError
+from onnxquant.core.errors import CalibrationError, QuantizationError
 from onnxquant.ort._options import _to_native_config
 
 MODULES = pytest.mark.parametrize("q", [ortq, oqq], ids=["onnxruntime", "onnxquant"])

@@ -11,7 +11,7 @@ import onnxruntime.quantization as ortq
 import pytest
 
 import onnxquant.ort as oqq
-from onnxquant.errors import QuantizationError
+from onnxquant.core.errors import QuantizationError
 from onnxquant.ort._dynamic import _to_native_dynamic_config
 
 MODULES = pytest.mark.parametrize("q", [ortq, oqq], ids=["onnxruntime", "onnxquant"])

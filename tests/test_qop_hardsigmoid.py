@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant import StaticQuantConfig, quantize_static
-from onnxquant.config import QuantFormat
+from onnxquant.core.qtypes import QuantFormat
 
 _RNG = np.random.default_rng(3)
 W = (_RNG.standard_normal((4, 4, 1, 1)) * 0.5).astype(np.float32)

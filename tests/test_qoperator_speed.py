@@ -20,9 +20,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant import StaticQuantConfig, quantize_static
-from onnxquant._conv_add import fold_conv_add
-from onnxquant.config import QuantFormat
-from onnxquant.qtypes import INT8, UINT8
+from onnxquant.core.qtypes import INT8, UINT8, QuantFormat
+from onnxquant.preprocess.conv_add import fold_conv_add
 
 _RNG = np.random.default_rng(11)
 

@@ -25,9 +25,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxquant import QuantizationResult, StaticQuantConfig, numerics, quantize_static
-from onnxquant.config import QuantFormat
-from onnxquant.qtypes import INT8, UINT8
+from onnxquant import QuantizationResult, StaticQuantConfig, quantize_static
+from onnxquant.core import numerics
+from onnxquant.core.qtypes import INT8, UINT8, QuantFormat
 
 MS = "com.microsoft"
 Q, DQ = "QuantizeLinear", "DequantizeLinear"

@@ -19,7 +19,7 @@ from onnxquant.calibration.readers import (
     load_feed_folder,
     validate_feed,
 )
-from onnxquant.errors import CalibrationError, FeedError, UnsupportedModelError
+from onnxquant.core.errors import CalibrationError, FeedError, UnsupportedModelError
 
 IMAGE = InputSpec("image", np.dtype(np.float32), ("N", 3, 4, 4))
 IDS = InputSpec("ids", np.dtype(np.int64), (None, 5))

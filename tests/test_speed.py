@@ -7,7 +7,7 @@ from pathlib import Path
 import model_zoo as zoo
 import onnx
 
-from onnxquant.speed import CpuInfo, Latency, count_ops, format_advice, measure_latency
+from onnxquant.core.speed import CpuInfo, Latency, count_ops, format_advice, measure_latency
 
 VNNI = CpuInfo(arch="x86_64", vnni=True, avx2=True)
 AVX2 = CpuInfo(arch="x86_64", avx2=True)

@@ -42,7 +42,8 @@ from static_helpers import (
 )
 
 import onnxquant
-from onnxquant import QuantPlan, StaticQuantConfig, qtypes, quantize_static
+from onnxquant import QuantPlan, StaticQuantConfig, quantize_static
+from onnxquant.core import qtypes
 
 __all__ = ["qcache"]  # the fixture, imported for pytest
 

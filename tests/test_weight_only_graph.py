@@ -14,8 +14,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxquant.config import QuantFormat
-from onnxquant.errors import CalibrationError, ModelLoadError, OutputPathError, QuantizationError
+from onnxquant.core.errors import (
+    CalibrationError,
+    ModelLoadError,
+    OutputPathError,
+    QuantizationError,
+)
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.weight_only import _weights
 from onnxquant.weight_only.api import quantize_model_weights, quantize_weights
 from onnxquant.weight_only.config import WeightOnlyConfig, WeightOnlyConfigError
@@ -451,7 +456,7 @@ def test_ort_quantize_dispatches_weight_only_configs(tmp_path):
 
 # --------------------------------------------------------------------------- CLI piece
 def test_cli_weights_command(tmp_path, capsys):
-    from onnxquant.weight_only.cli import add_weights_parser
+    from onnxquant.cli.weights import add_weights_parser
 
     parser = argparse.ArgumentParser()
     add_weights_parser(parser.add_subparsers())

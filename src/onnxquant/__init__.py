@@ -9,13 +9,9 @@ a :class:`StaticQuantConfig`, ``quantize_dynamic(model_in, model_out, config)`` 
 
 from __future__ import annotations
 
-from onnxquant.api import QuantizationResult, calibrate, quantize_static
 from onnxquant.calibration.readers import CalibrationDataReader
 from onnxquant.calibration.runner import CalibrationResult
-from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
-from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
-from onnxquant.dynamic.config import DynamicQuantConfig
-from onnxquant.errors import (
+from onnxquant.core.errors import (
     CalibrationError,
     FeedError,
     ModelLoadError,
@@ -24,8 +20,8 @@ from onnxquant.errors import (
     QuantizationError,
     UnsupportedModelError,
 )
-from onnxquant.plan import QuantPlan
-from onnxquant.qtypes import (
+from onnxquant.core.plan import QuantPlan
+from onnxquant.core.qtypes import (
     FLOAT8E4M3FN,
     INT4,
     INT8,
@@ -38,6 +34,10 @@ from onnxquant.qtypes import (
     PerTensor,
     QuantType,
 )
+from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
+from onnxquant.dynamic.config import DynamicQuantConfig
+from onnxquant.static.api import QuantizationResult, calibrate, quantize_static
+from onnxquant.static.config import CalibrationMethod, QuantFormat, StaticQuantConfig
 from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
 from onnxquant.weight_only.config import (
     GPTQSettings,

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from onnxquant.errors import FeedError, UnsupportedModelError
+from onnxquant.core.errors import FeedError, UnsupportedModelError
 
 __all__ = ["InputSpec", "validate_feed"]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import add_initializer
+from onnxquant.core.graph import add_initializer
 
 __all__ = ["expose_ranges", "expose_tensors", "PAIR", "VALUES"]
 

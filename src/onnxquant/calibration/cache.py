@@ -18,7 +18,7 @@ from typing import Any
 from onnxquant.calibration.histogram import HistogramObserver
 from onnxquant.calibration.observers import MinMaxObserver
 from onnxquant.calibration.settings import CalibrationSettings, Observer
-from onnxquant.errors import CalibrationError
+from onnxquant.core.errors import CalibrationError
 
 __all__ = ["save_cache", "load_cache"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxquant.errors import CalibrationError
+from onnxquant.core.errors import CalibrationError
 
 __all__ = ["run_sharded"]
 
@@ -36,7 +36,7 @@ def _worker(model_path: str, providers: list[str], outputs: dict[str, str], obse
     try:
         import onnxruntime as ort
 
-        from onnxquant.calibration.runner import run_batch, update_observers
+        from onnxquant.calibration.session import run_batch, update_observers
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

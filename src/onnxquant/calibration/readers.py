@@ -3,7 +3,7 @@
 A *feed* is one ``{input_name: array}`` dict, the same thing ``InferenceSession.run`` takes.
 Feeds come from an ORT-style reader (``get_next()`` until ``None``), any iterable of dicts,
 a single dict, or a folder on disk (see :func:`load_feed_folder`). :func:`validate_feed` turns one
-feed into clean ``np.ndarray`` values or raises a :class:`~onnxquant.errors.FeedError` that names
+feed into clean ``np.ndarray`` values or raises a :class:`~onnxquant.FeedError` that names
 the feed index, the input and what the model expects.
 """
 
@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxquant.calibration._validate import InputSpec, validate_feed
-from onnxquant.errors import CalibrationError, FeedError
+from onnxquant.core.errors import CalibrationError, FeedError
 
 __all__ = [
     "CalibrationDataReader",

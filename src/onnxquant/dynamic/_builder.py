@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import add_initializer
-from onnxquant._names import UniqueNames as Names
+from onnxquant.core.graph import add_initializer
+from onnxquant.core.names import UniqueNames as Names
 
 __all__ = ["Names", "Builder"]
 

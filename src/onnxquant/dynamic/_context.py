@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant, is_float
+from onnxquant.core.graph import is_constant, is_float
 from onnxquant.dynamic._builder import Builder, Names
 from onnxquant.dynamic._weights import WeightStore, per_tensor_sqnr_db
 from onnxquant.dynamic.config import DynamicQuantConfig

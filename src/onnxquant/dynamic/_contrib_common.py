@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant import numerics
-from onnxquant._graph import add_initializer
-from onnxquant.qtypes import QuantType
+from onnxquant.core import numerics
+from onnxquant.core.graph import add_initializer
+from onnxquant.core.qtypes import QuantType
 
 __all__ = [
     "MS_DOMAIN",

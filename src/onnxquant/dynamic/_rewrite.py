@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from onnxquant.config import QuantFormat
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic._context import Context, Outcome
 from onnxquant.dynamic.config import DynamicQuantConfig
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant import numerics
+from onnxquant.core import numerics
+from onnxquant.core.errors import NumericsError
+from onnxquant.core.qtypes import QuantType
 from onnxquant.dynamic._builder import Names, new_initializer
-from onnxquant.errors import NumericsError
-from onnxquant.qtypes import QuantType
 
 __all__ = ["QuantizedWeight", "WeightStore", "per_tensor_sqnr_db"]
 

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxquant import model_io, preprocess
-from onnxquant.api import _check_output, _input_bytes, _protected_paths
-from onnxquant.config import QuantFormat
+from onnxquant import preprocess
+from onnxquant.core import front_door, model_io
+from onnxquant.core.errors import UnsupportedModelError
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic._builder import Names, remove_unused_initializers
 from onnxquant.dynamic._context import Context
 from onnxquant.dynamic._rewrite import Decision, rewrite_model
 from onnxquant.dynamic._weights import WeightStore
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.runtime import assume_everything, probe_runtime
-from onnxquant.errors import UnsupportedModelError
 
 __all__ = ["DynamicQuantizationResult", "Decision", "quantize_dynamic"]
 
@@ -143,14 +143,14 @@ def quantize_dynamic(
         A :class:`DynamicQuantizationResult` with every decision and the files written.
 
     Raises:
-        onnxquant.errors.QuantizationError: With a message naming the file, node or tensor at
+        onnxquant.core.errors.QuantizationError: With a message naming the file, node or tensor at
             fault. Nothing is written on failure.
     """
     config = config or DynamicQuantConfig()
     start = time.perf_counter()
-    _check_output(model_input, model_output)
+    front_door.check_output(model_input, model_output)
     model, annotated = _prepare(model_input, config)
-    float_bytes = _input_bytes(model_input, model)
+    float_bytes = front_door.input_bytes(model_input, model)
     names = Names(model)
     ctx = Context(
         model=model, config=config, names=names,
@@ -159,7 +159,7 @@ def quantize_dynamic(
     decisions = rewrite_model(ctx)
     _finish_model(model, annotated)
     written = model_io.save_model(model, model_output, external_data=config.external_data,
-                                  protected=_protected_paths(model_input))
+                                  protected=front_door.protected_paths(model_input))
     result = DynamicQuantizationResult(
         decisions=decisions,
         runtime_notes=_notes(ctx, decisions),

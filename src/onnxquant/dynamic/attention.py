@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant import numerics
+from onnxquant.core import numerics
 from onnxquant.dynamic._contrib_common import (
     MS_DOMAIN,
     NameFn,

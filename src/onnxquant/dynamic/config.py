@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 
-from onnxquant.config import QuantFormat
-from onnxquant.qtypes import INT8, QuantType
+from onnxquant.core.qtypes import INT8, QuantFormat, QuantType
 
 __all__ = ["DynamicQuantConfig"]
 

@@ -19,7 +19,8 @@ import logging
 
 import onnx_ir as ir
 
-from onnxquant import numerics
+from onnxquant.core import numerics
+from onnxquant.core.qtypes import UINT8
 from onnxquant.dynamic._contrib_common import (
     MS_DOMAIN,
     NameFn,
@@ -29,7 +30,6 @@ from onnxquant.dynamic._contrib_common import (
     replace_node,
 )
 from onnxquant.dynamic.config import DynamicQuantConfig
-from onnxquant.qtypes import UINT8
 
 __all__ = ["rewrite_embed_layer_norm"]
 

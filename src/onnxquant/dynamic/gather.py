@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant, is_float
+from onnxquant.core.graph import is_constant, is_float
 from onnxquant.dynamic._context import Context, Outcome
 
 __all__ = ["rewrite_gather"]

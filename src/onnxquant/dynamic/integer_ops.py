@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant, is_float
+from onnxquant.core.graph import is_constant, is_float
 from onnxquant.dynamic._builder import Builder
 from onnxquant.dynamic._context import Context, Outcome, operand_problem
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant
+from onnxquant.core.graph import is_constant
 from onnxquant.dynamic._context import Context, Outcome, operand_problem
 
 __all__ = ["FUNCTION_DOMAIN", "FUNCTION_NAME", "rewrite_matmul", "rewrite_gemm", "rewrite_conv",

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxquant.qtypes import INT8, UINT8, QuantType
+from onnxquant.core.qtypes import INT8, UINT8, QuantType
 
 __all__ = ["RuntimeSupport", "probe_runtime", "assume_everything", "WeightForm"]
 

@@ -15,8 +15,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant, is_float
-from onnxquant.plan import NodeDecision, QuantPlan
+from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.plan import NodeDecision, QuantPlan
 
 __all__ = ["ScaleFold", "find_scale_fold", "apply_scale_fold", "fold_scales"]
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._bias import quantize_bias
-from onnxquant._graph import is_constant, is_float
-from onnxquant.errors import NumericsError
-from onnxquant.plan import NodeDecision, QuantPlan, TensorQuant
+from onnxquant.core.bias import quantize_bias
+from onnxquant.core.errors import NumericsError
+from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.plan import NodeDecision, QuantPlan, TensorQuant
 
 __all__ = ["HardSigmoidFold", "find_hard_sigmoid_fold", "fold_hard_sigmoids"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxquant._graph import iter_nodes
+from onnxquant.core.graph import iter_nodes
 
 __all__ = ["nhwc_max_pool"]
 

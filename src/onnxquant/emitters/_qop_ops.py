@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant import numerics
-from onnxquant._graph import is_constant, is_float
-from onnxquant.errors import NumericsError
-from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.core import numerics
+from onnxquant.core.errors import NumericsError
+from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 
 __all__ = ["MS_DOMAIN", "IntNode", "OpForm", "FORMS", "unsupported", "gemm_bias"]
 

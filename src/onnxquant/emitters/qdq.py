@@ -17,10 +17,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxquant import numerics
-from onnxquant._graph import add_initializer, iter_nodes
-from onnxquant._names import UniqueNames
-from onnxquant.plan import BiasQuant, QuantPlan, TensorQuant
+from onnxquant.core import numerics
+from onnxquant.core.graph import add_initializer, iter_nodes
+from onnxquant.core.names import UniqueNames
+from onnxquant.core.plan import BiasQuant, QuantPlan, TensorQuant
 
 __all__ = ["emit_qdq"]
 

@@ -23,16 +23,16 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxquant import numerics
-from onnxquant._graph import add_initializer, is_float, iter_nodes
-from onnxquant._names import UniqueNames
+from onnxquant.core import numerics
+from onnxquant.core.graph import add_initializer, is_float, iter_nodes
+from onnxquant.core.names import UniqueNames
+from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.core.qtypes import INT8
 from onnxquant.emitters._qop_fold import fold_scales
 from onnxquant.emitters._qop_hardsigmoid import fold_hard_sigmoids
 from onnxquant.emitters._qop_layout import nhwc_max_pool
 from onnxquant.emitters._qop_ops import FORMS, MS_DOMAIN, IntNode, unsupported
 from onnxquant.emitters.qdq import _remove_unused_initializers
-from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
-from onnxquant.qtypes import INT8
 
 __all__ = ["emit_qoperator"]
 

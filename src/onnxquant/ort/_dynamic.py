@@ -26,8 +26,8 @@ import os
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
+from onnxquant.core.model_io import ModelInput
 from onnxquant.dynamic.config import DynamicQuantConfig as NativeDynamicQuantConfig
-from onnxquant.model_io import ModelInput
 from onnxquant.ort._errors import InvalidOptionError
 from onnxquant.ort._options import _bool, _enum, _names, _optional_bool
 from onnxquant.ort.quant_utils import QuantType

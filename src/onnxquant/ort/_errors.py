@@ -2,12 +2,12 @@
 
 Code written for ``onnxruntime.quantization`` catches ``ValueError`` (bad option values or type
 combinations) and ``TypeError`` (``quantize`` with an unknown config). These classes are both that
-builtin and a :class:`~onnxquant.errors.QuantizationError`, so old and new handlers both work.
+builtin and a :class:`~onnxquant.core.errors.QuantizationError`, so old and new handlers both work.
 """
 
 from __future__ import annotations
 
-from onnxquant.errors import QuantizationError
+from onnxquant.core.errors import QuantizationError
 
 __all__ = ["InvalidOptionError", "UnsupportedConfigError"]
 

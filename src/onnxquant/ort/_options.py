@@ -25,7 +25,7 @@
     little: ``DedicatedQDQPair``,
     ``OpTypesToExcludeOutputQuantization``, ``QDQOpTypePerChannelSupportToAxis``,
     ``QDQDisableWeightAdjustForInt32Bias``, ``UseQDQContribOps``), or
-  - raises :class:`~onnxquant.errors.QuantizationError`, because ignoring it would give a model of
+  - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
     another kind than the user relies on (explicit per-tensor types/scales, block-wise weights,
     float weights with Q/DQ, restricted zero points, SmoothQuant): ``TensorQuantOverrides``,
     ``BlockSize``, ``AddQDQPairToWeight``, ``ActivationRestrictedAsymmetric``, ``SmoothQuant``.
@@ -38,7 +38,7 @@ otherwise. ``calibration_cache_path`` is onnxquant's own JSON cache of the colle
 
 ``QuantFormat.QOperator`` selects onnxquant's QOperator emitter (QLinearConv, QGemm, ...).
 Arguments that select something not implemented yet (float8 types) raise
-:class:`~onnxquant.errors.QuantizationError`.
+:class:`~onnxquant.core.errors.QuantizationError`.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from onnxquant.config import CalibrationMethod as NativeCalibrationMethod
-from onnxquant.config import QuantFormat as NativeQuantFormat
-from onnxquant.config import StaticQuantConfig as NativeStaticQuantConfig
-from onnxquant.errors import QuantizationError
+from onnxquant.core.errors import QuantizationError
 from onnxquant.ort._errors import InvalidOptionError
 from onnxquant.ort.calibrate import CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
+from onnxquant.static.config import CalibrationMethod as NativeCalibrationMethod
+from onnxquant.static.config import QuantFormat as NativeQuantFormat
+from onnxquant.static.config import StaticQuantConfig as NativeStaticQuantConfig
 
 __all__: list[str] = []
 

@@ -18,7 +18,7 @@ class CalibrationMethod(enum.Enum):
     """How activation ranges are found, as in onnxruntime (``MinMax`` = 0 … ``Distribution`` = 3).
 
     This version implements ``MinMax`` only; the others raise a
-    :class:`~onnxquant.errors.QuantizationError` in :func:`onnxquant.ort.quantize_static`.
+    :class:`~onnxquant.core.errors.QuantizationError` in :func:`onnxquant.ort.quantize_static`.
     """
 
     MinMax = 0

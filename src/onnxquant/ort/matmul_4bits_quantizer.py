@@ -33,10 +33,10 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxquant import model_io
-from onnxquant.config import QuantFormat as NativeFormat
+from onnxquant.core import model_io
 from onnxquant.ort._errors import InvalidOptionError, UnsupportedConfigError
 from onnxquant.ort.quant_utils import QuantFormat
+from onnxquant.static.config import QuantFormat as NativeFormat
 from onnxquant.weight_only.api import WeightOnlyResult, quantize_model_weights, quantize_weights
 from onnxquant.weight_only.config import (
     GPTQSettings,
@@ -227,7 +227,7 @@ def native_config(
     if nodes_to_include:
         names = set(nodes_to_include)
         if model is not None:
-            from onnxquant._graph import iter_nodes
+            from onnxquant.core.graph import iter_nodes
 
             names |= {n.name or "" for n in iter_nodes(model) if n.op_type in op_types}
         include = sorted(names)

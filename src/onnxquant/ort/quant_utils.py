@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from onnxquant import qtypes
+from onnxquant.core import qtypes
 from onnxquant.ort._errors import InvalidOptionError
 
 __all__ = ["QuantType", "QuantFormat", "QuantizationMode", "load_model_with_shape_infer"]
@@ -51,7 +51,7 @@ class QuantType(enum.Enum):
         """Returns the member named ``t`` (e.g. ``"QUInt8"`` or ``"quint8"``).
 
         Raises:
-            ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
+            ValueError: (an :class:`~onnxquant.core.errors.QuantizationError`) for an unknown name.
         """
         return _member(QuantType, t)  # type: ignore[return-value]
 
@@ -100,7 +100,7 @@ class QuantFormat(enum.Enum):
         """Returns the member named ``format`` (case-insensitive fallback).
 
         Raises:
-            ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
+            ValueError: (an :class:`~onnxquant.core.errors.QuantizationError`) for an unknown name.
         """
         return _member(QuantFormat, format)  # type: ignore[return-value]
 
@@ -119,7 +119,7 @@ class QuantizationMode(enum.Enum):
         """Returns the member named ``mode`` (case-insensitive fallback).
 
         Raises:
-            ValueError: (an :class:`~onnxquant.errors.QuantizationError`) for an unknown name.
+            ValueError: (an :class:`~onnxquant.core.errors.QuantizationError`) for an unknown name.
         """
         return _member(QuantizationMode, mode)  # type: ignore[return-value]
 
@@ -131,11 +131,11 @@ def load_model_with_shape_infer(model_path: str | os.PathLike) -> onnx.ModelProt
     inferred copy lives in a private temporary folder that is always removed.
 
     Raises:
-        onnxquant.errors.ModelLoadError: The file is missing or shape inference fails.
+        onnxquant.core.errors.ModelLoadError: The file is missing or shape inference fails.
     """
     from onnx.external_data_helper import load_external_data_for_model
 
-    from onnxquant.errors import ModelLoadError
+    from onnxquant.core.errors import ModelLoadError
 
     path = Path(model_path)
     if not path.is_file():

@@ -12,7 +12,7 @@ Differences from onnxruntime, on purpose:
 * If/Loop/Scan bodies are quantized unless ``extra_options={"EnableSubgraph": False}``.
 * ``use_external_data_format=False`` means "decide by size" instead of failing above 2 GB.
 * ``quantize_dynamic`` is in :mod:`onnxquant.ort._dynamic`.
-* Not supported yet (raise :class:`~onnxquant.errors.QuantizationError`): ``QFLOAT8E4M3FN``.
+* Not supported yet (raise :class:`~onnxquant.core.errors.QuantizationError`): ``QFLOAT8E4M3FN``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from onnxquant import api
-from onnxquant.model_io import ModelInput
+from onnxquant.core.model_io import ModelInput
 from onnxquant.ort._dynamic import quantize_dynamic
 from onnxquant.ort._errors import UnsupportedConfigError
 from onnxquant.ort._options import _to_native_config
 from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
+from onnxquant.static import api
 
 __all__ = ["QuantConfig", "StaticQuantConfig", "DynamicQuantConfig", "quantize_static",
            "quantize_dynamic", "quantize"]
@@ -175,7 +175,7 @@ def quantize_static(
         The :class:`onnxquant.QuantizationResult` of the run.
 
     Raises:
-        onnxquant.errors.QuantizationError: Unsupported or invalid options (invalid ones are
+        onnxquant.core.errors.QuantizationError: Unsupported or invalid options (invalid ones are
             also ``ValueError``), or a failure while quantizing; nothing is written then.
     """
     config = _to_native_config(

@@ -156,7 +156,7 @@ def run_segments(model: ir.Model, segments: list[Segment], feeds: Iterable[dict]
 
     ``update(name, array)`` sees every fed graph input and every segment output.
     """
-    from onnxquant.calibration.runner import make_session, run_batch
+    from onnxquant.calibration.session import make_session, run_batch
 
     spill = _Spill(workdir)
     fed = {v.name or "" for seg in segments for v in seg.inputs if v.is_graph_input()}

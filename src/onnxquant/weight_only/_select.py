@@ -14,8 +14,8 @@ import logging
 
 import onnx_ir as ir
 
-from onnxquant._graph import is_constant, iter_nodes
-from onnxquant.config import QuantFormat
+from onnxquant.core.graph import is_constant, iter_nodes
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.weight_only.config import (
     NodeSettings,
     WeightOnlyAlgorithm,

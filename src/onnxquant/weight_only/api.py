@@ -26,11 +26,10 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxquant import model_io
-from onnxquant._graph import iter_nodes
-from onnxquant.api import _check_output, _input_bytes, _protected_paths
-from onnxquant.config import QuantFormat
-from onnxquant.errors import CalibrationError, NumericsError, QuantizationError
+from onnxquant.core import front_door, model_io
+from onnxquant.core.errors import CalibrationError, NumericsError, QuantizationError
+from onnxquant.core.graph import iter_nodes
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.weight_only._hessian import HessianAccumulator, HessianStore
 from onnxquant.weight_only._select import Target, WeightDecision, select_targets
 from onnxquant.weight_only._weights import quantize_slabs, release
@@ -247,20 +246,20 @@ def quantize_weights(
         A :class:`WeightOnlyResult` with a decision per node and the files written.
 
     Raises:
-        onnxquant.errors.QuantizationError: With a message naming the file, node or tensor at
+        onnxquant.core.errors.QuantizationError: With a message naming the file, node or tensor at
             fault. Nothing is written on failure.
     """
     config = config or WeightOnlyConfig()
     config.validate()
     start = time.perf_counter()
-    _check_output(model_input, model_output)
+    front_door.check_output(model_input, model_output)
     model = model_io.load_model(model_input)
-    float_bytes = _input_bytes(model_input, model)
+    float_bytes = front_door.input_bytes(model_input, model)
     model, decisions, samples = quantize_model_weights(model, config, calibration_data,
                                                        lazy=True)
     try:
         written = model_io.save_model(model, model_output, external_data=config.external_data,
-                                      protected=_protected_paths(model_input))
+                                      protected=front_door.protected_paths(model_input))
     except Exception as err:  # weights are quantized while saving: surface our own error
         cause = _quantization_error(err)
         if cause is None:

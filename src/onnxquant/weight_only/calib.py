@@ -24,9 +24,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxquant.calibration.readers import count_feeds, iter_feeds, validate_feed
-from onnxquant.calibration.runner import input_specs, make_session, run_batch
-from onnxquant.errors import CalibrationError
-from onnxquant.model_io import clone_model, model_size_bytes
+from onnxquant.calibration.session import input_specs, make_session, run_batch
+from onnxquant.core.errors import CalibrationError
+from onnxquant.core.model_io import clone_model, model_size_bytes
 from onnxquant.weight_only._hessian import HessianAccumulator
 from onnxquant.weight_only._segments import plan_segments, run_segments
 

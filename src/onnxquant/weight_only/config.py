@@ -7,8 +7,8 @@ import enum
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from onnxquant.config import QuantFormat
-from onnxquant.errors import QuantizationError
+from onnxquant.core.errors import QuantizationError
+from onnxquant.core.qtypes import QuantFormat
 
 __all__ = [
     "WeightOnlyAlgorithm",

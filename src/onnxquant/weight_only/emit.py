@@ -30,10 +30,10 @@ from collections.abc import Callable, Hashable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant._graph import add_initializer
-from onnxquant._names import UniqueNames
-from onnxquant.config import QuantFormat
-from onnxquant.model_io import default_opset
+from onnxquant.core.graph import add_initializer
+from onnxquant.core.model_io import default_opset
+from onnxquant.core.names import UniqueNames
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.weight_only import packing
 from onnxquant.weight_only._select import Target
 from onnxquant.weight_only.blocks import BlockQuantized

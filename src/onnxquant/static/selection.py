@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 
 import onnx_ir as ir
 
-from onnxquant._graph import from_dequantize, is_constant, is_float
-from onnxquant.config import QuantFormat
-from onnxquant.rules import OpRule, OutputMode, rule_for
+from onnxquant.core.graph import from_dequantize, is_constant, is_float
+from onnxquant.core.qtypes import QuantFormat
+from onnxquant.static.rules import OpRule, OutputMode, rule_for
 
 __all__ = ["Chosen", "choose_nodes", "params_from_producer", "shallow_convs"]
 

@@ -12,9 +12,9 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from onnxquant.api import QuantizationResult
-from onnxquant.plan import NodeDecision
-from onnxquant.speed import Latency
+from onnxquant.core.plan import NodeDecision
+from onnxquant.core.speed import Latency
+from onnxquant.static.api import QuantizationResult
 
 __all__ = ["format_summary", "format_size", "speed_lines", "size_line", "files_lines"]
 
@@ -115,7 +115,7 @@ def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
     Args:
         result: What :func:`onnxquant.quantize_static` returned.
         advice: Warnings about format/type choices known to be slow here
-            (:func:`onnxquant.speed.format_advice`).
+            (:func:`onnxquant.core.speed.format_advice`).
         latency: A measured float vs quantized latency, if one was taken.
     """
     counts = result.plan.counts_by_op_type()

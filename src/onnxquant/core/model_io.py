@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxquant.errors import ModelLoadError, OutputPathError, UnsupportedModelError
+from onnxquant.core.errors import ModelLoadError, OutputPathError, UnsupportedModelError
 
 __all__ = [
     "ModelInput",

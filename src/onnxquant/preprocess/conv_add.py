@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxquant._graph import add_initializer
+from onnxquant.core.graph import add_initializer
 
 __all__ = ["fold_conv_add"]
 

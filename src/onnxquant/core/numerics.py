@@ -19,9 +19,9 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
-from onnxquant._bias import bias_scale, quantize_bias, weight_scale_for_bias
-from onnxquant.errors import NumericsError
-from onnxquant.qtypes import QuantType
+from onnxquant.core.bias import bias_scale, quantize_bias, weight_scale_for_bias
+from onnxquant.core.errors import NumericsError
+from onnxquant.core.qtypes import QuantType
 
 __all__ = [
     "quant_range",

@@ -15,19 +15,18 @@ import collections
 import re
 from pathlib import Path
 
-from onnxquant._cli_args import (
+from onnxquant.cli.args import (
     add_model_handling,
     add_node_selection,
     add_speed_check,
     add_verbosity,
     selection_fields,
 )
-from onnxquant.config import QuantFormat
+from onnxquant.cli.summary import files_lines, size_line, speed_lines
+from onnxquant.core.qtypes import QuantFormat, quant_type_from_name
+from onnxquant.core.speed import Latency, count_ops, format_advice, measure_latency
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
-from onnxquant.qtypes import quant_type_from_name
-from onnxquant.speed import Latency, count_ops, format_advice, measure_latency
-from onnxquant.summary import files_lines, size_line, speed_lines
 
 __all__ = ["add_dynamic_parser", "run_dynamic", "dynamic_config_from_args",
            "format_dynamic_summary"]

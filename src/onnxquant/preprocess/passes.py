@@ -18,8 +18,8 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
-from onnxquant._conv_add import fold_conv_add
-from onnxquant._graph import add_initializer
+from onnxquant.core.graph import add_initializer
+from onnxquant.preprocess.conv_add import fold_conv_add
 
 BATCHNORM_FOLDED = "onnxquant.batchnorm_folded"
 """``value.meta`` key set on Conv weights that have a BatchNormalization folded into them: their

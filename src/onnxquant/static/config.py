@@ -8,21 +8,13 @@ place.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 from collections.abc import Collection
 
 from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
-from onnxquant.qtypes import INT8, UINT8, QuantType
+from onnxquant.core.qtypes import INT8, UINT8, QuantFormat, QuantType
 
 __all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig"]
-
-
-class QuantFormat(enum.Enum):
-    """How a quantized model is represented."""
-
-    QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs around float operators
-    QOPERATOR = "qoperator"  # operators with their own quantized definition (QLinearConv, ...)
 
 
 @dataclasses.dataclass

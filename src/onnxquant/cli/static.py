@@ -1,27 +1,15 @@
-"""The ``onnxquant`` command line: a thin layer over the Python API.
-
-``onnxquant static MODEL -o OUT --calib DATA [options]`` quantizes a float model statically
-(QDQ or QOperator, with calibration data), ``onnxquant dynamic MODEL -o OUT`` dynamically (no
-data; :mod:`onnxquant.dynamic.cli`) and ``onnxquant weights MODEL -o OUT`` block-wise
-weight-only (:mod:`onnxquant.weight_only.cli`); each prints a summary. Arguments are turned into a
-:class:`~onnxquant.config.StaticQuantConfig` in one place, :func:`static_config_from_args`.
-
-Exit codes: 0 on success, 2 for usage errors and for any
-:class:`~onnxquant.errors.QuantizationError` (printed as ``error: <message>``, with a traceback
-only under ``-v``), 1 when the operating system refuses a file operation, 130 on Ctrl-C.
-"""
+"""``onnxquant static MODEL -o OUT --calib DATA``: static quantization (QDQ or QOperator) with
+calibration data. Arguments become a :class:`~onnxquant.static.config.StaticQuantConfig` in one
+place, :func:`static_config_from_args`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import traceback
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from onnxquant import __version__
-from onnxquant._cli_args import (
+from onnxquant.calibration.readers import iter_feeds, load_feed_folder
+from onnxquant.cli.args import (
     add_model_handling,
     add_node_selection,
     add_speed_check,
@@ -29,28 +17,22 @@ from onnxquant._cli_args import (
     positive_int,
     selection_fields,
 )
-from onnxquant.api import quantize_static
-from onnxquant.calibration.readers import iter_feeds, load_feed_folder
-from onnxquant.config import CalibrationMethod, QuantFormat, StaticQuantConfig
-from onnxquant.dynamic.cli import add_dynamic_parser
-from onnxquant.errors import QuantizationError
-from onnxquant.qtypes import quant_type_from_name
-from onnxquant.speed import Latency, count_ops, first_feed, format_advice, measure_latency
-from onnxquant.summary import format_summary
-from onnxquant.weight_only.cli import add_weights_parser
+from onnxquant.cli.summary import format_summary
+from onnxquant.core.errors import QuantizationError
+from onnxquant.core.qtypes import quant_type_from_name
+from onnxquant.core.speed import Latency, count_ops, first_feed, format_advice, measure_latency
+from onnxquant.static.api import quantize_static
+from onnxquant.static.config import CalibrationMethod, QuantFormat, StaticQuantConfig
 
-__all__ = ["main", "build_parser", "static_config_from_args"]
+__all__ = ["add_static_parser", "static_config_from_args"]
 
 logger = logging.getLogger(__name__)
 
 QUANT_TYPE_CHOICES = ("int8", "uint8", "int16", "uint16")
 EXIT_OK = 0
-EXIT_OS_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
-def _add_static(subparsers: argparse._SubParsersAction) -> None:
+def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "static",
         help="quantize a float model statically (QDQ) with calibration data",
@@ -118,20 +100,6 @@ def _add_static(subparsers: argparse._SubParsersAction) -> None:
     add_speed_check(p)
     add_verbosity(p)
     p.set_defaults(run=_run_static)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``onnxquant`` command, with all subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="onnxquant",
-        description="Quantize ONNX models for ONNX Runtime.",
-    )
-    parser.add_argument("--version", action="version", version=f"onnxquant {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_static(subparsers)
-    add_dynamic_parser(subparsers)
-    add_weights_parser(subparsers)
-    return parser
 
 
 def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
@@ -206,47 +174,3 @@ def _latency(args: argparse.Namespace, feeds: Path | None) -> Latency | None:
         return None
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    package_logger = logging.getLogger("onnxquant")
-    package_logger.handlers[:] = [handler]
-    package_logger.setLevel(level)
-    package_logger.propagate = False
-
-
-def _fail(message: str, verbose: int, code: int) -> int:
-    if verbose:
-        traceback.print_exc(file=sys.stderr)
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``onnxquant`` command.
-
-    Args:
-        argv: Arguments without the program name; ``None`` means ``sys.argv[1:]``.
-
-    Returns:
-        The exit code: 0 on success, 2 for usage and quantization errors, 1 for operating-system
-        errors, 130 when interrupted. (argparse itself exits with 2 on bad arguments.)
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
-    if run is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    _setup_logging(args.verbose)
-    try:
-        return run(args)
-    except QuantizationError as err:
-        return _fail(str(err), args.verbose, EXIT_USAGE)
-    except OSError as err:
-        where = f" ('{err.filename}')" if err.filename else ""
-        return _fail(f"{err.strerror or err}{where}", args.verbose, EXIT_OS_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED

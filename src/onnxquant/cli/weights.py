@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from onnxquant._cli_args import add_verbosity, name_list
-from onnxquant.config import QuantFormat
-from onnxquant.errors import QuantizationError
-from onnxquant.summary import files_lines, size_line
+from onnxquant.cli.args import add_verbosity, name_list
+from onnxquant.cli.summary import files_lines, size_line
+from onnxquant.core.errors import QuantizationError
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
 from onnxquant.weight_only.config import (
     OVERRIDE_KEYS,

@@ -1,4 +1,4 @@
-"""Int32 bias quantization (re-exported by :mod:`onnxquant.numerics`).
+"""Int32 bias quantization (re-exported by :mod:`onnxquant.core.numerics`).
 
 A quantized bias is stored as int32 with scale ``input_scale * weight_scale`` and zero point 0,
 so that it can be added directly to the int32 accumulator of a quantized Conv/Gemm/MatMul.
@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from onnxquant.errors import NumericsError
+from onnxquant.core.errors import NumericsError
 
 __all__ = ["bias_scale", "weight_scale_for_bias", "quantize_bias"]
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from onnxquant.config import QuantFormat
+from onnxquant.core.qtypes import QuantFormat
 
 __all__ = [
     "OutputMode", "OpRule", "RULES", "QOPERATOR_RULES", "rule_for", "weight_axis",

@@ -12,19 +12,20 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxquant import model_io, preprocess
+from onnxquant import preprocess
 from onnxquant.calibration.cache import load_cache, save_cache
 from onnxquant.calibration.runner import (
     CalibrationResult,
     calibrate_ranges,
     ranges_from_statistics,
 )
-from onnxquant.config import QuantFormat, StaticQuantConfig
+from onnxquant.core import front_door, model_io
+from onnxquant.core.errors import CalibrationError
+from onnxquant.core.plan import QuantPlan
 from onnxquant.emitters.qdq import emit_qdq
 from onnxquant.emitters.qoperator import emit_qoperator
-from onnxquant.errors import CalibrationError, OutputPathError
-from onnxquant.plan import QuantPlan
-from onnxquant.planner import build_plan, select_nodes, tensors_to_calibrate
+from onnxquant.static.config import QuantFormat, StaticQuantConfig
+from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibrate
 
 __all__ = ["QuantizationResult", "quantize_static", "calibrate"]
 
@@ -52,38 +53,6 @@ class QuantizationResult:
     calibration_samples: int
     seconds: float
     unobserved: list[str]
-
-
-def _protected_paths(model_input: Any) -> tuple[str, ...]:
-    if isinstance(model_input, (str, os.PathLike)):
-        return (os.fspath(model_input),)
-    return ()
-
-
-def _check_output(model_input: Any, model_output: str | os.PathLike) -> None:
-    out = Path(model_output)
-    if isinstance(model_input, (str, os.PathLike)) and Path(model_input).resolve() == out.resolve():
-        raise OutputPathError(
-            f"the output path '{out}' is the input model; choose another output path "
-            "(the input model is never overwritten)"
-        )
-    if not out.absolute().parent.is_dir():
-        raise OutputPathError(f"output folder '{out.absolute().parent}' does not exist")
-
-
-def _input_bytes(model_input: Any, model: ir.Model) -> int:
-    """Size of the float model on disk (file plus its external data), or of its tensors."""
-    if isinstance(model_input, (str, os.PathLike)):
-        path = Path(model_input)
-        locations = {
-            t.location for g in (model.graph, *model.graph.subgraphs())
-            for v in g.initializers.values()
-            if isinstance(t := v.const_value, ir.ExternalTensor)
-        }
-        extra = sum((path.parent / loc).stat().st_size for loc in locations
-                    if (path.parent / loc).is_file())
-        return path.stat().st_size + extra
-    return model_io.model_size_bytes(model)
 
 
 def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
@@ -166,14 +135,14 @@ def quantize_static(
         A :class:`QuantizationResult` with the plan and the files written.
 
     Raises:
-        onnxquant.errors.QuantizationError: With a message naming the file, node, tensor or
+        onnxquant.core.errors.QuantizationError: With a message naming the file, node, tensor or
             input at fault. Nothing is written on failure.
     """
     config = config or StaticQuantConfig()
     start = time.perf_counter()
-    _check_output(model_input, model_output)
+    front_door.check_output(model_input, model_output)
     model, annotated = _prepare(model_input, config)
-    float_bytes = _input_bytes(model_input, model)
+    float_bytes = front_door.input_bytes(model_input, model)
     nodes = select_nodes(model, config)
     calibration = _calibrate(model, nodes, calibration_data, config)
     plan = build_plan(nodes, calibration.ranges, config)
@@ -183,7 +152,7 @@ def quantize_static(
         emit_qdq(model, plan)
     preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, model_output, external_data=config.external_data,
-                                  protected=_protected_paths(model_input))
+                                  protected=front_door.protected_paths(model_input))
     return QuantizationResult(
         plan=plan,
         output_files=written,

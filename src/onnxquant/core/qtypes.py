@@ -8,12 +8,14 @@ a granularity (:class:`PerTensor`, :class:`PerAxis`, :class:`PerBlock`) describe
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "QuantFormat",
     "QuantType",
     "INT4",
     "UINT4",
@@ -127,3 +129,10 @@ class PerBlock:
 
 
 Granularity = PerTensor | PerAxis | PerBlock
+
+
+class QuantFormat(enum.Enum):
+    """How a quantized model is represented."""
+
+    QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs around float operators
+    QOPERATOR = "qoperator"  # operators with their own quantized definition (QLinearConv, ...)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxquant.qtypes import QuantType, quant_type_from_name
+from onnxquant.core.qtypes import QuantType, quant_type_from_name
 
 __all__ = ["TensorQuant", "BiasQuant", "NodeDecision", "QuantPlan"]
 

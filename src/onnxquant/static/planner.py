@@ -8,14 +8,13 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant import numerics
-from onnxquant._graph import from_dequantize, is_constant, is_float, iter_nodes
-from onnxquant._selection import choose_nodes, params_from_producer
-from onnxquant.config import QuantFormat, StaticQuantConfig
-from onnxquant.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.core import numerics
+from onnxquant.core.graph import from_dequantize, is_constant, is_float, iter_nodes
+from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.core.qtypes import QuantType
 from onnxquant.preprocess import BATCHNORM_FOLDED
-from onnxquant.qtypes import QuantType
-from onnxquant.rules import (
+from onnxquant.static.config import QuantFormat, StaticQuantConfig
+from onnxquant.static.rules import (
     SOFTMAX_MAX_INPUT_WIDTH,
     OpRule,
     OutputMode,
@@ -23,6 +22,7 @@ from onnxquant.rules import (
     rule_for,
     weight_axis,
 )
+from onnxquant.static.selection import choose_nodes, params_from_producer
 
 __all__ = ["select_nodes", "tensors_to_calibrate", "build_plan"]
 

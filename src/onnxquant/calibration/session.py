@@ -1,0 +1,104 @@
+"""One onnxruntime session over a calibration model, and one inference through it: shared by
+the single-process runner, the process shards and GPTQ's Hessian collection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxquant.calibration.readers import InputSpec
+from onnxquant.calibration.settings import Observer
+from onnxquant.core.errors import CalibrationError
+from onnxquant.core.model_io import PROTOBUF_LIMIT, model_size_bytes
+
+__all__ = ["input_specs", "make_session", "run_batch", "update_observers"]
+
+logger = logging.getLogger(__name__)
+
+
+def input_specs(model: ir.Model) -> tuple[list[InputSpec], set[str]]:
+    """The model's feedable inputs, and the names of those that may be omitted.
+
+    Inputs that also have an initializer (IR < 4 style defaults) are optional.
+    """
+    specs, optional = [], set()
+    for value in model.graph.inputs:
+        name = value.name or ""
+        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (str(d) if d is not None else None)
+                          for d in value.shape)
+        specs.append(InputSpec(name=name, dtype=dtype, shape=shape))
+        if name in model.graph.initializers:
+            optional.add(name)
+    return specs, optional
+
+
+def make_session(
+    model: ir.Model, providers: Sequence[str], workdir: Path
+) -> ort.InferenceSession:
+    """An onnxruntime session for ``model``.
+
+    Built from bytes; external data is read where it is (one base folder, no copy). A model
+    whose in-memory tensors are too large for protobuf, or whose external data onnxruntime
+    cannot open in place, is saved to ``workdir`` first.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    external = [t for t in _initializer_tensors(model) if isinstance(t, ir.ExternalTensor)]
+    folders = {str(Path(t.base_dir or ".").resolve()) for t in external}
+    in_memory = model_size_bytes(model) - sum(t.nbytes for t in external)
+    try:
+        if len(folders) <= 1 and in_memory <= PROTOBUF_LIMIT - (64 << 20):
+            try:
+                return _session_from_bytes(model, providers, options, folders)
+            except Exception as err:  # e.g. an onnxruntime without the external-folder option
+                if not external:
+                    raise
+                logger.debug("loading the model from bytes failed (%s); saving a copy", err)
+        path = workdir / "augmented.onnx"
+        ir.save(model, path, external_data="augmented.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as err:
+        raise CalibrationError(
+            f"onnxruntime could not load the model for calibration: {err}. Check that the "
+            "float model runs in onnxruntime with these providers"
+        ) from err
+
+
+def _initializer_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    return [v.const_value for g in (model.graph, *model.graph.subgraphs())
+            for v in g.initializers.values() if v.const_value is not None]
+
+
+def _session_from_bytes(model: ir.Model, providers: Sequence[str],
+                        options: ort.SessionOptions, folders: set[str]) -> ort.InferenceSession:
+    if folders:  # external data stays in its files, found relative to this folder
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", next(iter(folders)))
+    proto = ir.serde.serialize_model(model)
+    data = proto.SerializeToString()
+    del proto  # keep one serialized copy alive while onnxruntime builds its own
+    return ort.InferenceSession(data, options, providers=list(providers))
+
+
+def update_observers(observers: dict[str, Observer], keys: list[str], results: list) -> None:
+    """Fold one batch's outputs into the observers (same order as ``keys``)."""
+    for key, array in zip(keys, results, strict=True):
+        observers[key].update(array)
+
+
+def run_batch(session: ort.InferenceSession, output_names: list[str], feed: dict,
+              index: int) -> list:
+    """One inference; onnxruntime errors become a CalibrationError naming the feed."""
+    try:
+        return session.run(output_names, feed) if output_names else []
+    except Exception as err:
+        raise CalibrationError(f"onnxruntime failed on calibration feed {index}: {err}") from err

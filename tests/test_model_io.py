@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxquant
-from onnxquant.core import model_io
+from onnxquant.core import front_door, model_io
 
 
 def _save_external(model: onnx.ModelProto, path) -> None:
@@ -54,9 +54,9 @@ def test_save_refuses_input_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(zoo.matmul_chain(), str(path))
     original = path.read_bytes()
-    model = model_io.load_model(path)
+    _, source = front_door.open_model(path)
     with pytest.raises(onnxquant.OutputPathError, match="input model"):
-        model_io.save_model(model, path, protected=(path,))
+        front_door.check_output_files(path, source)
     assert path.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
@@ -64,22 +64,22 @@ def test_save_refuses_input_and_leaves_no_temp_files(tmp_path):
 def test_load_copies_ir_model_and_proto():
     proto = zoo.matmul_chain()
     before = proto.SerializeToString()
-    model = model_io.load_model(proto)
+    model, _ = front_door.open_model(proto)
     model.graph.remove(list(model.graph)[0], safe=False)
     assert proto.SerializeToString() == before
     original = ir.from_proto(zoo.matmul_chain())
-    copy = model_io.load_model(original)
+    copy, _ = front_door.open_model(original)
     copy.graph.remove(list(copy.graph)[0], safe=False)
     assert len(list(original.graph)) == len(proto.graph.node)
 
 
 def test_unknown_source_type():
     with pytest.raises(onnxquant.ModelLoadError, match="cannot load a model from int"):
-        model_io.load_model(3)  # type: ignore[arg-type]
+        front_door.open_model(3)  # type: ignore[arg-type]
 
 
 def test_convert_opset_keeps_large_tensors_without_copying() -> None:
-    model = model_io.load_model(zoo.matmul_chain(opset=13, dim=64))
+    model, _ = front_door.open_model(zoo.matmul_chain(opset=13, dim=64))
     before = {n: v.const_value for n, v in model.graph.initializers.items()}
     converted = model_io.convert_opset(model, 21)
     assert model_io.default_opset(converted) == 21

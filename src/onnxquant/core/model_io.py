@@ -12,65 +12,31 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
-from onnxquant.core.errors import ModelLoadError, OutputPathError, UnsupportedModelError
+from onnxquant.core import tempdirs
+from onnxquant.core.errors import OutputPathError, UnsupportedModelError
 
 __all__ = [
     "ModelInput",
-    "load_model",
     "save_model",
     "model_size_bytes",
     "clone_model",
     "convert_opset",
+    "structure_proto",
     "default_opset",
     "PROTOBUF_LIMIT",
+    "DATA_SUFFIX",
 ]
 
 logger = logging.getLogger(__name__)
 
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 PROTOBUF_LIMIT = 2**31 - 1
-MIN_OPSET = 10
-
-
-def load_model(source: ModelInput, *, upgrade_opset: bool = False) -> ir.Model:
-    """Load a model into a private ``onnx_ir.Model``.
-
-    Args:
-        source: A path to an ``.onnx`` file (external data next to it is memory mapped lazily),
-            an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (copied, never modified).
-        upgrade_opset: Convert models below opset 10 to opset 13 with the ONNX version
-            converter instead of refusing them.
-
-    Raises:
-        ModelLoadError: The file is missing or not a valid ONNX model.
-        UnsupportedModelError: The default-domain opset is below 10 and ``upgrade_opset`` is off.
-    """
-    model = _read(source)
-    opset = default_opset(model)
-    if opset < MIN_OPSET:
-        if not upgrade_opset:
-            raise UnsupportedModelError(
-                f"{_describe(source)} uses ONNX opset {opset}; quantization needs opset "
-                f"{MIN_OPSET} or newer (QuantizeLinear/DequantizeLinear). Convert it with "
-                "`onnx.version_converter.convert_version(model, 13)`, or pass "
-                "upgrade_opset=True (CLI: --upgrade-opset) to do it automatically."
-            )
-        model = convert_opset(model, 13)
-    return model
-
-
-def _describe(source: ModelInput) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return f"model file '{os.fspath(source)}'"
-    return f"model '{getattr(getattr(source, 'graph', None), 'name', '') or '<in memory>'}'"
 
 
 def clone_model(model: ir.Model) -> ir.Model:
@@ -80,28 +46,6 @@ def clone_model(model: ir.Model) -> ir.Model:
     external tensors stay memory-mapped references to their files.
     """
     return model.clone()
-
-
-def _read(source: ModelInput) -> ir.Model:
-    if isinstance(source, ir.Model):
-        return clone_model(source)
-    if isinstance(source, onnx.ModelProto):
-        return ir.serde.deserialize_model(source)
-    if not isinstance(source, (str, os.PathLike)):
-        raise ModelLoadError(
-            f"cannot load a model from {type(source).__name__}; pass a path, an "
-            "onnx.ModelProto or an onnx_ir.Model"
-        )
-    path = Path(source)
-    if not path.is_file():
-        raise ModelLoadError(f"model file '{path}' does not exist (or is not a file)")
-    try:
-        return ir.load(path)
-    except Exception as err:  # protobuf raises several unrelated types
-        raise ModelLoadError(
-            f"model file '{path}' is not a valid ONNX model ({type(err).__name__}: {err}); "
-            "check that the file is complete and really an .onnx protobuf"
-        ) from err
 
 
 def default_opset(model: ir.Model) -> int:
@@ -153,6 +97,16 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
     _copy_external_base_dir(model, result)
     logger.info("converted the model to opset %d", target)
     return result
+
+
+def structure_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a protobuf without its large weights (in-memory initializers above 1 KB
+    become data-less external placeholders): cheap to check, at any model size."""
+    detached = _detach_large_tensors(model)
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        _reattach(model, detached)
 
 
 _DETACH_BYTES = 1024
@@ -214,11 +168,8 @@ def model_size_bytes(model: ir.Model) -> int:
     return sum(t.nbytes for t in _all_initializer_tensors(model))
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+DATA_SUFFIX = ".data"
+TEMP_PREFIX = ".onnxquant-"
 
 
 def save_model(
@@ -226,48 +177,43 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
-    protected: tuple[str | os.PathLike, ...] = (),
 ) -> list[Path]:
     """Save ``model`` atomically and return the paths written.
+
+    The files are written into a private folder next to the destination and renamed into
+    place: a failed or killed save leaves the previous output as it was (with external data,
+    the model and its data file are two renames, microseconds apart). Callers check first
+    that no output file is an input file (:func:`onnxquant.core.front_door.check_output_files`).
 
     Args:
         model: The model to save.
         path: Destination ``.onnx`` path; its folder must exist.
         external_data: True: write all large tensors to ``<name>.data`` next to the model;
             False: one protobuf file; None: external data only when the model exceeds 2 GB.
-        protected: Files that must not be overwritten (the input model and its data).
 
     Raises:
-        OutputPathError: The destination is a protected file, a folder, or its folder is missing.
+        OutputPathError: The destination cannot be written (folder missing or read-only, disk
+            full, ...); nothing is left behind.
     """
     dest = Path(path).absolute()
-    if not dest.parent.is_dir():
-        raise OutputPathError(f"output folder '{dest.parent}' does not exist; create it first")
-    if dest.is_dir():
-        raise OutputPathError(f"output path '{dest}' is a folder; give a file name like model.onnx")
-    data_name = dest.name + ".data"
-    for p in protected:
-        for target in (dest, dest.parent / data_name):
-            if _same_file(Path(p), target):
-                raise OutputPathError(
-                    f"refusing to overwrite '{target}', which is the input model (or its "
-                    "data); choose another output path"
-                )
+    data_name = dest.name + DATA_SUFFIX
     if external_data is None:
         external_data = model_size_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxquant-", dir=dest.parent))
     try:
-        tmp_model = tmpdir / dest.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
-        else:
-            ir.save(model, tmp_model)
-        written = []
-        if (tmpdir / data_name).exists():
-            os.replace(tmpdir / data_name, dest.parent / data_name)
-            written.append(dest.parent / data_name)
-        os.replace(tmp_model, dest)
-        written.insert(0, dest)
-        return written
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with tempdirs.private_dir(dest.parent, TEMP_PREFIX) as tmpdir:
+            tmp_model = tmpdir / dest.name
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            else:
+                ir.save(model, tmp_model)
+            written = []
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, dest.parent / data_name)
+                written.append(dest.parent / data_name)
+            os.replace(tmp_model, dest)
+            written.insert(0, dest)
+            return written
+    except OSError as err:
+        raise OutputPathError(
+            f"cannot write the output '{dest}': {err.strerror or err}; check that its folder "
+            "exists, is writable and has space") from err

@@ -71,26 +71,20 @@ class DynamicQuantizationResult:
         return {op: (q, n) for op, (q, n) in totals.items()}
 
 
-def _prepare(model_input: model_io.ModelInput,
-             config: DynamicQuantConfig) -> tuple[ir.Model, set[int]]:
-    """The prepared private model, and the intermediate values the input annotated with a
-    shape."""
-    model = model_io.load_model(model_input, upgrade_opset=config.upgrade_opset)
+def _enter(model_input: model_io.ModelInput, model_output: str | os.PathLike,
+           config: DynamicQuantConfig) -> front_door.Entry:
+    """Through the front door, at the opset the chosen form needs."""
     # DynamicQuantizeLinear and Round need opset 11; per-axis DequantizeLinear needs 13.
     qdq = config.format is QuantFormat.QDQ
-    required = 13 if qdq and config.per_channel else 11
-    if model_io.default_opset(model) < required:
-        model = model_io.convert_opset(model, required)
-    if qdq and config.per_channel_fallback_db is not None and model_io.default_opset(model) < 13:
+    entry = front_door.enter(model_input, model_output, upgrade_opset=config.upgrade_opset,
+                             min_opset=13 if qdq and config.per_channel else 11)
+    if qdq and config.per_channel_fallback_db is not None and \
+            model_io.default_opset(entry.model) < 13:
         try:  # per-channel fallback weights need opset 13 in QDQ form
-            model = model_io.convert_opset(model, 13)
+            entry.model = model_io.convert_opset(entry.model, 13)
         except UnsupportedModelError as err:
             logger.warning("%s; weights stay per tensor", err)
-    annotated = preprocess.annotated_values(model)
-    preprocess.prepare(model, fold_bn=config.fold_batchnorm)
-    for graph in (model.graph, *model.graph.subgraphs()):
-        graph.sort()
-    return model, annotated
+    return entry
 
 
 def _notes(ctx: Context, decisions: list[Decision]) -> list[str]:
@@ -148,9 +142,10 @@ def quantize_dynamic(
     """
     config = config or DynamicQuantConfig()
     start = time.perf_counter()
-    front_door.check_output(model_input, model_output)
-    model, annotated = _prepare(model_input, config)
-    float_bytes = front_door.input_bytes(model_input, model)
+    entry = _enter(model_input, model_output, config)
+    model = entry.model
+    annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
+    float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
     names = Names(model)
     ctx = Context(
         model=model, config=config, names=names,
@@ -158,8 +153,7 @@ def quantize_dynamic(
         weights=WeightStore(names), opset=model_io.default_opset(model))
     decisions = rewrite_model(ctx)
     _finish_model(model, annotated)
-    written = model_io.save_model(model, model_output, external_data=config.external_data,
-                                  protected=front_door.protected_paths(model_input))
+    written = model_io.save_model(model, entry.output, external_data=config.external_data)
     result = DynamicQuantizationResult(
         decisions=decisions,
         runtime_notes=_notes(ctx, decisions),

@@ -33,7 +33,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxquant.core import model_io
+from onnxquant.core import front_door, model_io
 from onnxquant.ort._errors import InvalidOptionError, UnsupportedConfigError
 from onnxquant.ort.quant_utils import QuantFormat
 from onnxquant.static.config import QuantFormat as NativeFormat
@@ -244,10 +244,10 @@ def native_config(
 class _Model:
     """The ``.model`` of a quantizer: ``.model`` (ModelProto) and ``save_model_to_file``."""
 
-    def __init__(self, model: ir.Model, protected: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: ir.Model, source: front_door.ModelSource) -> None:
         self._ir = model
         self._proto: onnx.ModelProto | None = None
-        self._protected = protected
+        self._source = source
 
     def _set(self, model: ir.Model) -> None:
         self._ir, self._proto = model, None
@@ -264,9 +264,10 @@ class _Model:
         """Save atomically; ``use_external_data_format`` puts tensors in ``<name>.data``
         (False: decide by size). Returns the paths written."""
         model = ir.serde.deserialize_model(self._proto) if self._proto is not None else self._ir
-        return model_io.save_model(model, output_path,
-                                   external_data=True if use_external_data_format else None,
-                                   protected=self._protected)
+        output = front_door.check_output(self._source.path, output_path)
+        front_door.check_output_files(output, self._source)
+        return model_io.save_model(model, output,
+                                   external_data=True if use_external_data_format else None)
 
 
 class MatMulNBitsQuantizer:
@@ -296,8 +297,7 @@ class MatMulNBitsQuantizer:
                  op_types_to_quantize: Iterable[str] | None = None,
                  quant_axes: Iterable[tuple[str, int]] | Mapping[str, int] | None = None,
                  channel_wised_quantize: bool = False, algo_config: Any = None) -> None:
-        protected = (os.fspath(model),) if isinstance(model, (str, os.PathLike)) else ()
-        self.model = _Model(model_io.load_model(model), protected)
+        self.model = _Model(*front_door.open_model(model))
         self.bits = bits
         self.block_size = block_size
         self.is_symmetric = is_symmetric

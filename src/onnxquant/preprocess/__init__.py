@@ -11,7 +11,9 @@ from onnxquant.preprocess.passes import (
     infer_types,
     lift_constants,
     prepare,
+    prepare_for_quantization,
 )
 
-__all__ = ["BATCHNORM_FOLDED", "prepare", "fix_names", "lift_constants", "fold_batchnorm",
-           "infer_types", "annotated_values", "drop_inferred_shapes"]
+__all__ = ["BATCHNORM_FOLDED", "prepare", "prepare_for_quantization", "fix_names",
+           "lift_constants", "fold_batchnorm", "infer_types", "annotated_values",
+           "drop_inferred_shapes"]

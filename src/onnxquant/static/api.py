@@ -56,21 +56,18 @@ class QuantizationResult:
 
 
 def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
-    """Load and prepare a private copy of the model for quantization."""
-    return _prepare(model_input, config)[0]
+    """Load, check and prepare a private copy of the model for quantization."""
+    model, _ = front_door.open_model(model_input, upgrade_opset=config.upgrade_opset)
+    model = _at_opset(model, config)
+    preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
+    return model
 
 
-def _prepare(model_input: Any, config: StaticQuantConfig) -> tuple[ir.Model, set[int]]:
-    """The prepared model, and the values whose shapes the input model already had."""
-    model = model_io.load_model(model_input, upgrade_opset=config.upgrade_opset)
+def _at_opset(model: ir.Model, config: StaticQuantConfig) -> ir.Model:
     required = config.required_opset()
     if model_io.default_opset(model) < required:
-        model = model_io.convert_opset(model, required)
-    annotated = preprocess.annotated_values(model)
-    preprocess.prepare(model, fold_bn=config.fold_batchnorm)
-    for graph in (model.graph, *model.graph.subgraphs()):
-        graph.sort()
-    return model, annotated
+        return model_io.convert_opset(model, required)
+    return model
 
 
 def _calibrate(model: ir.Model, nodes: list, data: Any,
@@ -140,9 +137,11 @@ def quantize_static(
     """
     config = config or StaticQuantConfig()
     start = time.perf_counter()
-    front_door.check_output(model_input, model_output)
-    model, annotated = _prepare(model_input, config)
-    float_bytes = front_door.input_bytes(model_input, model)
+    entry = front_door.enter(model_input, model_output, upgrade_opset=config.upgrade_opset,
+                             min_opset=config.required_opset())
+    model = entry.model
+    annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
+    float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
     nodes = select_nodes(model, config)
     calibration = _calibrate(model, nodes, calibration_data, config)
     plan = build_plan(nodes, calibration.ranges, config)
@@ -151,8 +150,7 @@ def quantize_static(
     else:
         emit_qdq(model, plan)
     preprocess.drop_inferred_shapes(model, annotated)
-    written = model_io.save_model(model, model_output, external_data=config.external_data,
-                                  protected=front_door.protected_paths(model_input))
+    written = model_io.save_model(model, entry.output, external_data=config.external_data)
     return QuantizationResult(
         plan=plan,
         output_files=written,

@@ -252,14 +252,13 @@ def quantize_weights(
     config = config or WeightOnlyConfig()
     config.validate()
     start = time.perf_counter()
-    front_door.check_output(model_input, model_output)
-    model = model_io.load_model(model_input)
-    float_bytes = front_door.input_bytes(model_input, model)
+    entry = front_door.enter(model_input, model_output)
+    model = entry.model
+    float_bytes = entry.source.float_bytes(model)
     model, decisions, samples = quantize_model_weights(model, config, calibration_data,
                                                        lazy=True)
     try:
-        written = model_io.save_model(model, model_output, external_data=config.external_data,
-                                      protected=front_door.protected_paths(model_input))
+        written = model_io.save_model(model, entry.output, external_data=config.external_data)
     except Exception as err:  # weights are quantized while saving: surface our own error
         cause = _quantization_error(err)
         if cause is None:

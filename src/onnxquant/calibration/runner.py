@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
@@ -26,6 +23,7 @@ from onnxquant.calibration.parallel import run_sharded
 from onnxquant.calibration.readers import count_feeds, iter_feeds, validate_feed
 from onnxquant.calibration.session import input_specs, make_session, run_batch, update_observers
 from onnxquant.calibration.settings import CalibrationSettings, Observer, tensor_range
+from onnxquant.core import tempdirs
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.model_io import clone_model
 
@@ -103,8 +101,7 @@ def collect_statistics(
     specs, optional = input_specs(model)
     observers = {name: settings.new_observer(kind) for name, (_, kind) in exposed.items()}
     outputs = {name: out for name, (out, _) in exposed.items()}
-    workdir = Path(tempfile.mkdtemp(prefix="onnxquant-calib-"))
-    try:
+    with tempdirs.private_dir(None, "onnxquant-calib-") as workdir:
         feeds = _validated_feeds(data, specs, optional, max_samples)
         total = _total(data, max_samples)
         if workers > 1:
@@ -115,8 +112,6 @@ def collect_statistics(
             session = make_session(augmented, providers, workdir)
             del augmented
             samples = _run(session, outputs, observers, feeds, total=total, progress=progress)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     if samples == 0:
         raise CalibrationError(
             "the calibration data yielded no feeds; give at least one "

@@ -18,6 +18,7 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from onnxquant.core import model_io, validate
 from onnxquant.core.errors import ModelLoadError, OutputPathError, UnsupportedModelError
@@ -109,30 +110,32 @@ def open_model(source: model_io.ModelInput, *, upgrade_opset: bool = False
         UnsupportedModelError: The model is invalid (undefined inputs, cycles, unknown ops,
             inconsistent shapes, versions onnxruntime refuses) or below opset 10.
     """
-    model, info, proto = _read(source)
+    model, info = _read(source)
     where = info.description
     structure = model_io.structure_proto(model)
-    validate.validate_structure(proto if proto is not None else structure, where)
-    del proto
+    if isinstance(source, ir.Model):  # a protobuf source was checked before deserializing
+        validate.validate_structure(structure, where)
     validate.check_shapes(structure)
     del structure
     info.data_files = check_external_data(model, info.path.parent if info.path else None, where)
+    # Duplicate or empty node names are renamed on purpose: onnxruntime refuses duplicates, and
+    # every plan and decision is keyed by name.
+    NameFixPass()(model)
     return _upgrade(model, where, upgrade_opset), info
 
 
-def _read(source: model_io.ModelInput
-          ) -> tuple[ir.Model, ModelSource, onnx.ModelProto | None]:
-    """(model, source, the protobuf it came from when there is one)."""
+def _read(source: model_io.ModelInput) -> tuple[ir.Model, ModelSource]:
+    """The model and where it came from (a protobuf is checked before it is deserialized)."""
     if isinstance(source, ir.Model):
         name = source.graph.name or "<in memory>"
-        return model_io.clone_model(source), ModelSource(f"model '{name}'", None, []), None
+        return model_io.clone_model(source), ModelSource(f"model '{name}'", None, [])
     if isinstance(source, onnx.ModelProto):
         info = ModelSource(f"model '{source.graph.name or '<in memory>'}'", None, [])
         if any(g.sparse_initializer for g in validate.iter_graphs(source.graph)):
             copy = onnx.ModelProto()
             copy.CopyFrom(source)  # densifying must not change the caller's model
             source = copy
-        return _from_proto(source, info, None), info, source
+        return _from_proto(source, info, None), info
     if not isinstance(source, (str, os.PathLike)):
         raise ModelLoadError(
             f"cannot load a model from {type(source).__name__}; pass a path, an "
@@ -147,7 +150,7 @@ def _read(source: model_io.ModelInput
         raise ModelLoadError(
             f"model file '{path}' is not a valid ONNX model ({type(err).__name__}: {err}); "
             "check that the file is complete and really an .onnx protobuf") from err
-    return _from_proto(proto, info, path.parent), info, proto
+    return _from_proto(proto, info, path.parent), info
 
 
 def _from_proto(proto: onnx.ModelProto, info: ModelSource, folder: Path | None) -> ir.Model:
@@ -155,6 +158,7 @@ def _from_proto(proto: onnx.ModelProto, info: ModelSource, folder: Path | None) 
     if densified:
         logger.info("%s: %d sparse initializers made dense", info.description, densified)
     validate.check_initializer_sizes(proto.graph)
+    validate.validate_structure(proto, info.description)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:  # onnx_ir raises ValueError/TypeError/KeyError on bad protos

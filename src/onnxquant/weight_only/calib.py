@@ -13,8 +13,6 @@ addressable from outside the body).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 
 from onnxquant.calibration.readers import count_feeds, iter_feeds, validate_feed
 from onnxquant.calibration.session import input_specs, make_session, run_batch
+from onnxquant.core import tempdirs
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.model_io import clone_model, model_size_bytes
 from onnxquant.weight_only._hessian import HessianAccumulator
@@ -73,8 +72,7 @@ def collect_hessians(
             _update(accumulators[name], name, array, activations[name])
 
     feeds = _feeds(model, data, max_samples, progress)
-    workdir = Path(tempfile.mkdtemp(prefix="onnxquant-gptq-"))
-    try:
+    with tempdirs.private_dir(None, "onnxquant-gptq-") as workdir:
         segments = plan_segments(model, activations, _budget(model, segment_bytes))
         if segments:
             logger.info("GPTQ calibration in %d segments", len(segments))
@@ -82,8 +80,6 @@ def collect_hessians(
                                    workdir=workdir)
         else:
             samples = _run_whole(model, list(activations), feeds, update, providers, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     if samples == 0:
         raise CalibrationError(
             "the calibration data yielded no feeds; GPTQ needs at least one "

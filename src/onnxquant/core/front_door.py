@@ -115,7 +115,7 @@ def open_model(source: model_io.ModelInput, *, upgrade_opset: bool = False
     structure = model_io.structure_proto(model)
     if isinstance(source, ir.Model):  # a protobuf source was checked before deserializing
         validate.validate_structure(structure, where)
-    validate.check_shapes(structure)
+    validate.check_shapes(structure, where)
     del structure
     info.data_files = check_external_data(model, info.path.parent if info.path else None, where)
     # Duplicate or empty node names are renamed on purpose: onnxruntime refuses duplicates, and

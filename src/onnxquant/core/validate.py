@@ -258,7 +258,7 @@ def _runtime_ops() -> dict[tuple[str, str], int]:
     return ops
 
 
-def check_ops(model: onnx.ModelProto) -> None:
+def check_ops(model: onnx.ModelProto, where: str) -> None:
     """Every node's op exists in onnxruntime for the model's opset of its domain (or is a
     model-local function)."""
     imports = {("" if i.domain == "ai.onnx" else i.domain): i.version for i in model.opset_import}
@@ -270,7 +270,7 @@ def check_ops(model: onnx.ModelProto) -> None:
             domain = "" if node.domain == "ai.onnx" else node.domain
             if (node.domain, node.op_type) in functions:
                 continue
-            label = _node_label(node, index)
+            label = f"{where}: {_node_label(node, index)}"
             if domain not in imports:
                 raise UnsupportedModelError(
                     f"{label} uses domain '{domain or 'ai.onnx'}', which the model does not "
@@ -288,7 +288,7 @@ def check_ops(model: onnx.ModelProto) -> None:
                     "or the model's opset")
 
 
-def check_versions(model: onnx.ModelProto) -> None:
+def check_versions(model: onnx.ModelProto, where: str) -> None:
     """The IR version and the opsets are ones the installed onnx and onnxruntime support.
 
     onnxruntime is asked directly: an empty model with the same versions is loaded, so the
@@ -296,12 +296,12 @@ def check_versions(model: onnx.ModelProto) -> None:
     """
     if model.ir_version > onnx.IR_VERSION:
         raise UnsupportedModelError(
-            f"the model has IR version {model.ir_version}, newer than the installed onnx "
+            f"{where} has IR version {model.ir_version}, newer than the installed onnx "
             f"supports ({onnx.IR_VERSION}); upgrade onnx and onnxruntime, or re-export the "
             "model with an older IR version")
     if model.ir_version < 3:
         raise UnsupportedModelError(
-            f"the model has IR version {model.ir_version}; opsets need IR version 3 or newer; "
+            f"{where} has IR version {model.ir_version}; opsets need IR version 3 or newer; "
             "re-export the model")
     probe = onnx.ModelProto(ir_version=model.ir_version)
     probe.opset_import.extend(model.opset_import)
@@ -320,12 +320,12 @@ def check_versions(model: onnx.ModelProto) -> None:
         message = str(err).split(" : ", 3)[-1].strip()
         versions = ", ".join(f"{i.domain or 'ai.onnx'} {i.version}" for i in model.opset_import)
         raise UnsupportedModelError(
-            f"onnxruntime refuses the model's versions (IR {model.ir_version}; opsets "
+            f"onnxruntime refuses the versions of {where} (IR {model.ir_version}; opsets "
             f"{versions}): {message}. Convert the model to an opset this onnxruntime supports "
             "(onnx.version_converter) or upgrade onnxruntime") from err
 
 
-def check_shapes(skeleton: onnx.ModelProto) -> None:
+def check_shapes(skeleton: onnx.ModelProto, where: str) -> None:
     """onnx's strict shape and type inference over the structure (weights' dims only).
 
     Intermediate ``value_info`` and output shapes are dropped first: stale annotations that
@@ -346,7 +346,7 @@ def check_shapes(skeleton: onnx.ModelProto) -> None:
         refusal = _runtime_refusal(copy)
         if refusal is not None:
             raise UnsupportedModelError(
-                f"the model is inconsistent: {str(err).strip()} (onnxruntime: {refusal}); "
+                f"{where} is inconsistent: {str(err).strip()} (onnxruntime: {refusal}); "
                 f"{_FIX}") from err
 
 
@@ -384,6 +384,6 @@ def _runtime_refusal(skeleton: onnx.ModelProto) -> str | None:
 def validate_structure(skeleton: onnx.ModelProto, where: str) -> None:
     """Versions, graph soundness and ops (see the module docstring); shapes are
     :func:`check_shapes`, on a weight-less copy."""
-    check_versions(skeleton)
+    check_versions(skeleton, where)
     _check_graph(skeleton.graph, frozenset(), where)
-    check_ops(skeleton)
+    check_ops(skeleton, where)

@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale(parent: Path, prefix: str) -> list[Path]:
     """Remove folders ``<prefix><pid>-*`` in ``parent`` whose process no longer runs."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(parent))
     except OSError:

@@ -163,6 +163,31 @@ def _duplicate_node_names(m: onnx.ModelProto) -> None:
         node.name = "same"
 
 
+def _absurd_annotation(m: onnx.ModelProto) -> None:
+    m.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT,
+                                                            [7, 99_999_999_999, 3]))
+
+
+def _wrong_annotated_type(m: onnx.ModelProto) -> None:
+    m.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.INT64, ["B", DIM]))
+
+
+def _negative_output_dim(m: onnx.ModelProto) -> None:
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = -7
+
+
+def _string_input(m: onnx.ModelProto) -> None:
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.STRING
+
+
+def _untyped_input(m: onnx.ModelProto) -> None:
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+
+
+def _absurd_input_dim(m: onnx.ModelProto) -> None:
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 10**12
+
+
 def _with_data(location: str, *, offset: int = 0, length: int | None = None,
                prepare: Callable[[Path], None] | None = None) -> Callable[[Path], Path]:
     """W1 stored externally at ``location`` (``prepare`` makes the file system around it)."""
@@ -259,6 +284,12 @@ CASES = [
          LOAD, "W1"),
     Case("data_wrong_length", _with_data("w.bin", length=W1_BYTES - 4,
                                          prepare=_file(_w1_bytes())), LOAD, "W1"),
+    Case("wrong_annotated_type", _mutated(_wrong_annotated_type), UNSUPPORTED, "add1"),
+    Case("string_input", _mutated(_string_input), UNSUPPORTED, "mm1"),
+    Case("untyped_input", _mutated(_untyped_input), UNSUPPORTED, "mm1"),
+    Case("absurd_input_dim", _mutated(_absurd_input_dim), UNSUPPORTED, "mm1"),
     Case("sparse_initializer", _mutated(_sparse), None, ""),
+    Case("absurd_annotation", _mutated(_absurd_annotation), None, ""),
+    Case("negative_output_dim", _mutated(_negative_output_dim), None, ""),
     Case("duplicate_node_names", _mutated(_duplicate_node_names), None, ""),
 ]

@@ -115,13 +115,27 @@ def open_model(source: model_io.ModelInput, *, upgrade_opset: bool = False
     structure = model_io.structure_proto(model)
     if isinstance(source, ir.Model):  # a protobuf source was checked before deserializing
         validate.validate_structure(structure, where)
-    validate.check_shapes(structure, where)
+    _drop_shapes(model, validate.check_shapes(structure, where), where)
     del structure
     info.data_files = check_external_data(model, info.path.parent if info.path else None, where)
     # Duplicate or empty node names are renamed on purpose: onnxruntime refuses duplicates, and
     # every plan and decision is keyed by name.
     NameFixPass()(model)
     return _upgrade(model, where, upgrade_opset), info
+
+
+def _drop_shapes(model: ir.Model, names: set[str], where: str) -> None:
+    """Forget declared shapes that contradict inference (inputs keep theirs: they are the
+    model's contract with its callers)."""
+    if not names:
+        return
+    for graph in (model.graph, *model.graph.subgraphs()):
+        values = [v for node in graph for v in node.outputs]
+        for value in values:
+            if value.name in names:
+                value.shape = None
+    logger.warning("%s: declared shapes of %s contradict shape inference and were dropped",
+                   where, ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else ""))
 
 
 def _read(source: model_io.ModelInput) -> tuple[ir.Model, ModelSource]:

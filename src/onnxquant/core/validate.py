@@ -325,29 +325,61 @@ def check_versions(model: onnx.ModelProto, where: str) -> None:
             "(onnx.version_converter) or upgrade onnxruntime") from err
 
 
-def check_shapes(skeleton: onnx.ModelProto, where: str) -> None:
+def check_shapes(skeleton: onnx.ModelProto, where: str) -> set[str]:
     """onnx's strict shape and type inference over the structure (weights' dims only).
 
-    Intermediate ``value_info`` and output shapes are dropped first: stale annotations that
-    exporters leave behind are not errors onnxruntime would refuse the model for. Where onnx's
-    inference fails, onnxruntime has the last word (onnx's strict mode also fails inside some of
-    its own function bodies): the model is refused only when onnxruntime refuses it too.
+    Declared intermediate and output shapes are set aside first (element types stay): stale
+    shape annotations that exporters leave behind are not errors onnxruntime refuses a model
+    for (it merges them leniently). Where onnx's inference fails, onnxruntime has the last word
+    (onnx's strict mode also fails inside some of its own function bodies): the model is refused
+    only when onnxruntime refuses it too.
+
+    Returns:
+        The names of values whose declared shape contradicts the inferred one (to be dropped:
+        they would mislead every pass that trusts annotations).
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(skeleton)
+    declared: dict[str, list[int | str]] = {}
     for g in iter_graphs(copy.graph):
-        del g.value_info[:]
-        for output in g.output:
-            if output.type.HasField("tensor_type"):
-                output.type.tensor_type.ClearField("shape")
+        fixed = {v.name for v in g.input} | {t.name for t in g.initializer}
+        for value in [*g.value_info, *g.output]:
+            tensor_type = value.type.tensor_type if value.type.HasField("tensor_type") else None
+            if value.name in fixed:
+                continue  # inputs and weights: their shapes are facts, not annotations
+            if tensor_type is not None and tensor_type.HasField("shape"):
+                declared[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                        for d in tensor_type.shape.dim]
+                tensor_type.ClearField("shape")
     try:
-        onnx.shape_inference.infer_shapes(copy, check_type=True, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(copy, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
         refusal = _runtime_refusal(copy)
         if refusal is not None:
             raise UnsupportedModelError(
                 f"{where} is inconsistent: {str(err).strip()} (onnxruntime: {refusal}); "
                 f"{_FIX}") from err
+        return set()
+    return {name for name, dims in _inferred_dims(inferred).items()
+            if name in declared and _contradicts(declared[name], dims)}
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    dims: dict[str, list[int | str]] = {}
+    for g in iter_graphs(model.graph):
+        for value in [*g.value_info, *g.output]:
+            t = value.type.tensor_type if value.type.HasField("tensor_type") else None
+            if t is not None and t.HasField("shape"):
+                dims[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                    for d in t.shape.dim]
+    return dims
+
+
+def _contradicts(declared: list[int | str], inferred: list[int | str]) -> bool:
+    if len(declared) != len(inferred):
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b
+               or isinstance(a, int) and a < 0 for a, b in zip(declared, inferred, strict=True))
 
 
 def _runtime_refusal(skeleton: onnx.ModelProto) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -46,7 +47,7 @@ class _Augmenter:
         return f"_oqcal_{next(self._ids)}_{stem}"
 
     def _add(
-        self, graph: ir.Graph, op: str, inputs: Iterable[ir.Value], **attrs: object
+        self, graph: ir.Graph, op: str, inputs: Iterable[ir.Value], **attrs: Any
     ) -> ir.Value:
         node = ir.node(op, list(inputs), attributes=attrs or None, name=self._name(op))
         graph.append(node)

@@ -24,7 +24,8 @@ __all__ = ["save_cache", "load_cache"]
 
 FORMAT = "onnxquant-calibration"
 VERSION = 1
-_KINDS = {"minmax": MinMaxObserver, "histogram": HistogramObserver}
+_KINDS: dict[str, type[MinMaxObserver] | type[HistogramObserver]] = {
+    "minmax": MinMaxObserver, "histogram": HistogramObserver}
 # Settings that only shape how ranges are read from the statistics, set by the quantization
 # config rather than the calibration: they may differ between cache and use.
 _DERIVED = {"levels"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 __all__ = ["name_list", "unique", "add_node_selection", "selection_fields",
            "add_model_handling", "add_speed_check", "add_verbosity", "positive_int"]
@@ -36,7 +37,7 @@ def add_node_selection(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return select
 
 
-def selection_fields(args: argparse.Namespace) -> dict[str, tuple[str, ...] | None]:
+def selection_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields of :func:`add_node_selection`'s arguments."""
     return {
         "op_types": unique(args.op_types) if args.op_types else None,

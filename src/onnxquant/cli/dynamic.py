@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from onnxquant.cli.args import (
@@ -114,7 +115,7 @@ def _float_reasons(result: DynamicQuantizationResult) -> list[str]:
     return lines
 
 
-def format_dynamic_summary(result: DynamicQuantizationResult, advice: list[str] = (),
+def format_dynamic_summary(result: DynamicQuantizationResult, advice: Sequence[str] = (),
                            latency: Latency | None = None) -> str:
     """Describe a dynamic quantization run in plain text (no trailing newline)."""
     done = len(result.quantized)

@@ -42,7 +42,7 @@ def add_initializer(graph: ir.Graph, name: str,
     else:
         tensor = data
         tensor.name = name
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape),
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape.numpy()),
                      type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     return value

@@ -130,7 +130,7 @@ def _detach_large_tensors(model: ir.Model) -> dict[str, ir.TensorProtocol]:
             detached[name] = tensor
             value.const_value = ir.ExternalTensor(
                 f"{_PLACEHOLDER_DIR}/{len(detached)}", 0, tensor.nbytes, tensor.dtype,
-                shape=tensor.shape, name=name)
+                shape=ir.Shape(tensor.shape.numpy()), name=name)
     return detached
 
 

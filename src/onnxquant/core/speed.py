@@ -178,7 +178,7 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 def random_feed(session, dim_value: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """A feed for ``session`` with symbolic dimensions set to ``dim_value``."""
     rng = np.random.default_rng(seed)
-    feed = {}
+    feed: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else dim_value for d in arg.shape]
         dtype = _NUMPY_TYPES.get(arg.type, np.float32)

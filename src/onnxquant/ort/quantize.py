@@ -22,12 +22,14 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from onnxquant.core.model_io import ModelInput
+from onnxquant.dynamic.api import DynamicQuantizationResult
 from onnxquant.ort._dynamic import quantize_dynamic
 from onnxquant.ort._errors import UnsupportedConfigError
 from onnxquant.ort._options import _to_native_config
 from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
 from onnxquant.static import api
+from onnxquant.weight_only.api import WeightOnlyResult
 
 __all__ = ["QuantConfig", "StaticQuantConfig", "DynamicQuantConfig", "quantize_static",
            "quantize_dynamic", "quantize"]
@@ -213,9 +215,12 @@ def _is_config(config: object, cls: type, fields: tuple[str, ...]) -> bool:
         type(config).__name__ == cls.__name__ and all(hasattr(config, f) for f in fields))
 
 
+AnyResult = api.QuantizationResult | DynamicQuantizationResult | WeightOnlyResult
+
+
 def quantize(
     model_input: ModelInput, model_output: str | os.PathLike, quant_config: QuantConfig
-) -> api.QuantizationResult:
+) -> AnyResult:
     """Quantize with a config object, dispatching on its type as onnxruntime does.
 
     Args:

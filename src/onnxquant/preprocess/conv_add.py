@@ -67,7 +67,8 @@ def _fold_one(graph: ir.Graph, add: ir.Node) -> bool:
     for index in (0, 1):
         y = add.inputs[index]
         conv = y.producer() if y is not None else None
-        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+        if y is None or conv is None or conv.op_type != "Conv" or \
+                conv.domain not in ("", "ai.onnx"):
             continue
         if conv.graph is not graph or len(y.uses()) != 1 or y.is_graph_output():
             continue
@@ -77,7 +78,7 @@ def _fold_one(graph: ir.Graph, add: ir.Node) -> bool:
             else None
         if weight is None or (bias_in is not None and bias is None):
             continue
-        channels = weight.shape[0]
+        channels = weight.shape.numpy()[0]
         data = _constant(add.inputs[1 - index])
         if data is None:
             continue

@@ -125,7 +125,7 @@ def fold_batchnorm(model: ir.Model) -> int:
 def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
     x = bn.inputs[0]
     conv = x.producer() if x is not None else None
-    if conv is None or conv.op_type != "Conv" or conv.graph is not graph:
+    if x is None or conv is None or conv.op_type != "Conv" or conv.graph is not graph:
         return 0
     if len(x.uses()) != 1 or x.is_graph_output() or len(bn.outputs) != 1:
         return 0

@@ -30,7 +30,7 @@ def read_slabs(tensor: ir.TensorProtocol, rows: int, shape: tuple[int, ...] | No
 
     ``shape`` reinterprets the tensor (same number of elements, e.g. leading 1s dropped).
     """
-    shape = tuple(int(d) for d in (shape if shape is not None else tensor.shape))
+    shape = tuple(int(d) for d in (shape if shape is not None else tensor.shape.numpy()))
     dim0 = shape[0] if shape else 1
     rest = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
     if isinstance(tensor, ir.ExternalTensor):
@@ -62,11 +62,11 @@ def release(tensor: ir.TensorProtocol) -> None:
 def _concat(parts: list[BlockQuantized], axis: int) -> BlockQuantized:
     if len(parts) == 1:
         return parts[0]
-    zps = [p.zero_points for p in parts]
+    zps = [p.zero_points for p in parts if p.zero_points is not None]
     return BlockQuantized(
         q=np.concatenate([p.q for p in parts], axis=axis),
         scales=np.concatenate([p.scales for p in parts], axis=axis),
-        zero_points=None if zps[0] is None else np.concatenate(zps, axis=axis),
+        zero_points=np.concatenate(zps, axis=axis) if zps else None,
         bits=parts[0].bits,
         block_size=parts[0].block_size,
     )
@@ -90,7 +90,7 @@ def quantize_slabs(tensor: ir.TensorProtocol, axis: int, quantize: Quantizer, *,
         slab_bytes: Float32 bytes per slab (default :data:`SLAB_BYTES`).
     """
     slab_bytes = slab_bytes or SLAB_BYTES
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tuple(int(d) for d in tensor.shape.numpy())
     rank = len(shape)
     leading_ones = all(d == 1 for d in shape[:axis])
     cols = max(1, int(np.prod(shape[1:], dtype=np.int64)))

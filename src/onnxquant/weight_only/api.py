@@ -80,9 +80,16 @@ def _needs_qdq_opset(model: ir.Model, config: WeightOnlyConfig) -> bool:
                for n in iter_nodes(model, subgraphs=config.subgraphs))
 
 
+def _input_name(node: ir.Node) -> str:
+    """The name of the node's activation input ("" when it has none)."""
+    a = node.inputs[0]
+    return a.name or "" if a is not None else ""
+
+
 def _key(target: Target, config: WeightOnlyConfig) -> Hashable:
     """Targets with equal keys store the same quantized tensors."""
-    a_name = target.node.inputs[0].name if target.settings.algorithm is WeightOnlyAlgorithm.GPTQ \
+    a = target.node.inputs[0]
+    a_name = a.name if a is not None and target.settings.algorithm is WeightOnlyAlgorithm.GPTQ \
         else None
     return (id(target.weight), target.op_type, target.settings, target.axis, target.block_size,
             target.packed_uint8, config.format, a_name)
@@ -159,7 +166,7 @@ def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
     accumulators, samples = collect_hessians(
         model, wanted, data, providers=config.gptq.providers,
         max_samples=config.gptq.max_calibration_samples, progress=config.progress)
-    users = [t.node.inputs[0].name or "" for t in targets
+    users = [_input_name(t.node) for t in targets
              if t.settings.algorithm is WeightOnlyAlgorithm.GPTQ]
     return HessianStore(accumulators, users), samples
 
@@ -193,7 +200,7 @@ def quantize_model_weights(
         key = _key(target, config)
         rows = None  # GPTQ: the calibration rows of the node's input
         if target.settings.algorithm is WeightOnlyAlgorithm.GPTQ:
-            rows = hessians.take(target.node.inputs[0].name or "")
+            rows = hessians.take(_input_name(target.node))
         # GPTQ quantizes now, so that the rows of each input are freed after their last use.
         make_blocks = functools.partial(_quantize, target, config, rows)
         now, rows = rows is not None, None

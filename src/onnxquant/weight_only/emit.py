@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -199,7 +200,7 @@ class WeightEmitter:
         b, scales, zp = self._constants(
             target, key, make_blocks,
             [f"{stem}_Q{bits}", f"{stem}_scales", f"{stem}_zero_points"], specs, build, now)
-        attrs: dict[str, object] = {"K": k, "N": n, "bits": bits, "block_size": block}
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block}
         if target.settings.accuracy_level:
             attrs["accuracy_level"] = target.settings.accuracy_level
         inputs = [node.inputs[0], b, scales] + ([zp] if zp is not None else [])
@@ -295,7 +296,7 @@ class WeightEmitter:
         data, scales, zp = self._constants(
             target, key, make_blocks,
             [f"{stem}_q{bits}", f"{stem}_scales", f"{stem}_zero_points"], specs, build, now)
-        attrs: dict[str, object] = {
+        attrs: dict[str, Any] = {
             "gather_axis": node.attributes.get_int("axis", 0) % len(shape),
             "quantize_axis": target.axis,
             "block_size": block,

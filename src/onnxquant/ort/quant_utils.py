@@ -131,15 +131,17 @@ def load_model_with_shape_infer(model_path: str | os.PathLike) -> onnx.ModelProt
     inferred copy lives in a private temporary folder that is always removed.
 
     Raises:
-        onnxquant.core.errors.ModelLoadError: The file is missing or shape inference fails.
+        onnxquant.core.errors.ModelLoadError: The file is missing, its external data lies outside
+            its folder, or shape inference fails.
+        onnxquant.core.errors.UnsupportedModelError: The model is invalid.
     """
     from onnx.external_data_helper import load_external_data_for_model
 
     from onnxquant.core.errors import ModelLoadError
+    from onnxquant.core.front_door import open_model
 
     path = Path(model_path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file '{path}' does not exist (or is not a file)")
+    open_model(path)  # the front door: valid, and its external data inside its folder
     with tempfile.TemporaryDirectory(prefix="onnxquant-") as tmp:
         inferred = Path(tmp) / path.name
         try:

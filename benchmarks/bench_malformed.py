@@ -74,8 +74,8 @@ OURS: dict[str, Callable[[Path, Path], object]] = {
         m, o, onnxquant.WeightOnlyConfig(block_size=32)),
     "calibrate": lambda m, o: onnxquant.calibrate(m, feeds()),
     "CLI static": _cli("static"),
-    "ORT static": lambda m, o: onnxquant.ort.quantize_static(m, o, _reader()),
-    "ORT dynamic": lambda m, o: onnxquant.ort.quantize_dynamic(m, o),
+    "onnxquant.ort static": lambda m, o: onnxquant.ort.quantize_static(m, o, _reader()),
+    "onnxquant.ort dynamic": lambda m, o: onnxquant.ort.quantize_dynamic(m, o),
 }
 
 
@@ -95,9 +95,9 @@ def _baseline() -> dict[str, Callable[[Path, Path], object]]:
         quantizer.process()
         quantizer.model.save_model_to_file(str(o))
 
-    return {"ort static": lambda m, o: q.quantize_static(str(m), str(o), Reader()),
-            "ort dynamic": lambda m, o: q.quantize_dynamic(str(m), str(o)),
-            "ort weights": weights}
+    return {"baseline static": lambda m, o: q.quantize_static(str(m), str(o), Reader()),
+            "baseline dynamic": lambda m, o: q.quantize_dynamic(str(m), str(o)),
+            "baseline weights": weights}
 
 
 def _outcome(run: Callable[[Path, Path], object], case_build: Callable[[Path], Path],

@@ -276,3 +276,29 @@ def test_all_batches_nan_is_an_error(workdir, cnn_path) -> None:
     with pytest.raises(CalibrationError, match="image"):
         quantize_static(cnn_path, "out.onnx", data)
     assert_nothing_written(workdir, "cnn.onnx")
+
+
+# -- calibration data that raises ------------------------------------------------------------
+class _RaisingReader:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self.calls += 1
+        if self.calls > 2:
+            raise ZeroDivisionError("bug in the user's reader")
+        return feeds(1)[0]
+
+
+def _raising_generator():
+    yield from feeds(1)
+    raise KeyError("bug in the user's generator")
+
+
+@pytest.mark.parametrize("source", ["reader", "generator"])
+def test_calibration_data_that_raises(workdir: Path, cnn_path: Path, source: str) -> None:
+    data = _RaisingReader() if source == "reader" else _raising_generator()
+    with pytest.raises(FeedError, match=r"(ZeroDivisionError|KeyError).*feed (2|1)") as info:
+        quantize_static(cnn_path, "out.onnx", data)
+    assert isinstance(info.value.__cause__, (ZeroDivisionError, KeyError))
+    assert_nothing_written(workdir, "cnn.onnx")

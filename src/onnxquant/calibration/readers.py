@@ -259,12 +259,30 @@ def iter_feeds(
             f"Got the class {source.__name__}; pass an instance, e.g. {source.__name__}(...)."
         )
     if isinstance(source, CalibrationDataReader):
-        return _drain(source)
+        return _guarded(_drain(source), type(source).__name__)
     if isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray, np.ndarray)):
-        return iter(source)
+        return _guarded(iter(source), type(source).__name__)
     raise FeedError(
         f"Cannot read calibration feeds from a {type(source).__name__}. Accepted: {_SOURCES}."
     )
+
+
+def _guarded(feeds: Iterator[Mapping[str, Any]], kind: str) -> Iterator[Mapping[str, Any]]:
+    """The user's reader or iterable, with its own exceptions turned into a FeedError that
+    says which feed it was producing (the original is chained as ``__cause__``)."""
+    index = 0
+    while True:
+        try:
+            feed = next(feeds)
+        except StopIteration:
+            return
+        except Exception as err:  # user code: anything can come out of it
+            raise FeedError(
+                f"the calibration data ({kind}) raised {type(err).__name__} while producing "
+                f"feed {index}: {err}; fix the reader (the traceback is chained below)"
+            ) from err
+        yield feed
+        index += 1
 
 
 def _drain(reader: Any) -> Iterator[Mapping[str, Any]]:

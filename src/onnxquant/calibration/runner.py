@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
@@ -31,6 +32,7 @@ __all__ = [
     "CalibrationResult",
     "calibrate_ranges",
     "collect_statistics",
+    "first_feeds",
     "ranges_from_statistics",
 ]
 
@@ -39,7 +41,12 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CalibrationResult:
-    """Observed ranges per tensor name, and what calibration saw."""
+    """Observed ranges per tensor name, and what calibration saw.
+
+    ``feeds`` holds copies of the first validated feeds when they were asked for
+    (``keep_feeds``): a one-shot reader cannot be read twice, and the quantized model is checked
+    on them after emission.
+    """
 
     ranges: dict[str, tuple[float, float]]
     samples: int
@@ -47,6 +54,7 @@ class CalibrationResult:
     nonfinite: dict[str, int]
     statistics: dict[str, Observer] = dataclasses.field(default_factory=dict, repr=False)
     settings: CalibrationSettings = dataclasses.field(default_factory=CalibrationSettings)
+    feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list, repr=False)
 
 
 def calibrate_ranges(
@@ -59,6 +67,7 @@ def calibrate_ranges(
     max_samples: int | None = None,
     progress: bool = False,
     workers: int = 1,
+    keep_feeds: int = 0,
 ) -> CalibrationResult:
     """Observe every named tensor over the calibration data and derive its range.
 
@@ -72,16 +81,21 @@ def calibrate_ranges(
         progress: Show a progress bar (with samples/s).
         workers: Processes sharing the inference work (each with its own session); the
             statistics are merged exactly, so the ranges equal a single process's.
+        keep_feeds: Keep copies of this many first validated feeds in the result.
 
     Raises:
         CalibrationError: No feeds, a feed onnxruntime rejects, or a tensor whose every batch
             was NaN/Inf.
     """
     settings = settings or CalibrationSettings()
+    kept: list[dict[str, np.ndarray]] = []
     statistics, samples = collect_statistics(
         model, tensor_names, data, settings=settings, providers=providers,
-        max_samples=max_samples, progress=progress, workers=workers)
-    return ranges_from_statistics(statistics, samples, settings)
+        max_samples=max_samples, progress=progress, workers=workers,
+        keep=(kept, keep_feeds))
+    result = ranges_from_statistics(statistics, samples, settings)
+    result.feeds = kept
+    return result
 
 
 def collect_statistics(
@@ -94,8 +108,12 @@ def collect_statistics(
     max_samples: int | None = None,
     progress: bool = False,
     workers: int = 1,
+    keep: tuple[list[dict[str, np.ndarray]], int] | None = None,
 ) -> tuple[dict[str, Observer], int]:
-    """Run the data through the augmented model; returns (observer per tensor, samples)."""
+    """Run the data through the augmented model; returns (observer per tensor, samples).
+
+    With ``keep=(list, n)``, copies of the first ``n`` validated feeds are appended to the list.
+    """
     augmented = clone_model(model)
     exposed = expose_tensors(augmented, tensor_names, values=settings.wants_values)
     specs, optional = input_specs(model)
@@ -103,6 +121,8 @@ def collect_statistics(
     outputs = {name: out for name, (out, _) in exposed.items()}
     with tempdirs.private_dir(None, "onnxquant-calib-") as workdir:
         feeds = _validated_feeds(data, specs, optional, max_samples)
+        if keep is not None and keep[1] > 0:
+            feeds = _keeping(feeds, *keep)
         total = _total(data, max_samples)
         if workers > 1:
             samples = run_sharded(augmented, outputs, observers, feeds, providers=providers,
@@ -133,6 +153,26 @@ def _validated_feeds(data: Any, specs, optional, max_samples: int | None):
         if max_samples is not None and index >= max_samples:
             return
         yield validate_feed(raw, specs, index=index, optional=optional)
+
+
+def first_feeds(model: ir.Model, data: Any, count: int) -> list[dict[str, np.ndarray]]:
+    """Copies of the first ``count`` validated feeds of ``data`` (for a run that took its
+    statistics from a cache)."""
+    specs, optional = input_specs(model)
+    kept: list[dict[str, np.ndarray]] = []
+    for _ in _keeping(_validated_feeds(data, specs, optional, count), kept, count):
+        pass
+    return kept
+
+
+def _keeping(feeds: Iterator[dict], kept: list[dict[str, np.ndarray]],
+             count: int) -> Iterator[dict]:
+    """``feeds``, appending copies of the first ``count`` to ``kept`` on the way (a reader
+    may reuse its arrays)."""
+    for feed in feeds:
+        if len(kept) < count:
+            kept.append({name: np.array(array, copy=True) for name, array in feed.items()})
+        yield feed
 
 
 def _run(session, outputs: dict[str, str], observers, feeds, *, total, progress) -> int:

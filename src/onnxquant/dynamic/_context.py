@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.qtypes import QuantType
+from onnxquant.core.weight_grid import (
+    GridQuality,
+    meaningless_reason,
+    min_grid_sqnr_db,
+    weight_grid_quality,
+)
 from onnxquant.dynamic._builder import Builder, Names
 from onnxquant.dynamic._weights import WeightStore, per_tensor_sqnr_db
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.runtime import RuntimeSupport
 
-__all__ = ["Context", "Outcome", "operand_problem"]
+__all__ = ["Context", "Granularity", "Outcome", "operand_problem"]
 
 Outcome = tuple[bool, str]
 """What a rewrite did: (True, what was emitted) or (False, why the node stays float)."""
@@ -37,6 +45,23 @@ def operand_problem(node: ir.Node, config: DynamicQuantConfig) -> str | None:
         if config.matmul_const_b_only:
             return "B is not a constant (matmul_const_b_only)"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Granularity:
+    """How a constant weight is quantized.
+
+    Attributes:
+        per_channel: One scale per channel.
+        why: Why per channel, when the config did not ask for it.
+        required: The per-tensor grid is meaningless: per channel or float, nothing else.
+        float_reason: Non-empty when the weight must stay float (no grid means anything).
+    """
+
+    per_channel: bool
+    why: str = ""
+    required: bool = False
+    float_reason: str = ""
 
 
 @dataclasses.dataclass
@@ -64,6 +89,7 @@ class Context:
         default_factory=lambda: collections.defaultdict(list))
     memo: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
     _sqnr: dict[tuple, float] = dataclasses.field(default_factory=dict)
+    _grids: dict[tuple, GridQuality | None] = dataclasses.field(default_factory=dict)
 
     def builder(self, node: ir.Node) -> Builder:
         """A builder inserting new nodes right before ``node`` in its graph."""
@@ -77,16 +103,70 @@ class Context:
 
     def per_channel(
         self, weight: ir.Value, axis: int | None,
-        transform: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> tuple[bool, str]:
-        """Whether ``weight`` is quantized per channel along ``axis`` (of the transformed
-        weight), and why when only the per-tensor SQNR fallback asks for it."""
+        transform: Callable[[np.ndarray], np.ndarray] | None = None, *,
+        qtype: QuantType | None = None, sqnr_fallback: bool = True,
+        reduce_range: bool | None = None,
+    ) -> Granularity:
+        """How ``weight`` is quantized: per channel along ``axis`` (of the transformed weight)
+        or per tensor, and why when only the SQNR fallbacks ask for it; or kept float when its
+        range makes every grid meaningless (see :mod:`onnxquant.core.weight_grid`).
+
+        Args:
+            weight: The constant weight.
+            axis: Its channel axis (after ``transform``); None when there is none.
+            transform: Applied to the weight before quantizing (a transpose).
+            qtype: Stored type (default: the config's weight type).
+            sqnr_fallback: Apply ``per_channel_fallback_db`` (off for Gather tables).
+            reduce_range: 7-bit grid (default: the config's).
+        """
+        wanted, why = self._wanted(weight, axis, transform, sqnr_fallback)
+        reduce = self.config.reduce_range if reduce_range is None else reduce_range
+        return self._checked(weight, axis, transform, qtype or self.config.weight_type,
+                             reduce, wanted, why)
+
+    def _checked(self, weight: ir.Value, axis: int | None,
+                 transform: Callable[[np.ndarray], np.ndarray] | None, qtype: QuantType,
+                 reduce_range: bool, wanted: bool, why: str) -> Granularity:
+        min_db = min_grid_sqnr_db(qtype.bits)
+        measure = functools.partial(self._grid, weight, transform=transform, qtype=qtype,
+                                    reduce_range=reduce_range)
+        quality = measure(axis if wanted else None)
+        if quality is None or quality.passes(min_db):
+            return Granularity(wanted, why)
+        array = weight.const_value.numpy()  # type: ignore[union-attr]
+        name = weight.name or ""
+        if wanted or axis is None:
+            grid = f"per-channel {qtype}" if wanted else str(qtype)
+            return Granularity(False, float_reason=meaningless_reason(name, array, grid, quality))
+        channels = measure(axis)
+        assert channels is not None
+        if channels.passes(min_db):
+            return Granularity(True, meaningless_reason(
+                name, array, f"per-tensor {qtype}", quality,
+                f"per channel instead ({channels.text()})"), required=True)
+        return Granularity(False, float_reason=meaningless_reason(
+            name, array, str(qtype), quality, f"per channel {channels.text()}; kept float"))
+
+    def _grid(self, weight: ir.Value, axis: int | None, *,
+              transform: Callable[[np.ndarray], np.ndarray] | None, qtype: QuantType,
+              reduce_range: bool) -> GridQuality | None:
+        key = (id(weight), axis, transform is not None, qtype.name, reduce_range)
+        if key not in self._grids:
+            array = weight.const_value.numpy()  # type: ignore[union-attr]
+            self._grids[key] = weight_grid_quality(
+                transform(array) if transform is not None else array, qtype, axis=axis,
+                symmetric=self.symmetric, reduce_range=reduce_range)
+        return self._grids[key]
+
+    def _wanted(self, weight: ir.Value, axis: int | None,
+                transform: Callable[[np.ndarray], np.ndarray] | None,
+                sqnr_fallback: bool) -> tuple[bool, str]:
         if axis is None:
             return False, ""
         if self.config.per_channel:
             return True, ""
         threshold = self.config.per_channel_fallback_db
-        if threshold is None:
+        if threshold is None or not sqnr_fallback:
             return False, ""
         key = ("per-tensor-sqnr", id(weight), self.config.weight_type.name)
         if key not in self._sqnr:

@@ -108,6 +108,9 @@ class WeightStore:
         except NumericsError as err:
             raise NumericsError(f"{err}; exclude the nodes that read '{source.name}' "
                                 "(nodes_to_exclude) or fix the weight") from err
+        if not np.all(np.isfinite(tensor.scale)):  # never store a scale of Inf/NaN
+            raise NumericsError(f"weight '{source.name}' has a range whose {qtype} scale is not "
+                                "finite; exclude the nodes that read it (nodes_to_exclude)")
         owner = source.graph if source.graph is not None else graph
         stem = source.name or "weight"
         scale = (tensor.scale * np.float32(scale_factor)).astype(np.float32)

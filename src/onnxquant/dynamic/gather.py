@@ -31,7 +31,12 @@ def rewrite_gather(ctx: Context, node: ir.Node) -> Outcome:
     rank = table.const_value.shape.rank()
     attr = node.attributes.get("axis")
     axis = (attr.value if attr is not None else 0) % max(rank, 1)
-    per_channel = ctx.config.per_channel and rank >= 2 and axis != rank - 1 and ctx.opset >= 13
+    possible = rank >= 2 and axis != rank - 1 and ctx.opset >= 13
+    choice = ctx.per_channel(table, rank - 1 if possible else None, qtype=qtype,
+                             sqnr_fallback=False, reduce_range=False)
+    if choice.float_reason:
+        return False, choice.float_reason
+    per_channel = choice.per_channel
     b = ctx.builder(node)
     qw = ctx.weights.get(table, b.graph, qtype=qtype, axis=rank - 1 if per_channel else None,
                          symmetric=ctx.symmetric, reduce_range=False)
@@ -43,4 +48,6 @@ def rewrite_gather(ctx: Context, node: ir.Node) -> Outcome:
     b.replace(node.outputs[0], y)
     assert node.graph is not None
     node.graph.remove(node, safe=True)
-    return True, f"Gather on an {qtype} table ({'per-column' if per_channel else 'per-tensor'})"
+    granularity = "per-column" if per_channel else "per-tensor"
+    why = f"; {choice.why}" if choice.why else ""
+    return True, f"Gather on an {qtype} table ({granularity}{why})"

@@ -17,12 +17,15 @@ it (see :mod:`onnxquant.dynamic.runtime`); biases stay float, reshaped offline t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core.graph import is_constant, is_float
 from onnxquant.dynamic._builder import Builder
-from onnxquant.dynamic._context import Context, Outcome, operand_problem
+from onnxquant.dynamic._context import Context, Granularity, Outcome, operand_problem
+from onnxquant.dynamic.runtime import WeightForm
 
 __all__ = ["rewrite_matmul", "rewrite_gemm", "rewrite_conv", "dynamic_quantize"]
 
@@ -82,6 +85,21 @@ def _describe(qtype_name: str, per_channel: bool, scalar_zp: bool = False, why: 
     return f"{qtype_name} per-channel weights" + (f" ({'; '.join(details)})" if details else "")
 
 
+def _grid_problem(ctx: Context, weight: ir.Value, choice: Granularity, form: WeightForm,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> str:
+    """Why the weight must stay float in the form onnxruntime runs (which may differ from the
+    wanted one: another type, or per tensor where per channel was asked for)."""
+    if form.per_channel == choice.per_channel and form.weight_type is ctx.config.weight_type:
+        return ""
+    assert form.weight_type is not None
+    if choice.required and not form.per_channel:
+        return (f"{choice.why}; onnxruntime runs this op only with per-tensor weights here, "
+                "so it is kept float")
+    actual = ctx.per_channel(weight, None, transform, qtype=form.weight_type) \
+        if not form.per_channel else choice
+    return actual.float_reason
+
+
 # -- MatMul ------------------------------------------------------------------------------------
 def _matmul_const(ctx: Context, node: ir.Node, b: Builder, a: ir.Value, weight: ir.Value, *,
                   transpose: bool = False, alpha: float = 1.0,
@@ -89,11 +107,17 @@ def _matmul_const(ctx: Context, node: ir.Node, b: Builder, a: ir.Value, weight: 
     rank = weight.const_value.shape.rank()  # type: ignore[union-attr]
     config = ctx.config
     transform = np.transpose if transpose else None
-    wanted, why = ctx.per_channel(weight, 1 if rank == 2 else None, transform)
-    form = ctx.support.matmul_form(config.weight_type, wanted, ctx.symmetric)
+    choice = ctx.per_channel(weight, 1 if rank == 2 else None, transform)
+    if choice.float_reason:
+        return False, choice.float_reason
+    why = choice.why
+    form = ctx.support.matmul_form(config.weight_type, choice.per_channel, ctx.symmetric)
     ctx.note(form.note, node)
     if form.weight_type is None:
         return False, form.note
+    problem = _grid_problem(ctx, weight, choice, form, transform)
+    if problem:
+        return False, problem
     qw = ctx.weights.get(
         weight, b.graph, qtype=form.weight_type, axis=rank - 1 if form.per_channel else None,
         symmetric=ctx.symmetric, reduce_range=config.reduce_range,
@@ -201,11 +225,17 @@ def rewrite_conv(ctx: Context, node: ir.Node) -> Outcome:
     if bias is not None and not is_float(bias):
         return False, "the bias is not float32"
     config = ctx.config
-    wanted, why = ctx.per_channel(w, 0)
-    form = ctx.support.conv_form(config.weight_type, wanted, ctx.symmetric)
+    choice = ctx.per_channel(w, 0)
+    if choice.float_reason:
+        return False, choice.float_reason
+    why = choice.why
+    form = ctx.support.conv_form(config.weight_type, choice.per_channel, ctx.symmetric)
     ctx.note(form.note, node)
     if form.weight_type is None:
         return False, form.note
+    problem = _grid_problem(ctx, w, choice, form)
+    if problem:
+        return False, problem
     rank = w.const_value.shape.rank()  # type: ignore[union-attr]
     channel_shape = (-1,) + (1,) * (rank - 2)
     b = ctx.builder(node)

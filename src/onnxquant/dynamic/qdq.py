@@ -117,8 +117,15 @@ def _quantize_inputs(ctx: Context, node: ir.Node, weight_axis: int | None) -> Ou
         rank = w.const_value.shape.rank()  # type: ignore[union-attr]
         if node.op_type != "Conv" and rank != 2:
             weight_axis = None
-        per_channel, why = ctx.per_channel(w, weight_axis)
+        choice = ctx.per_channel(w, weight_axis)
+        if choice.float_reason:
+            return False, choice.float_reason
+        per_channel, why = choice.per_channel, choice.why
         if per_channel and ctx.opset < 13:
+            if choice.required:
+                return False, (f"{why}; but per-channel DequantizeLinear needs opset 13 and "
+                               f"the model is opset {ctx.opset} (set per_channel=True to "
+                               "convert the model to opset 13)")
             ctx.note(f"per-channel DequantizeLinear needs opset 13 and the model is opset "
                      f"{ctx.opset}: per-tensor weights (set per_channel=True to convert the "
                      "model to opset 13)", node)

@@ -17,15 +17,15 @@ from onnxquant.calibration.cache import load_cache, save_cache
 from onnxquant.calibration.runner import (
     CalibrationResult,
     calibrate_ranges,
+    first_feeds,
     ranges_from_statistics,
 )
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.plan import QuantPlan
-from onnxquant.emitters.qdq import emit_qdq
-from onnxquant.emitters.qoperator import emit_qoperator
-from onnxquant.static.config import QuantFormat, StaticQuantConfig
+from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibrate
+from onnxquant.static.verify import emit_verified
 
 __all__ = ["QuantizationResult", "quantize_static", "calibrate"]
 
@@ -70,15 +70,20 @@ def _at_opset(model: ir.Model, config: StaticQuantConfig) -> ir.Model:
     return model
 
 
-def _calibrate(model: ir.Model, nodes: list, data: Any,
-               config: StaticQuantConfig) -> CalibrationResult:
+def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfig, *,
+               for_check: bool = True) -> CalibrationResult:
+    """Ranges from the data or the cache; with ``for_check``, the first feeds are kept for the
+    finiteness check after emission (``config.verify_finite``)."""
     names = tensors_to_calibrate(nodes, config.format)
     settings = config.calibration_settings()
     cache = config.calibration_cache
+    keep = config.verify_feeds if config.verify_finite and for_check else 0
     if cache is not None and Path(cache).exists():
         statistics, samples = load_cache(cache, settings, names)
         logger.info("calibration statistics loaded from '%s'", cache)
-        return ranges_from_statistics(statistics, samples, settings)
+        cached = ranges_from_statistics(statistics, samples, settings)
+        cached.feeds = _feeds_for_check(model, data, keep)
+        return cached
     if data is None:
         raise CalibrationError(
             "no calibration data was given (and no calibration cache exists); pass a reader, "
@@ -86,10 +91,22 @@ def _calibrate(model: ir.Model, nodes: list, data: Any,
     result = calibrate_ranges(
         model, names, data, settings=settings, providers=config.providers,
         max_samples=config.max_calibration_samples, progress=config.progress,
-        workers=config.calibration_workers)
+        workers=config.calibration_workers, keep_feeds=keep)
     if cache is not None:
         save_cache(cache, result.statistics, result.samples, settings)
     return result
+
+
+def _feeds_for_check(model: ir.Model, data: Any, count: int) -> list[dict]:
+    """The first feeds of ``data`` for the finiteness check when statistics came from a
+    cache (none when there is no data or it does not fit the model)."""
+    if data is None or count <= 0:
+        return []
+    try:
+        return first_feeds(model, data, count)
+    except CalibrationError as err:
+        logger.warning("finiteness check skipped: the calibration data is unusable (%s)", err)
+        return []
 
 
 def calibrate(
@@ -110,7 +127,8 @@ def calibrate(
     """
     config = config or StaticQuantConfig()
     model = prepare_model(model_input, config)
-    return _calibrate(model, select_nodes(model, config), calibration_data, config)
+    return _calibrate(model, select_nodes(model, config), calibration_data, config,
+                      for_check=False)
 
 
 def quantize_static(
@@ -145,10 +163,7 @@ def quantize_static(
     nodes = select_nodes(model, config)
     calibration = _calibrate(model, nodes, calibration_data, config)
     plan = build_plan(nodes, calibration.ranges, config)
-    if config.format is QuantFormat.QOPERATOR:
-        emit_qoperator(model, plan)
-    else:
-        emit_qdq(model, plan)
+    model, plan = emit_verified(model, plan, calibration, config, annotated=annotated)
     preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)
     return QuantizationResult(

@@ -60,6 +60,13 @@ class StaticQuantConfig:
         external_data: Save tensors to ``<output>.data``; None decides by size (> 2 GB).
         providers: onnxruntime execution providers used for calibration.
         max_calibration_samples: Use at most this many feeds.
+        verify_finite: After emission, run the quantized and the float model on the first
+            ``verify_feeds`` calibration feeds; where the quantized model gives NaN/Inf that
+            the float model does not, the nodes causing it are kept float and the model is
+            planned and emitted again (see :mod:`onnxquant.static.verify`). Skipped for models
+            without an op that can turn finite values into NaN/Inf (Log, Exp, a divisor that is
+            not a constant, ...).
+        verify_feeds: Calibration feeds kept for that check.
         progress: Show progress bars.
         float_depthwise_multiple: QOperator format: depthwise Convs whose channel count is not
             a multiple of this stay float, with their elementwise tail (activations):
@@ -109,6 +116,8 @@ class StaticQuantConfig:
     external_data: bool | None = None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     max_calibration_samples: int | None = None
+    verify_finite: bool = True
+    verify_feeds: int = 4
     progress: bool = False
     float_depthwise_multiple: int | None = 16
     float_conv_depth: int | None = 32

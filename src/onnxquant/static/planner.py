@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +13,8 @@ from onnxquant.core.graph import from_dequantize, is_constant, is_float, iter_no
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import QuantType
 from onnxquant.preprocess import BATCHNORM_FOLDED
+from onnxquant.static._extremes import check_constants
+from onnxquant.static._singular import grid_keeping_nodes, singular_reach
 from onnxquant.static.config import QuantFormat, StaticQuantConfig
 from onnxquant.static.rules import (
     SOFTMAX_MAX_INPUT_WIDTH,
@@ -44,11 +46,20 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
     return selected
 
 
-class _Everything:
+class _Everything(Mapping[str, object]):
     """A range table that has every tensor (to see which tensors could ever be needed)."""
 
     def __contains__(self, name: object) -> bool:
         return True
+
+    def __getitem__(self, name: str) -> object:
+        raise KeyError(name)  # only membership is asked
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def tensors_to_calibrate(nodes: list[ir.Node],
@@ -84,6 +95,7 @@ class _Planner:
         self.qoperator = config.format is QuantFormat.QOPERATOR
         self.float_input_ops = float_input_ops(config.format)
         self.float_softmax: set[str] = set()  # QOperator Softmax nodes whose input stays float
+        self.per_channel_weights: dict[str, str] = {}  # weight -> why its grid is per channel
 
     def find_float_softmax(self, nodes: list[ir.Node]) -> None:
         """QOperator: Softmax nodes whose input range is too wide for an 8-bit grid (attention
@@ -118,8 +130,8 @@ class _Planner:
         if len(x.uses()) != 1 or x.is_graph_output() or y.is_graph_output():
             return False
         bounds = clip_bounds(node)
-        if bounds is None:
-            return False
+        if bounds is None or singular_reach(y) is not None:
+            return False  # the grid would reach a singular-domain input
         params = self.activation(x.name or "", self.ranges[y.name or ""], f"fused:{node.name}")
         if not _within(params, *bounds):
             return False
@@ -175,12 +187,15 @@ class _Planner:
         if is_constant(value):
             rank = len(value.const_value.shape)  # type: ignore[union-attr]
             as_weight = index in rule.weights
-            per_channel = as_weight and self.config.per_channel
+            forced = self.per_channel_weights.get(name) if as_weight else None
+            per_channel = as_weight and (self.config.per_channel or forced is not None)
             axis = weight_axis(node, index, rank) if per_channel else None
             if axis is not None and node.op_type == "ConvTranspose" and _group(node) > 1:
                 axis = None
             params = self.constant(value, axis, as_weight)
-            if as_weight and axis is None and self.config.per_channel_fallback_db is not None:
+            if forced is not None and axis is not None:
+                params.source = f"constant: per channel ({forced})"
+            elif as_weight and axis is None and self.config.per_channel_fallback_db is not None:
                 params = self._per_channel_fallback(node, index, value, params)
             self.plan.tensors[name] = params
             return None
@@ -209,6 +224,9 @@ class _Planner:
             decision.reason = rule.note or "no float input to quantize"
             return decision
         decision.action = "quantize"
+        notes = [self.per_channel_weights[t] for t in decision.inputs.values()
+                 if t in self.per_channel_weights]
+        decision.reason = "; ".join(notes)
         self.plan_outputs(node, rule, decision)
         return decision
 
@@ -231,6 +249,11 @@ class _Planner:
         for value in node.outputs:
             name = value.name or ""
             if not is_float(value) or rule.output is OutputMode.NONE or self.feeds_float_ops(value):
+                continue
+            singular = singular_reach(value)
+            if singular is not None:
+                note = f"output '{name}' not quantized: {singular}"
+                decision.reason = f"{decision.reason}; {note}" if decision.reason else note
                 continue
             if rule.output is OutputMode.SHARED:
                 source = self.plan.tensors.get(decision.inputs.get(0, ""))
@@ -333,11 +356,18 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 
 def _within(params: TensorQuant, low: float, high: float) -> bool:
+    """Whether every value of the grid of ``params`` lies in ``[low, high]`` — so that the grid
+    reproduces a Clip to those bounds — up to the float32 rounding of the scale (a relative
+    1e-6 of the bound itself: a Clip with ``min > 0`` is never reproduced by a grid holding 0,
+    however small ``min`` is)."""
     qtype = params.quant_type
     scale, zp = params.scale[0], params.zero_point[0]
     rep_low, rep_high = scale * (qtype.qmin - zp), scale * (qtype.qmax - zp)
-    tol = 1e-6 * max(1.0, abs(rep_low), abs(rep_high))
-    return rep_low >= low - tol and rep_high <= high + tol
+    return (rep_low >= low - _BOUND_SLACK * abs(low)
+            and rep_high <= high + _BOUND_SLACK * abs(high))
+
+
+_BOUND_SLACK = 1e-6
 
 
 def _group(node: ir.Node) -> int:
@@ -374,23 +404,43 @@ def _settings(config: StaticQuantConfig) -> dict:
 
 
 def build_plan(
-    nodes: list[ir.Node], ranges: Mapping[str, tuple[float, float]], config: StaticQuantConfig
+    nodes: list[ir.Node], ranges: Mapping[str, tuple[float, float]], config: StaticQuantConfig,
+    *, keep_float: Mapping[str, str] | None = None,
 ) -> QuantPlan:
     """Decide every selected node (given in topological order) and compute all parameters.
 
-    Which nodes are quantized is settled first (``choose_nodes``); parameters are then computed
-    in graph order, so data-movement ops see their input's final parameters and every bias sees
-    its input and weight scales.
+    Constant inputs whose grid would be meaningless (extreme values) are found first: their
+    weights go per channel where that fixes them, their nodes stay float otherwise; so do
+    nodes that would hand a grid on to a singular-domain input (a Reshape, Relu, Clip or
+    ``+ eps`` before a Log, a divisor, ...; see :mod:`._singular`). Which nodes are quantized
+    is settled next (``choose_nodes``); parameters are then computed in graph order, so
+    data-movement ops see their input's final parameters and every bias sees its input and
+    weight scales.
+
+    Args:
+        nodes: The selected nodes, in topological order.
+        ranges: Calibrated ranges by tensor name.
+        config: Settings.
+        keep_float: Node name -> reason, for nodes that must stay float (finiteness fallback).
     """
+    extremes = check_constants(nodes, config)
+    kept = {**grid_keeping_nodes(nodes), **extremes.float_nodes}
+    if keep_float:
+        kept.update({n: keep_float[n.name or ""] for n in nodes if (n.name or "") in keep_float})
     chosen = choose_nodes(nodes, ranges, config.format,
                           float_depthwise_multiple=config.float_depthwise_multiple,
-                          float_conv_depth=config.float_conv_depth)
+                          float_conv_depth=config.float_conv_depth, keep_float=kept)
     planner = _Planner(config, ranges)
+    planner.per_channel_weights = extremes.per_channel
     planner.find_float_softmax(nodes)
     quantized: list[tuple[ir.Node, OpRule, NodeDecision]] = []
     for node in nodes:
         rule = rule_for(node, config.format)
         assert rule is not None
+        if node in kept:
+            planner.plan.nodes[node.name or ""] = NodeDecision(
+                node.name or "", node.op_type, "float", kept[node])
+            continue
         if rule.weight_only or node in chosen.weight_only:
             planner.plan.nodes[node.name or ""] = planner.decide_weights(node, rule,
                                                                          chosen.reason(node))

@@ -18,6 +18,7 @@ from onnxquant.core.qtypes import QuantFormat
 __all__ = [
     "OutputMode", "OpRule", "RULES", "QOPERATOR_RULES", "rule_for", "weight_axis",
     "DEFAULT_OP_TYPES", "FLOAT_INPUT_OPS", "float_input_ops", "SOFTMAX_MAX_INPUT_WIDTH",
+    "SINGULAR_INPUTS", "singular_input",
 ]
 
 
@@ -135,6 +136,38 @@ DEFAULT_OP_TYPES: frozenset[str] = frozenset(RULES)
 
 # Tensors read only by these ops are not quantized as outputs of their producer.
 FLOAT_INPUT_OPS: frozenset[str] = frozenset({"Softmax", "LayerNormalization"})
+
+
+# Inputs where the op's float math has a singular point: log and reciprocal of 0, square roots
+# of negatives, negative powers of 0, a zero divisor. A grid puts values there that the float
+# data never reaches (Clip(min=1e-10) -> Log reads 0 from a grid starting at 0; a small
+# denominator rounds to 0), so these inputs stay float: their producer's output gets no
+# QuantizeLinear/DequantizeLinear pair (other readers still quantize it for themselves), and
+# a Relu/Clip whose guard they need is kept.
+SINGULAR_INPUTS: Mapping[str, tuple[int, str]] = {
+    "Log": (0, "log(0) = -inf"),
+    "Reciprocal": (0, "1/0 = inf"),
+    "Sqrt": (0, "the square root of a negative is NaN, and its result often divides"),
+    "Pow": (0, "a negative power of 0 is inf"),
+    "Div": (1, "division by 0"),
+    "Mod": (1, "modulo 0"),
+}
+
+
+def singular_input(node: ir.Node, index: int) -> str | None:
+    """Why input ``index`` of ``node`` must stay float (None when it need not): it is the
+    singular-domain input of Log, Reciprocal, Sqrt, Div/Mod (the divisor) or Pow (unless the
+    exponent is a constant ``>= 0``)."""
+    entry = SINGULAR_INPUTS.get(node.op_type)
+    if node.domain not in ("", "ai.onnx") or entry is None or entry[0] != index:
+        return None
+    if node.op_type == "Pow":
+        exponent = node.inputs[1] if len(node.inputs) > 1 else None
+        if exponent is not None and exponent.const_value is not None:
+            values = exponent.const_value.numpy()
+            if values.size and bool((values >= 0).all()):
+                return None
+    return f"input {index} of {node.op_type} '{node.name}' stays float ({entry[1]})"
 
 
 def float_input_ops(qformat: QuantFormat = QuantFormat.QDQ) -> frozenset[str]:

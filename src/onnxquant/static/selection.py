@@ -10,6 +10,7 @@ masks) is where 8-bit grids do the most harm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import onnx_ir as ir
@@ -55,11 +56,8 @@ def _missing_input(node: ir.Node, rule: OpRule, ranges: Mapping[str, object],
 
 
 def _has_constant_weight(node: ir.Node, rule: OpRule) -> bool:
-    return any(
-        i < len(node.inputs) and node.inputs[i] is not None and is_constant(node.inputs[i])
-        and is_float(node.inputs[i])
-        for i in rule.weights
-    )
+    weights = [node.inputs[i] for i in rule.weights if i < len(node.inputs)]
+    return any(w is not None and is_constant(w) and is_float(w) for w in weights)
 
 
 LARGE_CONSTANT = 256  # elements
@@ -84,8 +82,12 @@ def _is_follower(rule: OpRule) -> bool:
 def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
                  qformat: QuantFormat = QuantFormat.QDQ, *,
                  float_depthwise_multiple: int | None = None,
-                 float_conv_depth: int | None = None) -> Chosen:
+                 float_conv_depth: int | None = None,
+                 keep_float: Mapping[ir.Node, str] | None = None) -> Chosen:
     """Decide which of ``nodes`` are quantized (see the module docstring).
+
+    Nodes in ``keep_float`` stay float with the reason given there (extreme weights, nodes a
+    finiteness check took out).
 
     With ``float_depthwise_multiple`` (QOperator only), depthwise Convs whose channel count is
     not a multiple of it stay float, with their elementwise tail (see :func:`slow_depthwise`).
@@ -94,12 +96,12 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
     """
     nodes = list(nodes)
     chosen = Chosen()
-    kept: dict[ir.Node, str] = {}
+    kept: dict[ir.Node, str] = dict(keep_float or {})
     if qformat is QuantFormat.QOPERATOR:
         if float_depthwise_multiple is not None:
-            kept.update(slow_depthwise(nodes, float_depthwise_multiple))
+            kept = {**slow_depthwise(nodes, float_depthwise_multiple), **kept}
         if float_conv_depth is not None:
-            kept.update(shallow_convs(nodes, float_conv_depth, kept))
+            kept = {**shallow_convs(nodes, float_conv_depth, kept), **kept}
     followers = []
     for node in nodes:
         rule = rule_for(node, qformat)
@@ -214,12 +216,10 @@ def _conv_depth(node: ir.Node) -> int | None:
     if weight is None or weight.shape is None or _depthwise_channels(node) is not None:
         return None
     dims = list(weight.shape)
-    if len(dims) < 3 or not all(isinstance(d, int) for d in dims[1:]):
+    inner = [d for d in dims[1:] if isinstance(d, int)]
+    if len(dims) < 3 or len(inner) != len(dims) - 1:
         return None
-    depth = 1
-    for dim in dims[1:]:
-        depth *= dim
-    return depth
+    return math.prod(inner)
 
 
 def shallow_convs(nodes: list[ir.Node], depth: int,

@@ -3,8 +3,9 @@
 A MatMul qualifies when its B input is a constant float32/float16 initializer that is 2-D, or
 N-D with all leading dimensions 1. A Gather qualifies when its data input is such a constant
 table and the quantize axis (``config.quant_axes["Gather"]``) exists and can be stored for the
-requested bits. Node names in ``nodes_to_include`` / ``nodes_to_exclude`` / ``overrides`` that
-match no node are reported as warnings.
+requested bits. A weight whose block grid would be meaningless (values like 1e30 or 3.4e38, see
+:mod:`._extremes`) keeps its node float. Node names in ``nodes_to_include`` /
+``nodes_to_exclude`` / ``overrides`` that match no node are reported as warnings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx_ir as ir
 
 from onnxquant.core.graph import is_constant, iter_nodes
 from onnxquant.core.qtypes import QuantFormat
+from onnxquant.weight_only._extremes import grid_problem
 from onnxquant.weight_only.config import (
     NodeSettings,
     WeightOnlyAlgorithm,
@@ -79,7 +81,7 @@ class Target:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.weight.const_value.shape)  # type: ignore[union-attr]
+        return tuple(self.weight.const_value.shape.numpy())  # type: ignore[union-attr]
 
 
 def _pow2_at_least(n: int) -> int:
@@ -152,6 +154,7 @@ def select_targets(model: ir.Model, config: WeightOnlyConfig
     targets: list[Target] = []
     decisions: list[WeightDecision] = []
     seen: set[str] = set()
+    problems: dict[tuple, str | None] = {}  # weight grids that mean nothing
     for node in iter_nodes(model, subgraphs=config.subgraphs):
         name = _node_name(node)
         seen.add(name)
@@ -181,7 +184,8 @@ def select_targets(model: ir.Model, config: WeightOnlyConfig
             decision.reason = reason
             continue
         weight = node.inputs[weight_index]
-        shape = tuple(int(d) for d in weight.const_value.shape)  # type: ignore[union-attr]
+        assert weight is not None
+        shape = tuple(weight.const_value.shape.numpy())  # type: ignore[union-attr]
         if node.op_type == "MatMul":
             axis = len(shape) - 2
         if node.op_type == "Gather" and settings.algorithm is WeightOnlyAlgorithm.GPTQ:
@@ -190,6 +194,16 @@ def select_targets(model: ir.Model, config: WeightOnlyConfig
         block = _node_block_size(settings, shape[axis], node.op_type, config.format)
         decision.weight = weight.name or ""
         decision.shape = shape
+        grid_key = (id(weight), axis, settings.bits, settings.block_size, settings.symmetric)
+        if grid_key not in problems:
+            grid_block = settings.block_size if settings.block_size is not None else shape[axis]
+            problems[grid_key] = grid_problem(weight, axis, settings.bits, grid_block,
+                                              settings.symmetric,
+                                              splittable=settings.block_size is not None)
+        if problems[grid_key] is not None:
+            decision.reason = problems[grid_key] or ""
+            logger.info("node '%s': %s", name, decision.reason)
+            continue
         targets.append(Target(node=node, weight=weight, settings=settings, axis=axis,
                               block_size=block,
                               packed_uint8=node.op_type == "Gather" and settings.bits != 4,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,13 @@ from tqdm.auto import tqdm
 from onnxquant.calibration.augment import expose_tensors
 from onnxquant.calibration.parallel import run_sharded
 from onnxquant.calibration.readers import count_feeds, iter_feeds, validate_feed
-from onnxquant.calibration.session import input_specs, make_session, run_batch, update_observers
+from onnxquant.calibration.session import (
+    check_loads,
+    input_specs,
+    make_session,
+    run_batch,
+    update_observers,
+)
 from onnxquant.calibration.settings import CalibrationSettings, Observer, tensor_range
 from onnxquant.core import tempdirs
 from onnxquant.core.errors import CalibrationError
@@ -129,7 +136,7 @@ def collect_statistics(
                                   workers=workers, workdir=workdir, total=total,
                                   progress=progress)
         else:
-            session = make_session(augmented, providers, workdir)
+            session = _calibration_session(model, augmented, providers, workdir)
             del augmented
             samples = _run(session, outputs, observers, feeds, total=total, progress=progress)
     if samples == 0:
@@ -138,6 +145,18 @@ def collect_statistics(
             "{input_name: array} dict (a reader whose get_next() returns None at once is empty)"
         )
     return observers, samples
+
+
+def _calibration_session(model: ir.Model, augmented: ir.Model, providers: Sequence[str],
+                         workdir: Path) -> Any:
+    """The session over the augmented model. When onnxruntime refuses it, the float model is
+    tried too: if onnxruntime refuses that as well, the model is at fault, and the error says
+    so with onnxruntime's reason (an UnsupportedModelError, before any feed is read)."""
+    try:
+        return make_session(augmented, providers, workdir)
+    except CalibrationError:
+        check_loads(model, providers, workdir, "the float model")
+        raise
 
 
 def _total(data: Any, max_samples: int | None) -> int | None:

@@ -13,10 +13,10 @@ import onnxruntime as ort
 
 from onnxquant.calibration.readers import InputSpec
 from onnxquant.calibration.settings import Observer
-from onnxquant.core.errors import CalibrationError
+from onnxquant.core.errors import CalibrationError, UnsupportedModelError
 from onnxquant.core.model_io import PROTOBUF_LIMIT, model_size_bytes
 
-__all__ = ["input_specs", "make_session", "run_batch", "update_observers"]
+__all__ = ["input_specs", "make_session", "run_batch", "update_observers", "check_loads"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +102,21 @@ def run_batch(session: ort.InferenceSession, output_names: list[str], feed: dict
         return session.run(output_names, feed) if output_names else []
     except Exception as err:
         raise CalibrationError(f"onnxruntime failed on calibration feed {index}: {err}") from err
+
+
+def check_loads(model: ir.Model, providers: Sequence[str], workdir: Path, where: str) -> None:
+    """Refuse a float model that onnxruntime cannot load, with onnxruntime's reason.
+
+    Raises:
+        UnsupportedModelError: onnxruntime refuses the model (an op's attribute it rejects, a
+            kernel it lacks for these types or providers, ...).
+    """
+    try:
+        session = make_session(model, providers, workdir)
+    except CalibrationError as err:
+        reason = str(err.__cause__ or err).split(" : ", 3)[-1].strip()
+        raise UnsupportedModelError(
+            f"onnxruntime cannot load {where}: {reason}. Quantization needs a model that "
+            f"onnxruntime runs (checked with the providers {list(providers)}); fix the model "
+            "or choose other providers") from err
+    del session

@@ -112,7 +112,6 @@ def test_malformed_input(case: Case, entry: str, layout: tuple[Path, Path, Path]
         with pytest.raises(case.error) as info:
             run(model, out)
         message = str(info.value)
-        assert type(info.value) is case.error or issubclass(type(info.value), case.error)
     assert case.culprit in message, message
     assert len(message) < 1500, "a message names the culprit; it does not dump the graph"
     assert _snapshot(model_dir.parent) == before  # nothing written, nothing changed

@@ -15,6 +15,7 @@ from onnxquant.calibration.readers import InputSpec
 from onnxquant.calibration.settings import Observer
 from onnxquant.core.errors import CalibrationError, UnsupportedModelError
 from onnxquant.core.model_io import PROTOBUF_LIMIT, model_size_bytes
+from onnxquant.core.validate import runtime_reason
 
 __all__ = ["input_specs", "make_session", "run_batch", "update_observers", "check_loads"]
 
@@ -114,7 +115,7 @@ def check_loads(model: ir.Model, providers: Sequence[str], workdir: Path, where:
     try:
         session = make_session(model, providers, workdir)
     except CalibrationError as err:
-        reason = str(err.__cause__ or err).split(" : ", 3)[-1].strip()
+        reason = runtime_reason(err.__cause__ or err)
         raise UnsupportedModelError(
             f"onnxruntime cannot load {where}: {reason}. Quantization needs a model that "
             f"onnxruntime runs (checked with the providers {list(providers)}); fix the model "

@@ -29,13 +29,19 @@ from onnx import TensorProto
 
 from onnxquant.core.errors import ModelLoadError, UnsupportedModelError
 
-__all__ = ["validate_structure", "densify_sparse_initializers", "check_initializer_sizes",
-           "check_versions", "KNOWN_DOMAINS"]
+__all__ = ["runtime_reason", "validate_structure", "densify_sparse_initializers",
+           "check_initializer_sizes", "check_versions", "KNOWN_DOMAINS"]
 
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
                            "com.ms.internal.nhwc", "ai.onnx.preview.training"})
 _DEFAULT = ("", "ai.onnx")
 _FIX = "fix the model (re-export it, or repair it with onnx.helper) and try again"
+
+
+def runtime_reason(err: BaseException) -> str:
+    """onnxruntime's own message in one of its exceptions, without the ``[ONNXRuntimeError] :
+    1 : FAIL :`` prefix."""
+    return str(err).split(" : ", 3)[-1].strip()
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -317,7 +323,7 @@ def check_versions(model: onnx.ModelProto, where: str) -> None:
         ort.InferenceSession(probe.SerializeToString(), options,
                              providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-        message = str(err).split(" : ", 3)[-1].strip()
+        message = runtime_reason(err)
         versions = ", ".join(f"{i.domain or 'ai.onnx'} {i.version}" for i in model.opset_import)
         raise UnsupportedModelError(
             f"onnxruntime refuses the versions of {where} (IR {model.ir_version}; opsets "
@@ -409,7 +415,7 @@ def _runtime_refusal(skeleton: onnx.ModelProto) -> str | None:
         ort.InferenceSession(skeleton.SerializeToString(), options,
                              providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-        return str(err).split(" : ", 3)[-1].strip()
+        return runtime_reason(err)
     return None
 
 

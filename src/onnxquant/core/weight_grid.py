@@ -276,8 +276,8 @@ def _sqnr_lower_bound(data: np.ndarray, qtype: QuantType, reduce_range: bool) ->
     if sample.size > 2 * _QUANTILE_SAMPLE:
         sample = sample[::sample.size // _QUANTILE_SAMPLE]
     mags = _magnitudes(sample).astype(np.float64)
-    limit = bulk_limit(sample)
-    bulk = mags[mags <= limit]
+    k = int(math.floor(BULK_QUANTILE * (mags.size - 1)))
+    bulk = mags[mags <= np.partition(mags, k)[k]]  # the bulk_limit() of the sample
     levels = 2 ** (qtype.bits - (1 if reduce_range else 0)) - 1
     step = (max(high, 0.0) - min(low, 0.0)) / levels  # the grid always holds 0
     if bulk.size == 0 or step == 0.0 or not math.isfinite(step):

@@ -66,14 +66,10 @@ class _Screen:
         return GridQuality(math.inf, math.inf, outlier_ratio=ratio)
 
 
-def grid_problem(weight: ir.Value, axis: int, bits: int, block_size: int, symmetric: bool,
-                 *, splittable: bool) -> str | None:
-    """Why ``weight`` must stay float (None when its ``bits``-bit blocks mean something).
-
-    ``axis``, ``block_size``, ``symmetric`` and ``splittable`` describe the grid the weight
-    will get; the screen depends on the values only (an extreme value loses its block in any
-    block layout)."""
-    del axis, block_size, symmetric, splittable
+def grid_problem(weight: ir.Value, bits: int) -> str | None:
+    """Why ``weight`` must stay float (None when its ``bits``-bit blocks mean something). The
+    screen depends on the values only: an extreme value loses its block in any block layout,
+    so ``bits`` only names the grid in the reason."""
     tensor = weight.const_value
     assert tensor is not None
     dtype = np.dtype(tensor.dtype.numpy())

@@ -194,12 +194,9 @@ def select_targets(model: ir.Model, config: WeightOnlyConfig
         block = _node_block_size(settings, shape[axis], node.op_type, config.format)
         decision.weight = weight.name or ""
         decision.shape = shape
-        grid_key = (id(weight), axis, settings.bits, settings.block_size, settings.symmetric)
+        grid_key = (id(weight), settings.bits)
         if grid_key not in problems:
-            grid_block = settings.block_size if settings.block_size is not None else shape[axis]
-            problems[grid_key] = grid_problem(weight, axis, settings.bits, grid_block,
-                                              settings.symmetric,
-                                              splittable=settings.block_size is not None)
+            problems[grid_key] = grid_problem(weight, settings.bits)
         if problems[grid_key] is not None:
             decision.reason = problems[grid_key] or ""
             logger.info("node '%s': %s", name, decision.reason)

@@ -1,0 +1,129 @@
+"""Streaming error measures between a reference tensor and a candidate.
+
+One :class:`ErrorAccumulator` per tensor takes one sample at a time and keeps a few float64
+sums, so memory does not grow with the number of samples:
+
+- **SQNR** (dB) over all samples together: ``10·log10(Σ x² / Σ (x − y)²)``, which is
+  ``20·log10(‖x‖ / ‖x − y‖)`` of the concatenated samples (onnxruntime's
+  ``compute_signal_to_quantization_noice_ratio``, same epsilon guard);
+- **cosine**: the mean over samples of the cosine similarity of the flattened tensors;
+- **argmax agreement**: the fraction of positions whose argmax over the last axis agrees (float
+  tensors whose last axis is longer than 1); for integer or boolean tensors (class ids,
+  masks), the fraction of equal elements.
+
+Candidate values that are NaN or infinite where the reference is finite count as unbounded
+error: the SQNR is ``-inf`` and :attr:`ErrorAccumulator.nonfinite` counts them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["EPS", "ErrorAccumulator", "sqnr_db", "cosine", "fake_quantize"]
+
+EPS = float(np.finfo(np.float64).eps)
+"""Norms below this count as this (onnxruntime's guard against log of zero)."""
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """``20·log10(max(‖x‖, eps) / max(‖x − y‖, eps))`` of the flattened arrays, in float64."""
+    acc = ErrorAccumulator()
+    acc.update(reference, candidate)
+    return acc.sqnr_db
+
+
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Cosine similarity of the flattened arrays (1.0 when both are zero)."""
+    x = np.asarray(reference, dtype=np.float64).ravel()
+    y = np.asarray(candidate, dtype=np.float64).ravel()
+    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    if nx < EPS and ny < EPS:
+        return 1.0
+    if nx < EPS or ny < EPS:
+        return 0.0
+    return float(np.clip(np.dot(x, y) / (nx * ny), -1.0, 1.0))
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int,
+                  qmax: int, axis: int | None = None) -> np.ndarray:
+    """``(clip(round(x / scale) + zp, qmin, qmax) − zp) · scale`` in float64 (round half to
+    even, as QuantizeLinear); ``axis`` places per-channel parameters."""
+    x = np.asarray(x, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64)
+    z = np.asarray(zero_point, dtype=np.float64)
+    if axis is not None and s.ndim == 1 and x.ndim > 0:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    q = np.clip(np.rint(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+class ErrorAccumulator:
+    """SQNR, cosine and argmax agreement of a candidate against a reference, one sample at a
+    time (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.cosine_sum = 0.0
+        self.samples = 0
+        self.agree = 0
+        self.positions = 0
+        self.nonfinite = 0
+        self.elements = 0
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Add one sample (the arrays must hold the same number of elements)."""
+        ref = np.asarray(reference)
+        cand = np.asarray(candidate)
+        x = ref.astype(np.float64, copy=False).ravel()
+        y = cand.astype(np.float64, copy=False).ravel()
+        if x.size != y.size:
+            raise ValueError(f"reference has {x.size} elements, candidate {y.size}")
+        bad = ~np.isfinite(y) & np.isfinite(x)
+        self.nonfinite += int(bad.sum())
+        self.elements += x.size
+        finite = np.isfinite(x) & np.isfinite(y)
+        diff = np.where(finite, x - y, 0.0)
+        self.signal += float(np.dot(np.where(finite, x, 0.0), np.where(finite, x, 0.0)))
+        self.noise += float(np.dot(diff, diff))
+        self.cosine_sum += cosine(np.where(finite, x, 0.0), np.where(finite, y, 0.0))
+        self.samples += 1
+        self._update_agreement(ref, cand)
+
+    def _update_agreement(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if ref.dtype.kind in "iub":
+            self.agree += int(np.sum(ref == cand))
+            self.positions += ref.size
+        elif ref.ndim >= 1 and ref.shape[-1] > 1 and ref.shape == cand.shape:
+            self.agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+            self.positions += ref.size // ref.shape[-1]
+
+    def merge(self, other: ErrorAccumulator) -> None:
+        """Fold another accumulator of the same tensor into this one."""
+        for field in ("signal", "noise", "cosine_sum", "samples", "agree", "positions",
+                      "nonfinite", "elements"):
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+
+    @property
+    def sqnr_db(self) -> float:
+        """SQNR over all samples (``-inf`` when the candidate has non-finite values)."""
+        if self.nonfinite:
+            return -math.inf
+        signal = max(math.sqrt(self.signal), EPS)
+        noise = max(math.sqrt(self.noise), EPS)
+        return 20.0 * math.log10(signal / noise)
+
+    @property
+    def cosine(self) -> float:
+        """Mean per-sample cosine similarity (NaN before the first sample)."""
+        return self.cosine_sum / self.samples if self.samples else math.nan
+
+    @property
+    def argmax_agreement(self) -> float | None:
+        """Fraction of agreeing argmax positions (or equal elements for integer tensors);
+        None when the tensor has no class axis."""
+        return self.agree / self.positions if self.positions else None

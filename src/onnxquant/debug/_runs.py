@@ -1,0 +1,137 @@
+"""The onnxruntime sessions of one comparison, and a fixed-bin streaming histogram."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxquant.calibration.session import make_session
+from onnxquant.core.errors import CalibrationError
+from onnxquant.debug.matching import LayerMatch, Matching
+from onnxquant.debug.report import Histogram
+from onnxquant.debug.surgery import copy_model, cut_at_activations, expose
+
+__all__ = ["Sessions", "StreamingHistogram"]
+
+HISTOGRAM_BINS = 96
+
+
+class Sessions:
+    """The float, quantized, exposed and cut sessions of one comparison."""
+
+    def __init__(self, float_model: ir.Model, quantized_model: ir.Model, matching: Matching,
+                 providers: Sequence[str], workdir: Path) -> None:
+        self.providers = list(providers)
+        self.workdir = workdir
+        quant_outputs = {v.name for v in quantized_model.graph.outputs}
+        self.output_names = [v.name or "" for v in float_model.graph.outputs
+                             if v.name in quant_outputs]
+        floats = copy_model(float_model)
+        wanted = [m.reference for m in matching.layers] + list(matching.activations)
+        self.float_names = [*self.output_names, *expose(floats, wanted)]
+        self.float = make_session(floats, self.providers, workdir)
+        self.plain = self.optimized(quantized_model, "quantized")
+        exposed = copy_model(quantized_model)
+        fetch = [self.fetch_name(m) for m in matching.layers]
+        fetch += [m.tensor.value.name or "" for m in matching.activations.values()]
+        self.quant_names = expose(exposed, list(dict.fromkeys(fetch)))
+        self.quant = make_session(exposed, self.providers, workdir)
+        cut = copy_model(quantized_model)
+        self.cut_inputs = cut_at_activations(cut, matching)
+        self.cut_names = expose(cut, list(dict.fromkeys(self.fetch_name(m)
+                                                        for m in matching.layers)))
+        self.cut = make_session(cut, self.providers, workdir)
+        self.cut_feed_names = {i.name for i in self.cut.get_inputs()}
+        self.float_dtypes = {i.name: _numpy_type(i.type) for i in self.cut.get_inputs()}
+
+    @staticmethod
+    def fetch_name(layer: LayerMatch) -> str:
+        """The quantized-model tensor that carries the layer's output."""
+        if layer.quantized is not None:
+            return layer.quantized.value.name or ""
+        return layer.layer.output.name or ""
+
+    def layer_value(self, layer: LayerMatch, results: dict[str, np.ndarray]) -> np.ndarray:
+        """The layer's output as a float array from one session's results."""
+        value = results[self.fetch_name(layer)]
+        return layer.quantized.params.dequantize(value) if layer.quantized is not None \
+            else value
+
+    def optimized(self, model: ir.Model, tag: str) -> ort.InferenceSession:
+        """A session with onnxruntime's default optimizations (how the user runs the model)."""
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            external = any(isinstance(v.const_value, ir.ExternalTensor)
+                           for v in model.graph.initializers.values())
+            if not external:
+                data = ir.serde.serialize_model(model).SerializeToString()
+                return ort.InferenceSession(data, options, providers=self.providers)
+            path = self.workdir / f"{tag}.onnx"
+            ir.save(model, path, external_data=f"{tag}.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as err:
+            raise CalibrationError(f"onnxruntime could not load the {tag} model: {err}") from err
+
+    def run(self, feed: dict[str, np.ndarray], index: int
+            ) -> tuple[dict[str, np.ndarray], ...]:
+        """(float values, quantized outputs, exposed quantized values, cut values)."""
+        try:
+            floats = dict(zip(self.float_names, self.float.run(self.float_names, feed),
+                              strict=True))
+            floats.update(feed)
+            plain = dict(zip(self.output_names, self.plain.run(self.output_names, feed),
+                             strict=True))
+            quant = dict(zip(self.quant_names, self.quant.run(self.quant_names, feed),
+                             strict=True))
+            cut_feed = {k: v for k, v in feed.items() if k in self.cut_feed_names}
+            for name, key in self.cut_inputs.items():
+                cut_feed[name] = np.asarray(floats[key], dtype=self.float_dtypes[name])
+            cut = dict(zip(self.cut_names, self.cut.run(self.cut_names, cut_feed),
+                           strict=True))
+        except KeyError as err:
+            raise CalibrationError(f"sample {index}: tensor {err} was not computed") from err
+        except Exception as err:
+            raise CalibrationError(f"onnxruntime failed on sample {index}: {err}") from err
+        return floats, plain, quant, cut
+
+
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+          "tensor(double)": np.float64, "tensor(bfloat16)": np.float32}
+
+
+def _numpy_type(type_name: str) -> type:
+    return _TYPES.get(type_name, np.float32)
+
+
+class StreamingHistogram:
+    """Counts of values in fixed bins around a clip range ``[low, high]`` (half a range of
+    margin on each side), plus the counts and extremes beyond."""
+
+    def __init__(self, low: float, high: float, bins: int = HISTOGRAM_BINS) -> None:
+        span = max(high - low, 1e-12)
+        self.low, self.high = low, high
+        self.range = (low - span / 2, high + span / 2)
+        self.counts = np.zeros(bins, np.int64)
+        self.below = self.above = 0
+        self.minimum, self.maximum = np.inf, -np.inf
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, np.float64).ravel()
+        x = x[np.isfinite(x)]
+        if not x.size:
+            return
+        self.counts += np.histogram(x, bins=self.counts.size, range=self.range)[0]
+        self.below += int(np.count_nonzero(x < self.range[0]))
+        self.above += int(np.count_nonzero(x > self.range[1]))
+        self.minimum = min(self.minimum, float(x.min()))
+        self.maximum = max(self.maximum, float(x.max()))
+
+    def result(self, tensor: str) -> Histogram:
+        edges = np.linspace(self.range[0], self.range[1], self.counts.size + 1)
+        return Histogram(tensor, edges, self.counts.copy(), self.below, self.above,
+                         float(self.minimum), float(self.maximum), self.low, self.high)

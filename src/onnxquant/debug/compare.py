@@ -1,0 +1,224 @@
+"""``onnxquant.compare``: run a float model and its quantized form side by side and find where
+accuracy goes.
+
+One pass over the data runs four onnxruntime sessions per sample — the float model with the
+matched tensors exposed, the quantized model as the user runs it (outputs), the quantized model
+with its quantized tensors exposed (accumulated error per layer), and the quantized model cut
+at every quantized activation and fed the float values (each layer's own error) — and folds
+each result into streaming accumulators, so memory does not grow with the number of samples.
+Then the layers with the worst isolated error are put back in float one at a time on the first
+samples, to measure how much the output SQNR would gain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from onnxquant.calibration.readers import iter_feeds, validate_feed
+from onnxquant.calibration.session import input_specs
+from onnxquant.core import front_door, model_io, tempdirs
+from onnxquant.core.errors import CalibrationError
+from onnxquant.core.metrics import ErrorAccumulator
+from onnxquant.debug._runs import Sessions, StreamingHistogram
+from onnxquant.debug.matching import Matching, match_models
+from onnxquant.debug.report import (
+    ActivationStats,
+    ComparisonReport,
+    LayerStats,
+    OutputStats,
+)
+from onnxquant.debug.surgery import copy_model, keep_layer_float
+
+__all__ = ["compare"]
+
+logger = logging.getLogger(__name__)
+
+
+def compare(
+    float_model: model_io.ModelInput,
+    quantized_model: model_io.ModelInput,
+    data: Any,
+    *,
+    max_samples: int | None = None,
+    sensitivity_layers: int = 8,
+    sensitivity_samples: int = 16,
+    histograms: int = 8,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    progress: bool = False,
+) -> ComparisonReport:
+    """Compare a quantized model with its float model, layer by layer.
+
+    Args:
+        float_model: The float model (path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
+        quantized_model: Its quantized form (QDQ or QOperator, made by any tool).
+        data: Inputs, in any form calibration takes (reader, iterable of feed dicts, folder).
+        max_samples: Compare on at most this many samples.
+        sensitivity_layers: How many layers (those with the worst isolated SQNR) to measure
+            exactly by putting each back in float; 0 skips the measurement.
+        sensitivity_samples: Samples each of those measurements runs (the first ones).
+        histograms: How many of the worst activations get a value histogram.
+        providers: onnxruntime execution providers.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`~onnxquant.debug.report.ComparisonReport`.
+
+    Raises:
+        ModelLoadError, UnsupportedModelError: A model cannot be loaded or is invalid.
+        FeedError, CalibrationError: The data does not fit the float model, or onnxruntime
+            fails on a sample.
+    """
+    start = time.perf_counter()
+    float_ir, float_source = front_door.open_model(float_model)
+    quant_ir, quant_source = front_door.open_model(quantized_model)
+    matching = match_models(float_ir, quant_ir)
+    with tempdirs.private_dir(None, "onnxquant-compare-") as workdir:
+        sessions = Sessions(float_ir, quant_ir, matching, providers, workdir)
+        state = _State(matching, sessions, keep=sensitivity_samples if sensitivity_layers else 0)
+        specs, optional = input_specs(float_ir)
+        feeds = iter_feeds(data, specs=specs)
+        total = _total(data, max_samples)
+        with tqdm(total=total, desc="comparing", unit="sample", disable=not progress) as bar:
+            for index, raw in enumerate(feeds):
+                if max_samples is not None and index >= max_samples:
+                    break
+                state.add(validate_feed(raw, specs, index=index, optional=optional), index)
+                bar.update(1)
+        if not state.samples:
+            raise CalibrationError("no samples to compare: the data gave no feeds")
+        sensitivity = _sensitivities(state, quant_ir, sensitivity_layers, providers, workdir,
+                                     progress)
+    report = state.report(sensitivity, histograms)
+    report.float_model = float_source.description
+    report.quantized_model = quant_source.description
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _total(data: Any, max_samples: int | None) -> int | None:
+    from onnxquant.calibration.readers import count_feeds
+
+    total = count_feeds(data)
+    if max_samples is not None:
+        return min(total, max_samples) if total is not None else max_samples
+    return total
+
+
+class _State:
+    """The accumulators of one comparison pass."""
+
+    def __init__(self, matching: Matching, sessions: Sessions, keep: int) -> None:
+        self.matching = matching
+        self.sessions = sessions
+        self.samples = 0
+        self.keep = keep
+        self.kept: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.outputs = {name: ErrorAccumulator() for name in sessions.output_names}
+        self.layers = [ErrorAccumulator() for _ in matching.layers]
+        self.isolated = [ErrorAccumulator() for _ in matching.layers]
+        self.incomparable: set[int] = set()
+        self.activations = {k: ErrorAccumulator() for k in matching.activations}
+        self.own = {k: ErrorAccumulator() for k in matching.activations}
+        self.histograms = {k: StreamingHistogram(*m.params.grid_bounds())
+                           for k, m in matching.activations.items()}
+
+    def add(self, feed: dict[str, np.ndarray], index: int) -> None:
+        floats, plain, quant, isolated = self.sessions.run(feed, index)
+        for name, acc in self.outputs.items():
+            acc.update(floats[name], plain[name])
+        for i, layer in enumerate(self.matching.layers):
+            reference = floats.get(layer.reference)
+            if reference is None or i in self.incomparable:
+                continue
+            try:
+                self.layers[i].update(reference, self.sessions.layer_value(layer, quant))
+                self.isolated[i].update(reference, self.sessions.layer_value(layer, isolated))
+            except (ValueError, KeyError) as err:
+                logger.debug("layer %s is not comparable: %s", layer.name, err)
+                self.incomparable.add(i)
+        for key, match in self.matching.activations.items():
+            reference = floats.get(key)
+            value = quant.get(match.tensor.value.name or "")
+            if reference is None or value is None or reference.size != value.size:
+                continue
+            self.activations[key].update(reference, match.params.dequantize(value))
+            self.own[key].update(reference, match.params.fake_quantize(reference))
+            self.histograms[key].update(reference)
+        if len(self.kept) < self.keep:
+            self.kept.append(({k: np.array(v) for k, v in feed.items()},
+                              {name: np.array(floats[name]) for name in self.outputs}))
+        self.samples += 1
+
+    def report(self, sensitivity: dict[int, float], histogram_count: int) -> ComparisonReport:
+        outputs = {name: OutputStats(name, acc.sqnr_db, acc.cosine, acc.argmax_agreement)
+                   for name, acc in self.outputs.items()}
+        layers = []
+        for i, layer in enumerate(self.matching.layers):
+            measured = i not in self.incomparable and self.layers[i].samples > 0
+            layers.append(LayerStats(
+                layer.name, layer.op_type,
+                self.layers[i].sqnr_db if measured else None,
+                self.isolated[i].sqnr_db if measured else None,
+                sensitivity.get(i), layer.reference, layer.layer.node.name or ""))
+        activations = {}
+        for key, match in self.matching.activations.items():
+            low, high = match.params.grid_bounds()
+            seen = self.activations[key].samples > 0
+            activations[key] = ActivationStats(
+                key, self.activations[key].sqnr_db if seen else None,
+                self.own[key].sqnr_db if seen else None, match.params.describe(), low, high)
+        worst = sorted((k for k, a in activations.items() if a.quantization_sqnr_db is not None),
+                       key=lambda k: activations[k].quantization_sqnr_db)  # type: ignore[arg-type,return-value]
+        return ComparisonReport(
+            outputs=outputs, layers=layers,
+            weights={name: m.sqnr_db for name, m in self.matching.weights.items()},
+            activations=activations,
+            histograms=[self.histograms[k].result(k) for k in worst[:histogram_count]],
+            samples=self.samples, sensitivity_samples=len(self.kept),
+            unmatched={"weights": self.matching.unmatched_weights,
+                       "activations": self.matching.unmatched_activations})
+
+
+def _mean_sqnr(session, kept, output_names: list[str]) -> float:
+    accs = {name: ErrorAccumulator() for name in output_names}
+    for feed, reference in kept:
+        results = session.run(output_names, feed)
+        for name, value in zip(output_names, results, strict=True):
+            accs[name].update(reference[name], value)
+    values = [min(acc.sqnr_db, 200.0) for acc in accs.values()]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _sensitivities(state: _State, quant_ir: ir.Model, count: int, providers: Sequence[str],
+                   workdir, progress: bool) -> dict[int, float]:
+    """Output SQNR gain (dB) of keeping each of the ``count`` layers with the worst isolated
+    SQNR float, on the kept samples."""
+    if not count or not state.kept:
+        return {}
+    names = state.sessions.output_names
+    candidates = [i for i in range(len(state.layers))
+                  if i not in state.incomparable and state.isolated[i].samples]
+    candidates.sort(key=lambda i: state.isolated[i].sqnr_db)
+    baseline = _mean_sqnr(state.sessions.plain, state.kept, names)
+    gains: dict[int, float] = {}
+    for i in tqdm(candidates[:count], desc="sensitivity", unit="layer", disable=not progress):
+        variant = copy_model(quant_ir)
+        if not keep_layer_float(variant, state.matching, state.matching.layers[i].layer.node.name
+                                or ""):
+            continue
+        try:
+            session = state.sessions.optimized(variant, f"variant{i}")
+        except CalibrationError as err:
+            logger.warning("could not run layer %s in float: %s",
+                           state.matching.layers[i].name, err)
+            continue
+        gains[i] = _mean_sqnr(session, state.kept, names) - baseline
+    return gains

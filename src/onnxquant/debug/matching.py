@@ -1,0 +1,293 @@
+"""Float ↔ quantized correspondence by graph structure, not by naming conventions.
+
+Every quantized weight is traced to the float constant it came from, and every quantized
+activation to the float tensor it stands for, in this order of evidence:
+
+- **weights**: the stored initializer's name without ``_quantized`` (onnxruntime's and
+  onnxquant's convention) → the float constant in the same operand slot of the same-named float
+  node → a float constant made by onnxquant's own preparation (BatchNormalization folded into
+  Conv) → the float constant of the same size that it is closest to (≥ 10 dB);
+- **activations**: a dequantized tensor that is a graph output under a float name → the float
+  tensor in the same slot of the same-named float node that reads it (so a fused Relu or a
+  folded BatchNormalization maps to the tensor it replaced) → the float tensor an integer
+  node's float counterpart writes → the quantizer's input, when the float model has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant.core.metrics import sqnr_db
+from onnxquant.debug._params import QuantParams, constant_array
+from onnxquant.debug.quantized_graph import (
+    INTEGER_OPS,
+    MOVEMENT,
+    Layer,
+    QuantizedGraph,
+    QuantizedTensor,
+    QuantizedWeight,
+    base_node_name,
+)
+
+__all__ = ["WeightMatch", "ActivationMatch", "LayerMatch", "Matching", "match_models"]
+
+logger = logging.getLogger(__name__)
+
+MIN_VALUE_MATCH_DB = 10.0
+"""A weight matched by value alone must be at least this close to its float candidate."""
+
+
+@dataclasses.dataclass
+class WeightMatch:
+    """A quantized weight and its float original.
+
+    Attributes:
+        name: The float constant's name (in the float model, or made by preparation).
+        original: Its values.
+        dequantized: The quantized weight dequantized, in the float constant's layout.
+        weight: What the quantized graph stores.
+        how: ``"name"``, ``"node"``, ``"folded"`` or ``"value"`` (the evidence used).
+        transposed: The quantized layout is the float one transposed (2-D).
+    """
+
+    name: str
+    original: np.ndarray
+    dequantized: np.ndarray
+    weight: QuantizedWeight
+    how: str
+    transposed: bool = False
+
+    @property
+    def sqnr_db(self) -> float:
+        return sqnr_db(self.original, self.dequantized)
+
+
+@dataclasses.dataclass
+class ActivationMatch:
+    """A quantized activation and the float tensor it stands for."""
+
+    name: str
+    tensor: QuantizedTensor
+
+    @property
+    def params(self) -> QuantParams:
+        return self.tensor.params
+
+
+@dataclasses.dataclass
+class LayerMatch:
+    """A quantized layer, the float node it replaces and where its output is compared.
+
+    Attributes:
+        layer: The layer in the quantized graph.
+        float_node: The float node (None when it has no counterpart).
+        reference: Name of the float tensor its output is compared with.
+        quantized: The quantized form of its output (None: its float output is compared).
+    """
+
+    layer: Layer
+    float_node: ir.Node | None
+    reference: str
+    quantized: QuantizedTensor | None
+
+    @property
+    def name(self) -> str:
+        return self.float_node.name if self.float_node is not None and self.float_node.name \
+            else self.layer.name
+
+    @property
+    def op_type(self) -> str:
+        return self.float_node.op_type if self.float_node is not None else \
+            self.layer.node.op_type
+
+
+@dataclasses.dataclass
+class Matching:
+    """Everything matched between a float model and its quantized form."""
+
+    graph: QuantizedGraph
+    weights: dict[str, WeightMatch]
+    activations: dict[str, ActivationMatch]
+    layers: list[LayerMatch]
+    unmatched_weights: list[str]
+    unmatched_activations: list[str]
+
+
+class _FloatModel:
+    """Name lookups over the float model (and, lazily, its prepared form)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.nodes = {n.name: n for n in model.graph if n.name}
+        self.values: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs if v.name}
+        for node in model.graph:
+            self.values.update({v.name: v for v in node.outputs if v.name})
+        self.constants = {name: arr for name, v in {**model.graph.initializers,
+                                                    **self.values}.items()
+                          if (arr := constant_array(v)) is not None}
+        self._prepared: _FloatModel | None = None
+
+    def is_activation(self, name: str | None) -> bool:
+        return bool(name) and name in self.values and name not in self.constants
+
+    @property
+    def prepared(self) -> _FloatModel:
+        """The float model after onnxquant's preparation (BatchNorm folded into Conv, ...)."""
+        if self._prepared is None:
+            from onnxquant.preprocess import prepare_for_quantization
+
+            copy = ir.serde.deserialize_model(ir.serde.serialize_model(self.model))
+            try:
+                prepare_for_quantization(copy)
+            except Exception as err:  # noqa: BLE001 - only a source of extra candidates
+                logger.debug("preparing the float model failed: %s", err)
+            self._prepared = _FloatModel(copy)
+        return self._prepared
+
+    def node_for(self, node: ir.Node) -> ir.Node | None:
+        for name in (node.name, base_node_name(node)):
+            found = self.nodes.get(name or "")
+            if found is not None:
+                return found
+        return None
+
+
+def _aligned(reference: np.ndarray, dequantized: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """``dequantized`` in ``reference``'s layout (and whether it was transposed)."""
+    if reference.shape == dequantized.shape:
+        return dequantized, False
+    if reference.size != dequantized.size:
+        return None
+    if dequantized.ndim == 2 and dequantized.T.shape == reference.shape:
+        return dequantized.T, True
+    return dequantized.reshape(reference.shape), False
+
+
+def _weight_match(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch | None:
+    candidates: list[tuple[str, str, _FloatModel]] = []
+    if weight.stored.endswith("_quantized"):
+        stem = weight.stored[: -len("_quantized")]
+        candidates += [("name", stem, floats), ("folded", stem, floats.prepared)]
+    if weight.reader is not None:
+        node, slot = weight.reader
+        for how, source in (("node", floats), ("folded", floats.prepared)):
+            twin = source.node_for(node)
+            if twin is not None and slot < len(twin.inputs) and twin.inputs[slot] is not None:
+                candidates.append((how, twin.inputs[slot].name or "", source))  # type: ignore[union-attr]
+    for how, name, source in candidates:
+        reference = source.constants.get(name)
+        aligned = _aligned(reference, weight.dequantized) if reference is not None else None
+        if aligned is not None:
+            return WeightMatch(name, reference.astype(np.float64), aligned[0], weight,  # type: ignore[union-attr]
+                               how, aligned[1])
+    return _by_value(floats, weight)
+
+
+def _by_value(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch | None:
+    best: WeightMatch | None = None
+    best_db = MIN_VALUE_MATCH_DB
+    size = weight.dequantized.size
+    for source in (floats, floats.prepared):
+        for name, reference in source.constants.items():
+            if reference.size != size or reference.dtype.kind != "f" or size < 2:
+                continue
+            aligned = _aligned(reference, weight.dequantized)
+            if aligned is None:
+                continue
+            db = sqnr_db(reference, aligned[0])
+            if db > best_db:
+                best_db = db
+                best = WeightMatch(name, reference.astype(np.float64), aligned[0], weight,
+                                   "value", aligned[1])
+        if best is not None:
+            return best
+    return None
+
+
+def _float_slot(node: ir.Node, slot: int) -> int | None:
+    """The input slot of the float op that an integer op's input ``slot`` stands for."""
+    if node.op_type == "QLinearConcat":
+        return (slot - 2) // 3 if slot >= 2 and (slot - 2) % 3 == 0 else None
+    if node.op_type not in INTEGER_OPS:
+        return slot
+    return next((f for data, _, _, f in INTEGER_OPS[node.op_type][0] if data == slot), None)
+
+
+def _activation_name(floats: _FloatModel, tensor: QuantizedTensor,
+                     graph: QuantizedGraph) -> str | None:
+    outputs = {id(v) for v in graph.graph.outputs}
+    for post in tensor.posts:
+        if id(post) in outputs and floats.is_activation(post.name):
+            return post.name
+    readers = [use for post in tensor.posts for use in post.uses()]
+    readers += list(tensor.value.uses())
+    for node, slot in readers:
+        twin = floats.node_for(node)
+        float_slot = _float_slot(node, slot)
+        if twin is None or float_slot is None or float_slot >= len(twin.inputs):
+            continue
+        if twin.op_type == node.op_type or node.op_type in INTEGER_OPS or \
+                node.op_type in MOVEMENT:
+            value = twin.inputs[float_slot]
+            if value is not None and floats.is_activation(value.name):
+                return value.name
+    producer = tensor.value.producer()
+    if producer is not None and tensor.pre is None:
+        twin = floats.node_for(producer)
+        index = producer.outputs.index(tensor.value) if tensor.value in producer.outputs else 0
+        if twin is not None and index < len(twin.outputs) and \
+                floats.is_activation(twin.outputs[index].name):
+            return twin.outputs[index].name
+    names = [p.name for p in tensor.posts]
+    names += [tensor.pre.name if tensor.pre is not None else None]
+    stored = tensor.value.name or ""
+    names.append(stored[: -len("_quantized")] if stored.endswith("_quantized") else None)
+    return next((n for n in names if floats.is_activation(n)), None)
+
+
+def _layer_match(floats: _FloatModel, layer: Layer, graph: QuantizedGraph,
+                 activations: dict[int, str]) -> LayerMatch | None:
+    twin = floats.node_for(layer.node)
+    quantized = graph.output_tensor(layer)
+    if quantized is not None and id(quantized) in activations:
+        return LayerMatch(layer, twin, activations[id(quantized)], quantized)
+    for name in (twin.outputs[0].name if twin is not None and twin.outputs else None,
+                 layer.output.name):
+        if floats.is_activation(name):
+            return LayerMatch(layer, twin, name, None)  # type: ignore[arg-type]
+    return None
+
+
+def match_models(float_model: ir.Model, quantized_model: ir.Model) -> Matching:
+    """Match a quantized model's weights, activations and layers to its float model."""
+    floats = _FloatModel(float_model)
+    graph = QuantizedGraph(quantized_model)
+    weights: dict[str, WeightMatch] = {}
+    unmatched_weights = []
+    for weight in graph.weights:
+        found = _weight_match(floats, weight)
+        if found is None:
+            unmatched_weights.append(weight.stored)
+        elif found.name not in weights:
+            weights[found.name] = found
+    activations: dict[str, ActivationMatch] = {}
+    by_tensor: dict[int, str] = {}
+    unmatched_activations = []
+    for tensor in graph.tensors.values():
+        if not tensor.posts and tensor.pre is None and not tensor.value.uses():
+            continue
+        name = _activation_name(floats, tensor, graph)
+        if name is None:
+            if not tensor.moved:
+                unmatched_activations.append(tensor.value.name or "")
+            continue
+        by_tensor[id(tensor)] = name
+        activations.setdefault(name, ActivationMatch(name, tensor))
+    layers = [m for layer in graph.layers
+              if (m := _layer_match(floats, layer, graph, by_tensor)) is not None]
+    return Matching(graph, weights, activations, layers, unmatched_weights,
+                    unmatched_activations)

@@ -81,7 +81,8 @@ def test_no_import_cycle_between_modules() -> None:
 
 
 PUBLIC = [
-    "quantize_static", "quantize_dynamic", "quantize_weights", "DynamicQuantConfig",
+    "quantize_static", "quantize_dynamic", "quantize_weights", "compare", "ComparisonReport",
+    "DynamicQuantConfig",
     "DynamicQuantizationResult", "calibrate", "WeightOnlyConfig", "WeightOnlyAlgorithm",
     "GPTQSettings", "WeightOnlyResult", "WeightOnlyConfigError", "CalibrationResult",
     "QuantizationResult", "StaticQuantConfig", "QuantFormat", "CalibrationMethod",

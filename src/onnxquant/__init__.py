@@ -34,6 +34,7 @@ from onnxquant.core.qtypes import (
     PerTensor,
     QuantType,
 )
+from onnxquant.debug import ComparisonReport, compare
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.static.api import QuantizationResult, calibrate, quantize_static
@@ -52,6 +53,8 @@ __all__ = [
     "quantize_static",
     "quantize_dynamic",
     "quantize_weights",
+    "compare",
+    "ComparisonReport",
     "DynamicQuantConfig",
     "DynamicQuantizationResult",
     "calibrate",

@@ -3,7 +3,9 @@
 ``onnxquant static MODEL -o OUT --calib DATA [options]`` quantizes a float model statically
 (QDQ or QOperator, with calibration data), ``onnxquant dynamic MODEL -o OUT`` dynamically (no
 data; :mod:`onnxquant.cli.dynamic`) and ``onnxquant weights MODEL -o OUT`` block-wise
-weight-only (:mod:`onnxquant.cli.weights`); each prints a summary. Arguments are turned into a
+weight-only (:mod:`onnxquant.cli.weights`); each prints a summary. ``onnxquant report FLOAT QUANT
+--data DATA -o REPORT.html`` compares a quantized model with its float model layer by layer
+(:mod:`onnxquant.cli.report`). Arguments are turned into a
 :class:`~onnxquant.static.config.StaticQuantConfig` in one place, :func:`static_config_from_args`.
 
 Exit codes: 0 on success, 2 for usage errors and for any
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from onnxquant import __version__
 from onnxquant.cli.dynamic import add_dynamic_parser
+from onnxquant.cli.report import add_report_parser
 from onnxquant.cli.static import add_static_parser
 from onnxquant.cli.weights import add_weights_parser
 from onnxquant.core.errors import QuantizationError
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_static_parser(subparsers)
     add_dynamic_parser(subparsers)
     add_weights_parser(subparsers)
+    add_report_parser(subparsers)
     return parser
 
 

@@ -7,7 +7,24 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize", "add_initializer"]
+__all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize", "add_initializer",
+           "STANDS_FOR", "record_stands_for"]
+
+STANDS_FOR = "onnxquant.stands_for"
+"""Model metadata key: JSON ``{tensor: float-model tensor it now carries}``, written when a
+rewrite makes a tensor carry another one's values (a Conv output with a BatchNormalization
+folded in, a tensor whose Relu/Clip the quantized grid now applies). Debugging tools read it to
+pair quantized activations with the float model's tensors without the float model at hand."""
+
+
+def record_stands_for(model: ir.Model, tensor: str, float_tensor: str) -> None:
+    """Record in ``model``'s metadata that ``tensor`` now carries ``float_tensor``'s values
+    (following earlier records: what ``float_tensor`` stood for is inherited)."""
+    import json
+
+    table = json.loads(model.metadata_props.get(STANDS_FOR, "{}"))
+    table[tensor] = table.get(float_tensor, float_tensor)
+    model.metadata_props[STANDS_FOR] = json.dumps(table, sort_keys=True)
 
 
 def iter_nodes(model: ir.Model, *, subgraphs: bool = True) -> Iterator[ir.Node]:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
-from onnxquant.core.graph import add_initializer, iter_nodes
+from onnxquant.core.graph import add_initializer, iter_nodes, record_stands_for
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, QuantPlan, TensorQuant
 
@@ -127,6 +127,8 @@ class _QDQEmitter:
             if decision.action != "remove":
                 continue
             node = self.nodes[decision.name]
+            record_stands_for(self.model, node.inputs[0].name or "",  # type: ignore[union-attr]
+                              node.outputs[0].name or "")
             node.outputs[0].replace_all_uses_with(node.inputs[0])  # type: ignore[arg-type]
             assert node.graph is not None
             node.graph.remove(node, safe=True)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
-from onnxquant.core.graph import add_initializer, is_float, iter_nodes
+from onnxquant.core.graph import add_initializer, is_float, iter_nodes, record_stands_for
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import INT8
@@ -106,6 +106,7 @@ class _QOperatorEmitter:
             if x.producer() not in self.integer:
                 decision.reason += f"; {FALLBACK}its producer is not an integer node"
                 continue
+            record_stands_for(self.model, x.name or "", node.outputs[0].name or "")
             node.outputs[0].replace_all_uses_with(x)
             node.graph.remove(node, safe=True)
 

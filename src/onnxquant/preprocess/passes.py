@@ -18,7 +18,7 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
-from onnxquant.core.graph import add_initializer
+from onnxquant.core.graph import add_initializer, record_stands_for
 from onnxquant.preprocess.conv_add import fold_conv_add
 
 BATCHNORM_FOLDED = "onnxquant.batchnorm_folded"
@@ -118,11 +118,11 @@ def fold_batchnorm(model: ir.Model) -> int:
     for graph in (model.graph, *model.graph.subgraphs()):
         for bn in list(graph):
             if bn.op_type == "BatchNormalization" and bn.domain in ("", "ai.onnx"):
-                count += _fold_one(graph, bn)
+                count += _fold_one(model, graph, bn)
     return count
 
 
-def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
+def _fold_one(model: ir.Model, graph: ir.Graph, bn: ir.Node) -> int:
     x = bn.inputs[0]
     conv = x.producer() if x is not None else None
     if x is None or conv is None or conv.op_type != "Conv" or conv.graph is not graph:
@@ -159,6 +159,8 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> int:
             conv_out.name, y.name = y.name, f"{y.name}_unused"
             conv_out.type = conv_out.type or y.type
             conv_out.shape = conv_out.shape or y.shape
+    if conv_out.name != y.name and not y.name.endswith("_unused"):  # type: ignore[union-attr]
+        record_stands_for(model, conv_out.name or "", y.name or "")
     y.replace_all_uses_with(conv_out)
     graph.remove(bn, safe=True)
     return 1

@@ -81,23 +81,28 @@ class Sessions:
             ) -> tuple[dict[str, np.ndarray], ...]:
         """(float values, quantized outputs, exposed quantized values, cut values)."""
         try:
-            floats = dict(zip(self.float_names, self.float.run(self.float_names, feed),
-                              strict=True))
+            floats = _run(self.float, self.float_names, feed)
             floats.update(feed)
-            plain = dict(zip(self.output_names, self.plain.run(self.output_names, feed),
-                             strict=True))
-            quant = dict(zip(self.quant_names, self.quant.run(self.quant_names, feed),
-                             strict=True))
+            plain = _run(self.plain, self.output_names, feed)
+            quant = _run(self.quant, self.quant_names, feed)
             cut_feed = {k: v for k, v in feed.items() if k in self.cut_feed_names}
             for name, key in self.cut_inputs.items():
                 cut_feed[name] = np.asarray(floats[key], dtype=self.float_dtypes[name])
-            cut = dict(zip(self.cut_names, self.cut.run(self.cut_names, cut_feed),
-                           strict=True))
+            cut = _run(self.cut, self.cut_names, cut_feed)
         except KeyError as err:
             raise CalibrationError(f"sample {index}: tensor {err} was not computed") from err
         except Exception as err:
             raise CalibrationError(f"onnxruntime failed on sample {index}: {err}") from err
         return floats, plain, quant, cut
+
+
+def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray]
+         ) -> dict[str, np.ndarray]:
+    """``{name: value}`` of the named outputs (none run when no name is asked for: onnxruntime
+    would return every output)."""
+    if not names:
+        return {}
+    return dict(zip(names, session.run(names, feed), strict=True))
 
 
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,

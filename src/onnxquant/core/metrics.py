@@ -38,12 +38,23 @@ def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Cosine similarity of the flattened arrays (1.0 when both are zero)."""
     x = np.asarray(reference, dtype=np.float64).ravel()
     y = np.asarray(candidate, dtype=np.float64).ravel()
-    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    return _cosine_from(float(np.dot(x, y)), float(np.dot(x, x)), float(np.dot(y, y)))
+
+
+def _cosine_from(xy: float, xx: float, yy: float) -> float:
+    nx, ny = math.sqrt(xx), math.sqrt(yy)
     if nx < EPS and ny < EPS:
         return 1.0
     if nx < EPS or ny < EPS:
         return 0.0
-    return float(np.clip(np.dot(x, y) / (nx * ny), -1.0, 1.0))
+    return max(-1.0, min(1.0, xy / (nx * ny)))
+
+
+def _flat_float(a: np.ndarray) -> np.ndarray:
+    """A flat float view: float32/float64 kept, everything else (ints, float16) as float64."""
+    if a.dtype in (np.float32, np.float64):
+        return a.ravel()
+    return a.astype(np.float64).ravel()
 
 
 def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int,
@@ -65,7 +76,8 @@ class ErrorAccumulator:
     """SQNR, cosine and argmax agreement of a candidate against a reference, one sample at a
     time (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, agreement: bool = True) -> None:
+        self.agreement = agreement
         self.signal = 0.0
         self.noise = 0.0
         self.cosine_sum = 0.0
@@ -76,23 +88,33 @@ class ErrorAccumulator:
         self.elements = 0
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        """Add one sample (the arrays must hold the same number of elements)."""
+        """Add one sample (the arrays must hold the same number of elements).
+
+        Sums are taken with BLAS dot products on the arrays' own float type (float32 for
+        float32 tensors) and accumulated in float64; non-finite positions are dropped.
+        """
         ref = np.asarray(reference)
         cand = np.asarray(candidate)
-        x = ref.astype(np.float64, copy=False).ravel()
-        y = cand.astype(np.float64, copy=False).ravel()
+        x, y = _flat_float(ref), _flat_float(cand)
         if x.size != y.size:
             raise ValueError(f"reference has {x.size} elements, candidate {y.size}")
-        bad = ~np.isfinite(y) & np.isfinite(x)
-        self.nonfinite += int(bad.sum())
         self.elements += x.size
-        finite = np.isfinite(x) & np.isfinite(y)
-        diff = np.where(finite, x - y, 0.0)
-        self.signal += float(np.dot(np.where(finite, x, 0.0), np.where(finite, x, 0.0)))
+        finite_x, finite_y = np.isfinite(x).all(), np.isfinite(y).all()
+        if not (finite_x and finite_y):
+            bad = ~np.isfinite(y) & np.isfinite(x)
+            self.nonfinite += int(bad.sum())
+            keep = np.isfinite(x) & np.isfinite(y)
+            x, y = x[keep], y[keep]
+        if y.dtype != x.dtype:
+            y = y.astype(x.dtype)
+        diff = x - y
+        xx, yy = float(np.dot(x, x)), float(np.dot(y, y))
+        self.signal += xx
         self.noise += float(np.dot(diff, diff))
-        self.cosine_sum += cosine(np.where(finite, x, 0.0), np.where(finite, y, 0.0))
+        self.cosine_sum += _cosine_from(float(np.dot(x, y)), xx, yy)
         self.samples += 1
-        self._update_agreement(ref, cand)
+        if self.agreement:
+            self._update_agreement(ref, cand)
 
     def _update_agreement(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.dtype.kind in "iub":

@@ -32,6 +32,7 @@ class Sessions:
                              if v.name in quant_outputs]
         floats = copy_model(float_model)
         wanted = [m.reference for m in matching.layers] + list(matching.activations)
+        wanted += list(matching.dynamic_inputs.values())
         self.float_names = [*self.output_names, *expose(floats, wanted)]
         self.float = make_session(floats, self.providers, workdir)
         self.plain = self.optimized(quantized_model, "quantized")

@@ -82,7 +82,8 @@ def compare(
     matching = match_models(float_ir, quant_ir)
     with tempdirs.private_dir(None, "onnxquant-compare-") as workdir:
         sessions = Sessions(float_ir, quant_ir, matching, providers, workdir)
-        state = _State(matching, sessions, keep=sensitivity_samples if sensitivity_layers else 0)
+        state = _State(matching, sessions, keep=sensitivity_samples if sensitivity_layers else 0,
+                       histograms=histograms)
         specs, optional = input_specs(float_ir)
         feeds = iter_feeds(data, specs=specs)
         total = _total(data, max_samples)
@@ -115,20 +116,21 @@ def _total(data: Any, max_samples: int | None) -> int | None:
 class _State:
     """The accumulators of one comparison pass."""
 
-    def __init__(self, matching: Matching, sessions: Sessions, keep: int) -> None:
+    def __init__(self, matching: Matching, sessions: Sessions, keep: int,
+                 histograms: int) -> None:
         self.matching = matching
         self.sessions = sessions
         self.samples = 0
         self.keep = keep
         self.kept: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self.outputs = {name: ErrorAccumulator() for name in sessions.output_names}
-        self.layers = [ErrorAccumulator() for _ in matching.layers]
-        self.isolated = [ErrorAccumulator() for _ in matching.layers]
+        self.layers = [ErrorAccumulator(agreement=False) for _ in matching.layers]
+        self.isolated = [ErrorAccumulator(agreement=False) for _ in matching.layers]
         self.incomparable: set[int] = set()
-        self.activations = {k: ErrorAccumulator() for k in matching.activations}
-        self.own = {k: ErrorAccumulator() for k in matching.activations}
-        self.histograms = {k: StreamingHistogram(*m.params.grid_bounds())
-                           for k, m in matching.activations.items()}
+        self.activations = {k: ErrorAccumulator(agreement=False) for k in matching.activations}
+        self.own = {k: ErrorAccumulator(agreement=False) for k in matching.activations}
+        self.histogram_count = histograms
+        self.histograms: dict[str, StreamingHistogram] = {}
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         floats, plain, quant, isolated = self.sessions.run(feed, index)
@@ -151,11 +153,24 @@ class _State:
                 continue
             self.activations[key].update(reference, match.params.dequantize(value))
             self.own[key].update(reference, match.params.fake_quantize(reference))
-            self.histograms[key].update(reference)
+            if key in self.histograms:
+                self.histograms[key].update(reference)
+        if not self.samples:
+            self._choose_histograms(floats)
         if len(self.kept) < self.keep:
             self.kept.append(({k: np.array(v) for k, v in feed.items()},
                               {name: np.array(floats[name]) for name in self.outputs}))
         self.samples += 1
+
+    def _choose_histograms(self, floats: dict[str, np.ndarray]) -> None:
+        """Histograms for the activations whose own quantization error is worst on the first
+        sample (twice as many as reported, in case the ranking moves), counted from it on."""
+        seen = [k for k in self.own if self.own[k].samples]
+        seen.sort(key=lambda k: self.own[k].sqnr_db)
+        for key in seen[: 2 * self.histogram_count]:
+            histogram = StreamingHistogram(*self.matching.activations[key].params.grid_bounds())
+            histogram.update(floats[key])
+            self.histograms[key] = histogram
 
     def report(self, sensitivity: dict[int, float], histogram_count: int) -> ComparisonReport:
         outputs = {name: OutputStats(name, acc.sqnr_db, acc.cosine, acc.argmax_agreement)
@@ -175,7 +190,8 @@ class _State:
             activations[key] = ActivationStats(
                 key, self.activations[key].sqnr_db if seen else None,
                 self.own[key].sqnr_db if seen else None, match.params.describe(), low, high)
-        worst = sorted((k for k, a in activations.items() if a.quantization_sqnr_db is not None),
+        worst = sorted((k for k in self.histograms if activations[k].quantization_sqnr_db
+                        is not None),
                        key=lambda k: activations[k].quantization_sqnr_db)  # type: ignore[arg-type,return-value]
         return ComparisonReport(
             outputs=outputs, layers=layers,
@@ -209,8 +225,9 @@ def _sensitivities(state: _State, quant_ir: ir.Model, count: int, providers: Seq
     candidates.sort(key=lambda i: state.isolated[i].sqnr_db)
     baseline = _mean_sqnr(state.sessions.plain, state.kept, names)
     gains: dict[int, float] = {}
+    proto = ir.serde.serialize_model(quant_ir)
     for i in tqdm(candidates[:count], desc="sensitivity", unit="layer", disable=not progress):
-        variant = copy_model(quant_ir)
+        variant = copy_model(proto)
         if not keep_layer_float(variant, state.matching, state.matching.layers[i].layer.node.name
                                 or ""):
             continue

@@ -16,11 +16,13 @@ activation to the float tensor it stands for, in this order of evidence:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant.core.graph import STANDS_FOR
 from onnxquant.core.metrics import sqnr_db
 from onnxquant.debug._params import QuantParams, constant_array
 from onnxquant.debug.quantized_graph import (
@@ -50,7 +52,9 @@ class WeightMatch:
         original: Its values.
         dequantized: The quantized weight dequantized, in the float constant's layout.
         weight: What the quantized graph stores.
-        how: ``"name"``, ``"node"``, ``"folded"`` or ``"value"`` (the evidence used).
+        how: ``"name"``, ``"node"``, ``"folded"``, ``"reciprocal"`` (a float ``Div`` by the
+            constant runs as a multiplication by its reciprocal, named ``<constant>_reciprocal``)
+            or ``"value"`` (the evidence used).
         transposed: The quantized layout is the float one transposed (2-D).
     """
 
@@ -115,13 +119,16 @@ class Matching:
     layers: list[LayerMatch]
     unmatched_weights: list[str]
     unmatched_activations: list[str]
+    dynamic_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Inputs of DynamicQuantizeLinear nodes -> the float tensors they carry."""
 
 
 class _FloatModel:
     """Name lookups over the float model (and, lazily, its prepared form)."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, aliases: dict[str, str] | None = None) -> None:
         self.model = model
+        self.aliases = aliases or {}
         self.nodes = {n.name: n for n in model.graph if n.name}
         self.values: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs if v.name}
         for node in model.graph:
@@ -133,6 +140,14 @@ class _FloatModel:
 
     def is_activation(self, name: str | None) -> bool:
         return bool(name) and name in self.values and name not in self.constants
+
+    def named(self, name: str | None) -> str | None:
+        """The float tensor a quantized-model tensor called ``name`` carries: what the
+        quantizer recorded it stands for (``STANDS_FOR`` metadata), else the same name."""
+        for candidate in (self.aliases.get(name or ""), name):
+            if self.is_activation(candidate):
+                return candidate
+        return None
 
     @property
     def prepared(self) -> _FloatModel:
@@ -177,9 +192,16 @@ def _weight_match(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch |
         for how, source in (("node", floats), ("folded", floats.prepared)):
             twin = source.node_for(node)
             if twin is not None and slot < len(twin.inputs) and twin.inputs[slot] is not None:
+                if twin.op_type == "Div" and slot == 1 and node.op_type in ("Mul", "QLinearMul"):
+                    how = "reciprocal"  # x / c runs as x · (1/c)
                 candidates.append((how, twin.inputs[slot].name or "", source))  # type: ignore[union-attr]
     for how, name, source in candidates:
         reference = source.constants.get(name)
+        if how == "reciprocal" and reference is not None:
+            if reference.dtype.kind != "f" or not np.all(reference):
+                continue
+            reference = (1.0 / reference.astype(np.float64)).astype(reference.dtype)
+            name = f"{name}_reciprocal"
         aligned = _aligned(reference, weight.dequantized) if reference is not None else None
         if aligned is not None:
             return WeightMatch(name, reference.astype(np.float64), aligned[0], weight,  # type: ignore[union-attr]
@@ -246,7 +268,24 @@ def _activation_name(floats: _FloatModel, tensor: QuantizedTensor,
     names += [tensor.pre.name if tensor.pre is not None else None]
     stored = tensor.value.name or ""
     names.append(stored[: -len("_quantized")] if stored.endswith("_quantized") else None)
-    return next((n for n in names if floats.is_activation(n)), None)
+    return next((found for n in names if (found := floats.named(n)) is not None), None)
+
+
+_RESCALE = ("Cast", "Mul", "Add")
+
+
+def _float_result(value: ir.Value, floats: _FloatModel) -> ir.Value:
+    """The first tensor the float model also has, along the Cast/Mul/Add chain that turns an
+    integer product (MatMulInteger, ConvInteger) back into float; ``value`` otherwise."""
+    current = value
+    for _ in range(4):
+        if floats.named(current.name):
+            return current
+        uses = list(current.uses())
+        if len(uses) != 1 or uses[0][0].op_type not in _RESCALE:
+            break
+        current = uses[0][0].outputs[0]
+    return value
 
 
 def _layer_match(floats: _FloatModel, layer: Layer, graph: QuantizedGraph,
@@ -255,16 +294,22 @@ def _layer_match(floats: _FloatModel, layer: Layer, graph: QuantizedGraph,
     quantized = graph.output_tensor(layer)
     if quantized is not None and id(quantized) in activations:
         return LayerMatch(layer, twin, activations[id(quantized)], quantized)
-    for name in (twin.outputs[0].name if twin is not None and twin.outputs else None,
-                 layer.output.name):
-        if floats.is_activation(name):
-            return LayerMatch(layer, twin, name, None)  # type: ignore[arg-type]
+    output = _float_result(layer.output, floats)
+    if output is not layer.output:
+        layer = Layer(layer.node, output)
+    for candidate in (layer.output.name,
+                      twin.outputs[0].name if twin is not None and twin.outputs else None):
+        name = floats.named(candidate)
+        if name is not None:
+            producer = floats.values[name].producer()
+            return LayerMatch(layer, twin or producer, name, None)
     return None
 
 
 def match_models(float_model: ir.Model, quantized_model: ir.Model) -> Matching:
     """Match a quantized model's weights, activations and layers to its float model."""
-    floats = _FloatModel(float_model)
+    aliases = json.loads(quantized_model.metadata_props.get(STANDS_FOR, "{}"))
+    floats = _FloatModel(float_model, aliases)
     graph = QuantizedGraph(quantized_model)
     weights: dict[str, WeightMatch] = {}
     unmatched_weights = []
@@ -289,5 +334,11 @@ def match_models(float_model: ir.Model, quantized_model: ir.Model) -> Matching:
         activations.setdefault(name, ActivationMatch(name, tensor))
     layers = [m for layer in graph.layers
               if (m := _layer_match(floats, layer, graph, by_tensor)) is not None]
+    dynamic = {}
+    for node in graph.graph:
+        x = node.inputs[0] if node.op_type == "DynamicQuantizeLinear" and node.inputs else None
+        name = floats.named(x.name) if x is not None else None
+        if x is not None and name is not None:
+            dynamic[x.name or ""] = name
     return Matching(graph, weights, activations, layers, unmatched_weights,
-                    unmatched_activations)
+                    unmatched_activations, dynamic)

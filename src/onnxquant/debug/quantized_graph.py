@@ -49,7 +49,8 @@ MOVEMENT = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"
             "Slice", "Gather", "Resize", "Pad", "Identity", "DepthToSpace", "SpaceToDepth",
             "Expand", "Tile", "GatherElements", "GatherND"}
 _WEIGHT_CHAIN = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
-_NODE_SUFFIX = re.compile(r"(_quant|_Q\d+|_MatMulNBits|_quantized)$")
+_NODE_SUFFIX = re.compile(
+    r"(_quant|_Q\d+|_MatMulNBits|_quantized|(_int32)?_(MatMulInteger|ConvInteger))$")
 
 
 @dataclasses.dataclass
@@ -119,6 +120,24 @@ def _attr_int(node: ir.Node, name: str, default: int | None) -> int | None:
     return attr.as_int() if attr is not None else default
 
 
+def _table_axis(node: ir.Node, axis: int, rank: int) -> int | None:
+    """The axis of a table (``node``'s input 0, of ``rank``) that its output's per-axis
+    parameters on ``axis`` apply to (None when no table axis corresponds)."""
+    if node.op_type in ("Slice", "Identity"):
+        return axis % rank if -rank <= axis < rank else None
+    if node.op_type != "Gather":
+        return None
+    gathered = (_attr_int(node, "axis", 0) or 0) % rank
+    if axis < 0:  # counted from the end: the table's trailing axes are the output's
+        return rank + axis if rank + axis > gathered else None
+    if axis < gathered:
+        return axis
+    indices = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] else None
+    if indices is None or axis < gathered + len(indices):
+        return None
+    return axis - len(indices) + 1
+
+
 def _zp_dtype(node: ir.Node, scale_i: int, zp_i: int) -> np.dtype:
     zp = node.inputs[zp_i] if len(node.inputs) > zp_i else None
     z = constant_array(zp)
@@ -161,6 +180,7 @@ class QuantizedGraph:
 
     # -- tensors ------------------------------------------------------------------------------
     def _scan(self) -> None:
+        tables: list[ir.Node] = []
         for node in self.graph:
             op = node.op_type
             if op in _Q_OPS:
@@ -174,10 +194,37 @@ class QuantizedGraph:
                 source = self.tensors[node.inputs[0]]  # type: ignore[index]
                 for out in node.outputs:
                     self.tensors[out] = QuantizedTensor(out, source.params, moved=True)
+            elif op in MOVEMENT and node.inputs and node.outputs:
+                tables.append(node)
+            elif op in ("MatMulInteger", "ConvInteger") and node.domain in _DEFAULT:
+                self._integer_product(node)
             elif op == "MatMulNBits" and node.domain == MS:
                 self._matmul_nbits(node)
             elif op == "QLinearConcat" and node.domain == MS:
                 self._concat(node)
+        for node in tables:
+            self._table(node)
+
+    def _table(self, node: ir.Node) -> None:
+        """A data-movement op (Gather, Slice, ...) that reads an integer constant whose output
+        is dequantized (QOperator Gather of a quantized embedding table): the constant is a
+        quantized weight with its output's parameters (per tensor, or per axis where the axis
+        is one of the table's)."""
+        data = constant_array(node.inputs[0])
+        entry = self.tensors.get(node.outputs[0])
+        if data is None or entry is None or entry.params.block_size:
+            return
+        axis = entry.params.axis
+        if axis is not None:
+            axis = _table_axis(node, axis, data.ndim)
+            if axis is None:
+                return
+        params = dataclasses.replace(entry.params, dtype=data.dtype, axis=axis)
+        if not params.is_integer:
+            return
+        self.weights.append(QuantizedWeight(node.inputs[0].name or "",  # type: ignore[union-attr]
+                                            params.dequantize(data), params, params.describe(),
+                                            (node, 0)))
 
     def _quantize_node(self, node: ir.Node) -> None:
         x = node.inputs[0]
@@ -250,6 +297,31 @@ class QuantizedGraph:
         self.weights.append(QuantizedWeight(node.inputs[data_i].name or "",  # type: ignore[union-attr]
                                             params.dequantize(data), params, "int32 bias",
                                             (node, slot)))
+
+    def _integer_product(self, node: ir.Node) -> None:
+        """MatMulInteger/ConvInteger of a dynamically quantized input and a constant weight:
+        the weight's scale is the constant a Mul multiplies the input's run-time scale by."""
+        data = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        source = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if data is None or source is None or source.op_type != "DynamicQuantizeLinear":
+            return
+        zp_value = node.inputs[3] if len(node.inputs) > 3 else None
+        for user, _ in source.outputs[1].uses():
+            others = [v for v in user.inputs if v is not source.outputs[1]]
+            if user.op_type != "Mul" or len(others) != 1 or constant_array(others[0]) is None:
+                continue
+            params = QuantParams.from_inputs(others[0], zp_value, data.dtype)
+            if params is None:
+                return
+            if params.scale.size > 1:
+                params.axis = 0 if node.op_type == "ConvInteger" else data.ndim - 1
+                params.scale = params.scale.reshape(-1)
+                params.zero_point = np.broadcast_to(params.zero_point.reshape(-1),
+                                                    params.scale.shape)
+            self.weights.append(QuantizedWeight(node.inputs[1].name or "",  # type: ignore[union-attr]
+                                                params.dequantize(data), params,
+                                                params.describe(), (node, 1)))
+            return
 
     def _concat(self, node: ir.Node) -> None:
         params = _params(node, 0, 1)

@@ -9,6 +9,7 @@ finds values by name, so one :class:`~onnxquant.debug.matching.Matching` serves 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxquant.core.graph import add_initializer
@@ -38,8 +39,11 @@ FLOAT_FORMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy (the protobuf round trip onnx_ir offers)."""
+def copy_model(model: ir.Model | onnx.ModelProto) -> ir.Model:
+    """A deep copy (the protobuf round trip onnx_ir offers); pass a serialized
+    ``ModelProto`` to make many copies of one model at half the cost."""
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
@@ -119,8 +123,27 @@ def cut_at_activations(model: ir.Model, matching: Matching) -> dict[str, str]:
         for node, slot in readers:
             node.replace_input_with(slot, quantize.outputs[0])
         inputs[source.name or ""] = key
+    _cut_dynamic(model, matching, names, inputs)
     model.graph.sort()
     return inputs
+
+
+def _cut_dynamic(model: ir.Model, matching: Matching, names: UniqueNames,
+                 inputs: dict[str, str]) -> None:
+    """DynamicQuantizeLinear nodes read new float graph inputs (dynamic quantization)."""
+    values = _values(model)
+    for tensor, key in matching.dynamic_inputs.items():
+        value = values.get(tensor)
+        readers = [(n, i) for n, i in value.uses() if n.op_type == "DynamicQuantizeLinear"] \
+            if value is not None else []
+        if not readers:
+            continue
+        source = ir.Value(name=names.new(f"{key}{CUT_SUFFIX}"), type=ir.TensorType(
+            value.dtype or ir.DataType.FLOAT))  # type: ignore[union-attr]
+        model.graph.inputs.append(source)
+        for node, slot in readers:
+            node.replace_input_with(slot, source)
+        inputs[source.name or ""] = key
 
 
 def keep_layer_float(model: ir.Model, matching: Matching, node_name: str) -> bool:

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import _corpus_eval as ce
 from _bench_util import (
     dump_pickle,
     evaluate,
@@ -30,8 +31,6 @@ from _bench_util import (
     scratch_dir,
     use_working_tree,
 )
-
-import _corpus_eval as ce
 
 TIMEOUT = 1800
 MEM_LIMIT_MB = 12_000

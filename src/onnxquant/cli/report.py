@@ -42,8 +42,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sensitivity-layers", type=int, default=8, metavar="K",
                    help="measure the output gain of keeping each of the K most suspicious "
                         "layers float (default 8; 0 skips)")
-    p.add_argument("--sensitivity-samples", type=positive_int, default=16, metavar="N",
-                   help="samples each sensitivity measurement runs (default 16)")
+    p.add_argument("--sensitivity-samples", type=positive_int, default=8, metavar="N",
+                   help="samples each sensitivity measurement runs (default 8)")
     add_verbosity(p)
     p.set_defaults(run=_run_report)
 

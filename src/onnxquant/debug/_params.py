@@ -117,19 +117,23 @@ class QuantParams:
         view[axis] = -1
         return self.scale.reshape(view), self.zero_point.reshape(view)
 
-    def dequantize(self, q: np.ndarray) -> np.ndarray:
-        """``(q − zero_point) · scale`` in float64 (integers widened first)."""
+    def dequantize(self, q: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """``(q − zero_point) · scale`` (integers widened first, so nothing wraps around);
+        ``dtype=np.float32`` for activations, where float64 only costs time."""
         q = np.asarray(q)
         s, z = self._expanded(q.shape)
-        return (_wide(q) - z).astype(np.float64) * s
+        if dtype is np.float32 and self.is_integer and q.dtype.itemsize <= 2 and \
+                q.dtype not in _INT4:
+            return (q.astype(np.float32) - z.astype(np.float32)) * s.astype(np.float32)
+        return ((_wide(q) - z).astype(np.float64) * s).astype(dtype, copy=False)
 
-    def fake_quantize(self, x: np.ndarray) -> np.ndarray:
+    def fake_quantize(self, x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
         """The float value after QuantizeLinear → DequantizeLinear with these parameters."""
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x, dtype=dtype)
         s, z = self._expanded(x.shape)
+        s, z = s.astype(dtype, copy=False), z.astype(dtype, copy=False)
         if not self.is_integer:  # float8: no integer grid; rounding is the cast's
-            q = (x / s).astype(self.dtype).astype(np.float64)
-            return q * s
+            return (x / s).astype(self.dtype).astype(dtype) * s
         q = np.clip(np.rint(x / s) + z, self.qmin, self.qmax)
         return (q - z) * s
 

@@ -59,8 +59,8 @@ class Sessions:
     def layer_value(self, layer: LayerMatch, results: dict[str, np.ndarray]) -> np.ndarray:
         """The layer's output as a float array from one session's results."""
         value = results[self.fetch_name(layer)]
-        return layer.quantized.params.dequantize(value) if layer.quantized is not None \
-            else value
+        return layer.quantized.params.dequantize(value, np.float32) \
+            if layer.quantized is not None else value
 
     def optimized(self, model: ir.Model, tag: str) -> ort.InferenceSession:
         """A session with onnxruntime's default optimizations (how the user runs the model)."""

@@ -37,7 +37,11 @@ from onnxquant.debug.report import (
 )
 from onnxquant.debug.surgery import copy_model, keep_layer_float
 
-__all__ = ["compare"]
+__all__ = ["compare", "OWN_ERROR_SAMPLES"]
+
+OWN_ERROR_SAMPLES = 8
+"""Samples over which each activation's own quantization error (its float values quantized
+with its parameters alone) is measured: a property of the parameters, stable after a few."""
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ def compare(
     *,
     max_samples: int | None = None,
     sensitivity_layers: int = 8,
-    sensitivity_samples: int = 16,
+    sensitivity_samples: int = 8,
     histograms: int = 8,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = False,
@@ -128,6 +132,13 @@ class _State:
         self.isolated = [ErrorAccumulator(agreement=False) for _ in matching.layers]
         self.incomparable: set[int] = set()
         self.activations = {k: ErrorAccumulator(agreement=False) for k in matching.activations}
+        self.shared: set[int] = set()  # layers whose output is a matched activation
+        for i, layer in enumerate(matching.layers):
+            match = matching.activations.get(layer.reference)
+            if layer.quantized is not None and match is not None and \
+                    match.tensor is layer.quantized:
+                self.layers[i] = self.activations[layer.reference]
+                self.shared.add(i)
         self.own = {k: ErrorAccumulator(agreement=False) for k in matching.activations}
         self.histogram_count = histograms
         self.histograms: dict[str, StreamingHistogram] = {}
@@ -136,31 +147,40 @@ class _State:
         floats, plain, quant, isolated = self.sessions.run(feed, index)
         for name, acc in self.outputs.items():
             acc.update(floats[name], plain[name])
+        self._add_activations(floats, quant)
         for i, layer in enumerate(self.matching.layers):
             reference = floats.get(layer.reference)
             if reference is None or i in self.incomparable:
                 continue
             try:
-                self.layers[i].update(reference, self.sessions.layer_value(layer, quant))
+                if i not in self.shared:
+                    self.layers[i].update(reference,
+                                          self.sessions.layer_value(layer, quant))
                 self.isolated[i].update(reference, self.sessions.layer_value(layer, isolated))
             except (ValueError, KeyError) as err:
                 logger.debug("layer %s is not comparable: %s", layer.name, err)
                 self.incomparable.add(i)
-        for key, match in self.matching.activations.items():
-            reference = floats.get(key)
-            value = quant.get(match.tensor.value.name or "")
-            if reference is None or value is None or reference.size != value.size:
-                continue
-            self.activations[key].update(reference, match.params.dequantize(value))
-            self.own[key].update(reference, match.params.fake_quantize(reference))
-            if key in self.histograms:
-                self.histograms[key].update(reference)
         if not self.samples:
             self._choose_histograms(floats)
         if len(self.kept) < self.keep:
             self.kept.append(({k: np.array(v) for k, v in feed.items()},
                               {name: np.array(floats[name]) for name in self.outputs}))
         self.samples += 1
+
+    def _add_activations(self, floats: dict[str, np.ndarray],
+                         quant: dict[str, np.ndarray]) -> None:
+        for key, match in self.matching.activations.items():
+            reference = floats.get(key)
+            value = quant.get(match.tensor.value.name or "")
+            if reference is None or value is None or reference.size != value.size:
+                continue
+            self.activations[key].update(reference,
+                                         match.params.dequantize(value, np.float32))
+            if self.samples < OWN_ERROR_SAMPLES:
+                self.own[key].update(reference,
+                                     match.params.fake_quantize(reference, np.float32))
+            if key in self.histograms:
+                self.histograms[key].update(reference)
 
     def _choose_histograms(self, floats: dict[str, np.ndarray]) -> None:
         """Histograms for the activations whose own quantization error is worst on the first

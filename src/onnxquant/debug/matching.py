@@ -5,8 +5,9 @@ activation to the float tensor it stands for, in this order of evidence:
 
 - **weights**: the stored initializer's name without ``_quantized`` (onnxruntime's and
   onnxquant's convention) → the float constant in the same operand slot of the same-named float
-  node → a float constant made by onnxquant's own preparation (BatchNormalization folded into
-  Conv) → the float constant of the same size that it is closest to (≥ 10 dB);
+  node (its reciprocal where a float ``Div`` runs as a multiplication) → a float constant made
+  by onnxquant's own preparation (BatchNormalization folded into Conv) → the float constant of
+  the same size that it is closest to (≥ 10 dB);
 - **activations**: a dequantized tensor that is a graph output under a float name → the float
   tensor in the same slot of the same-named float node that reads it (so a fused Relu or a
   folded BatchNormalization maps to the tensor it replaced) → the float tensor an integer

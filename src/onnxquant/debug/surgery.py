@@ -72,10 +72,11 @@ def expose(model: ir.Model, names: list[str]) -> list[str]:
     return exposed
 
 
-def _quantizer_inputs(model: ir.Model, match: ActivationMatch) -> list[ir.Value | None] | None:
-    """Scale and zero-point values (and axis) of a quantized activation's grid, as the node
-    that wrote it has them."""
-    value = _values(model).get(match.tensor.value.name or "")
+def _quantizer_inputs(values: dict[str, ir.Value], match: ActivationMatch
+                      ) -> list[ir.Value | None] | None:
+    """Scale and zero-point values of a quantized activation's grid, as the node that wrote
+    it has them."""
+    value = values.get(match.tensor.value.name or "")
     producer = value.producer() if value is not None else None
     if producer is None:
         return None
@@ -103,7 +104,7 @@ def cut_at_activations(model: ir.Model, matching: Matching) -> dict[str, str]:
         if match.tensor.moved:
             continue
         value = values.get(match.tensor.value.name or "")
-        params = _quantizer_inputs(model, match)
+        params = _quantizer_inputs(values, match)
         if value is None or params is None or params[0] is None:
             continue
         readers = list(value.uses())

@@ -198,7 +198,8 @@ def create_activation_matching(
 def create_weight_matching(float_model_path: str | Path, qdq_model_path: str | Path
                            ) -> dict[str, dict[str, np.ndarray]]:
     """``{float weight: {"float": array, "dequantized": array}}`` for every quantized weight
-    of the quantized model (DequantizeLinear, QOperator and MatMulNBits forms)."""
+    of the quantized model (DequantizeLinear, QOperator and MatMulNBits forms); ``dequantized``
+    is float64."""
     float_model, _ = front_door.open_model(float_model_path)
     quant_model, _ = front_door.open_model(qdq_model_path)
     matching = match_models(float_model, quant_model)
@@ -208,8 +209,9 @@ def create_weight_matching(float_model_path: str | Path, qdq_model_path: str | P
         reference = float_model.graph.initializers.get(name)
         original = reference.const_value.numpy() if reference is not None and \
             reference.const_value is not None else match.original.astype(dtype)
-        result[name] = {"float": original,
-                        "dequantized": match.dequantized.astype(np.float32)}
+        # float64, as computed: rounding it to float32 moves the SQNR of high-precision
+        # weights (int32 biases at 70-90 dB) by up to ~1e-3 dB.
+        result[name] = {"float": original, "dequantized": match.dequantized}
     return result
 
 

@@ -73,6 +73,7 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
     finally:
         _reattach(model, detached)
     domains = {i.domain for i in proto.opset_import}
+    declared = {info.name for info in proto.graph.value_info}
     try:
         converted = version_converter.convert_version(proto, target)
     except Exception as err:
@@ -82,6 +83,11 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
             "with a newer opset) and try again"
         ) from err
     del proto
+    # The converter writes the shapes it inferred as value_info; keep only the model's own
+    # (inferred ones would pass for declared shapes and be written into the output).
+    kept = [info for info in converted.graph.value_info if info.name in declared]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(kept)
     # The converter may drop non-default domains it does not know; restore them.
     present = {i.domain for i in converted.opset_import}
     for imp in model.opset_imports.items():

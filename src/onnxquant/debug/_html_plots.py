@@ -84,8 +84,18 @@ def _finite(values: Sequence[float | None]) -> np.ndarray:
     return out
 
 
+CAP_DB = 80.0
+"""Layer SQNRs above this are drawn at it (a triangle on top): a layer that is exact or nearly
+(a Reshape, a float op) would otherwise squash every other layer into the bottom of the plot."""
+
+
+def _capped(values: Sequence[float | None]) -> list[float | None]:
+    """``values`` with those above :data:`CAP_DB` (finite or not) as +inf, for drawing."""
+    return [math.inf if v is not None and v > CAP_DB else v for v in values]
+
+
 def _mark_infinite(ax: Axes, values: Sequence[float | None], color: str) -> None:
-    """Triangles at the bottom (−∞) or top (+∞) of ``ax`` where a value is infinite."""
+    """Triangles at the bottom (−∞) or top (+∞, or above the cap) of ``ax``."""
     for sign, y, marker in ((-1, 0.02, "v"), (1, 0.98, "^")):
         xs = [i for i, v in enumerate(values) if v is not None and math.isinf(v)
               and (v > 0) == (sign > 0)]
@@ -110,8 +120,8 @@ def layer_figure(layers: Sequence[LayerLike]) -> str | None:
         axes = fig.subplots(rows, 1, sharex=True, squeeze=False,
                             height_ratios=[3, 2][:rows])[:, 0]
         top = axes[0]
-        acc = [layer.sqnr_db for layer in layers]
-        iso = [layer.isolated_sqnr_db for layer in layers]
+        acc = _capped([layer.sqnr_db for layer in layers])
+        iso = _capped([layer.isolated_sqnr_db for layer in layers])
         size = 4.0 if n <= MAX_NAMED_TICKS else 2.0 if n <= 200 else 0.0
         top.plot(x, _finite(acc), marker="o", ms=size, lw=1.6, color=ACCUMULATED,
                  label="accumulated: all quantization before it")
@@ -119,7 +129,7 @@ def layer_figure(layers: Sequence[LayerLike]) -> str | None:
                  label="isolated: fed the float inputs")
         _mark_infinite(top, acc, ACCUMULATED)
         _mark_infinite(top, iso, ISOLATED)
-        top.set_ylabel("layer output SQNR (dB)")
+        top.set_ylabel(f"layer output SQNR (dB, ▲ > {CAP_DB:.0f})")
         top.set_title("Per-layer SQNR against the float model (higher is better)", loc="left")
         top.legend(loc="best", frameon=True)
         if measured:

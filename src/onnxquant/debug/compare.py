@@ -102,8 +102,8 @@ def compare(
         sensitivity = _sensitivities(state, quant_ir, sensitivity_layers, providers, workdir,
                                      progress)
     report = state.report(sensitivity, histograms)
-    report.float_model = float_source.description
-    report.quantized_model = quant_source.description
+    report.float_model = str(float_source.path or float_source.description)
+    report.quantized_model = str(quant_source.path or quant_source.description)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -330,9 +330,10 @@ def test_format_summary_table_reasons_and_sizes():
     assert len(header) == len(conv)  # right-aligned columns
     assert re.search(r"^  total\s+4\s+1\s+3$", text, re.M)
     assert "float nodes:  3, by reason:" in text
-    # Reasons that differ only in a quoted name are grouped, most common first.
+    # Reasons that differ only in a quoted name are grouped, most common first; the group
+    # shows its first reason with the real name (no literal '...').
     reasons = lines[lines.index("float nodes:  3, by reason:") + 1:][:2]
-    assert reasons == ["  2  input '...' has no calibrated range [relu1, add0]",
+    assert reasons == ["  2  input 'x1' has no calibrated range (and 1 similar) [relu1, add0]",
                        "  1  no quantized neighbour [add1]"]
     assert "size:         4.00 MB -> 1.00 MB (4.00x smaller)" in lines
     assert "calibration:  12 samples" in lines

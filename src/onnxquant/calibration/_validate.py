@@ -1,6 +1,7 @@
 """Feed validation: does a calibration feed match the model's inputs (name, dtype, rank, size)?
 
-Errors name the feed index, the input and what was expected, and suggest close input names.
+Errors name the feed index (and the file it came from, for data folders), the input and what
+was expected, and suggest close input names.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import onnx
 
 from onnxquant.core.errors import FeedError, UnsupportedModelError
 
-__all__ = ["InputSpec", "validate_feed"]
+__all__ = ["InputSpec", "SourcedFeed", "feed_name", "validate_feed"]
 
 Dim = int | str | None
 
@@ -69,6 +70,24 @@ class InputSpec:
         return cls(name, dtype, tuple(dims))
 
 
+class SourcedFeed(dict):
+    """A feed dict that knows the file (or test-data folder) it was read from.
+
+    Attributes:
+        source: The path, as messages show it.
+    """
+
+    def __init__(self, values: Mapping[str, Any], source: str) -> None:
+        super().__init__(values)
+        self.source = source
+
+
+def feed_name(feed: object, index: int) -> str:
+    """``"feed 3"``, or ``"feed 3 ('calib/x.npz')"`` for a feed read from a file."""
+    source = getattr(feed, "source", "") if isinstance(feed, SourcedFeed) else ""
+    return f"feed {index} ('{source}')" if source else f"feed {index}"
+
+
 def _shape_str(shape: tuple[Any, ...] | None) -> str:
     if shape is None:
         return "unknown shape"
@@ -104,15 +123,17 @@ def validate_feed(
         optional: Input names that may be absent (e.g. inputs that have an initializer).
 
     Returns:
-        A new dict with one ``np.ndarray`` per given input, in the order of ``specs``.
+        A new dict with one ``np.ndarray`` per given input, in the order of ``specs`` (a
+        :class:`SourcedFeed` when ``feed`` is one, so that later messages can name its file).
 
     Raises:
         FeedError: The feed is not a dict, names an unknown input, misses a required input, or a
             value has the wrong dtype, rank or fixed dimension size.
     """
+    label = "F" + feed_name(feed, index)[1:]
     if not isinstance(feed, Mapping):
         raise FeedError(
-            f"Feed {index} is a {type(feed).__name__}, not a dict mapping input names to arrays "
+            f"{label} is a {type(feed).__name__}, not a dict mapping input names to arrays "
             f"(e.g. {{{specs[0].name if specs else 'input'!r}: array}})."
         )
     by_name = {spec.name: spec for spec in specs}
@@ -121,7 +142,7 @@ def validate_feed(
             close = difflib.get_close_matches(str(name), list(by_name), n=3)
             hint = f" Did you mean {_names(close)}?" if close else ""
             raise FeedError(
-                f"Feed {index}: unknown input name {name!r}.{hint} "
+                f"{label}: unknown input name {name!r}.{hint} "
                 f"The model's inputs are: {_names(by_name)}."
             )
     result: dict[str, np.ndarray] = {}
@@ -132,17 +153,19 @@ def validate_feed(
                 continue
             state = "is None" if spec.name in feed else "is missing"
             raise FeedError(
-                f"Feed {index}: required input {spec.name!r} ({_expect(spec)}) {state}. "
+                f"{label}: required input {spec.name!r} ({_expect(spec)}) {state}. "
                 f"The feed has: {_names(feed)}."
             )
-        array = _to_array(value, spec, index)
-        _check_shape(array, spec, index)
+        array = _to_array(value, spec, label)
+        _check_shape(array, spec, label)
         result[spec.name] = array
+    if isinstance(feed, SourcedFeed):
+        return SourcedFeed(result, feed.source)
     return result
 
 
-def _to_array(value: Any, spec: InputSpec, index: int) -> np.ndarray:
-    where = f"Feed {index}: input {spec.name!r}"
+def _to_array(value: Any, spec: InputSpec, label: str) -> np.ndarray:
+    where = f"{label}: input {spec.name!r}"
     if hasattr(value, "dtype"):  # ndarray, numpy scalar, or an array-like that declares a dtype
         array = np.asarray(value)
         if array.dtype == spec.dtype or (spec.dtype.kind == "O" and array.dtype.kind in "OUS"):
@@ -194,10 +217,10 @@ def _lossless_cast(array: np.ndarray, target: np.dtype) -> np.ndarray | None:
     return cast if ok else None
 
 
-def _check_shape(array: np.ndarray, spec: InputSpec, index: int) -> None:
+def _check_shape(array: np.ndarray, spec: InputSpec, label: str) -> None:
     if spec.shape is None:
         return
-    where = f"Feed {index}: input {spec.name!r} has shape {_shape_str(array.shape)}"
+    where = f"{label}: input {spec.name!r} has shape {_shape_str(array.shape)}"
     if array.ndim != len(spec.shape):
         raise FeedError(
             f"{where} (rank {array.ndim}), but the model expects rank {len(spec.shape)} "

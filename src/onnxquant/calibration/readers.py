@@ -24,7 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from onnxquant.calibration._validate import InputSpec, validate_feed
+from onnxquant.calibration._validate import InputSpec, SourcedFeed, validate_feed
 from onnxquant.core.errors import CalibrationError, FeedError
 
 __all__ = [
@@ -184,7 +184,8 @@ def load_feed_folder(
     ``10``). An unnamed tensor in ``input_<i>.pb`` is the input ``specs[i].name``.
 
     The folder is listed now (so a bad path fails at once); each feed is loaded only when the
-    iterator reaches it, so memory does not grow with the number of files.
+    iterator reaches it, so memory does not grow with the number of files. Each feed is a
+    :class:`SourcedFeed` (a dict that knows its file), so that errors about it name the file.
 
     Raises:
         FeedError: The path is missing, holds no usable files, or a file cannot be read.
@@ -197,8 +198,9 @@ def load_feed_folder(
 def _generate(
     files: Sequence[_FeedFile], specs: Sequence[InputSpec] | None
 ) -> Iterator[dict[str, np.ndarray]]:
+    """Each feed as a :class:`SourcedFeed`, so that messages about it name its file."""
     for feed_file in files:
-        yield _load(feed_file, specs)
+        yield SourcedFeed(_load(feed_file, specs), str(feed_file.path))
 
 
 class FolderDataReader(CalibrationDataReader):

@@ -11,8 +11,9 @@ removed). Feeds are validated against the model inputs before they reach onnxrun
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxquant.calibration.augment import expose_tensors
+from onnxquant.calibration.evaluation import HoldBack
 from onnxquant.calibration.parallel import run_sharded
-from onnxquant.calibration.readers import count_feeds, iter_feeds, validate_feed
+from onnxquant.calibration.readers import InputSpec, count_feeds, iter_feeds, validate_feed
 from onnxquant.calibration.session import (
     check_loads,
     input_specs,
@@ -40,6 +42,7 @@ __all__ = [
     "calibrate_ranges",
     "collect_statistics",
     "first_feeds",
+    "calibration_feeds",
     "ranges_from_statistics",
 ]
 
@@ -75,6 +78,7 @@ def calibrate_ranges(
     progress: bool = False,
     workers: int = 1,
     keep_feeds: int = 0,
+    hold_back: HoldBack | None = None,
 ) -> CalibrationResult:
     """Observe every named tensor over the calibration data and derive its range.
 
@@ -89,6 +93,8 @@ def calibrate_ranges(
         workers: Processes sharing the inference work (each with its own session); the
             statistics are merged exactly, so the ranges equal a single process's.
         keep_feeds: Keep copies of this many first validated feeds in the result.
+        hold_back: Sets some feeds aside for evaluation instead of calibrating on them
+            (``max_samples`` then counts the calibration feeds only).
 
     Raises:
         CalibrationError: No feeds, a feed onnxruntime rejects, or a tensor whose every batch
@@ -99,7 +105,7 @@ def calibrate_ranges(
     statistics, samples = collect_statistics(
         model, tensor_names, data, settings=settings, providers=providers,
         max_samples=max_samples, progress=progress, workers=workers,
-        keep=(kept, keep_feeds))
+        keep=(kept, keep_feeds), hold_back=hold_back)
     result = ranges_from_statistics(statistics, samples, settings)
     result.feeds = kept
     return result
@@ -116,10 +122,12 @@ def collect_statistics(
     progress: bool = False,
     workers: int = 1,
     keep: tuple[list[dict[str, np.ndarray]], int] | None = None,
+    hold_back: HoldBack | None = None,
 ) -> tuple[dict[str, Observer], int]:
     """Run the data through the augmented model; returns (observer per tensor, samples).
 
     With ``keep=(list, n)``, copies of the first ``n`` validated feeds are appended to the list.
+    With ``hold_back``, the feeds it sets aside are not calibrated on.
     """
     augmented = clone_model(model)
     exposed = expose_tensors(augmented, tensor_names, values=settings.wants_values)
@@ -127,10 +135,10 @@ def collect_statistics(
     observers = {name: settings.new_observer(kind) for name, (_, kind) in exposed.items()}
     outputs = {name: out for name, (out, _) in exposed.items()}
     with tempdirs.private_dir(None, "onnxquant-calib-") as workdir:
-        feeds = _validated_feeds(data, specs, optional, max_samples)
+        feeds = calibration_feeds(data, specs, optional, max_samples, hold_back)
         if keep is not None and keep[1] > 0:
             feeds = _keeping(feeds, *keep)
-        total = _total(data, max_samples)
+        total = _total(data, max_samples, hold_back)
         if workers > 1:
             samples = run_sharded(augmented, outputs, observers, feeds, providers=providers,
                                   workers=workers, workdir=workdir, total=total,
@@ -159,8 +167,11 @@ def _calibration_session(model: ir.Model, augmented: ir.Model, providers: Sequen
         raise
 
 
-def _total(data: Any, max_samples: int | None) -> int | None:
+def _total(data: Any, max_samples: int | None, hold_back: HoldBack | None = None
+           ) -> int | None:
     total = count_feeds(data)
+    if hold_back is not None:
+        total = hold_back.calibration_count(total)
     if max_samples is not None:
         total = min(total, max_samples) if total is not None else max_samples
     return total
@@ -174,13 +185,29 @@ def _validated_feeds(data: Any, specs, optional, max_samples: int | None):
         yield validate_feed(raw, specs, index=index, optional=optional)
 
 
-def first_feeds(model: ir.Model, data: Any, count: int) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(data: Any, specs: Sequence[InputSpec], optional: Collection[str],
+                      max_samples: int | None, hold_back: HoldBack | None = None
+                      ) -> Iterator[dict[str, np.ndarray]]:
+    """The validated feeds calibration runs: at most ``max_samples``, without those
+    ``hold_back`` sets aside."""
+    if hold_back is None:
+        return _validated_feeds(data, specs, optional, max_samples)
+    return itertools.islice(hold_back.split(_validated_feeds(data, specs, optional, None)),
+                            max_samples)
+
+
+def first_feeds(model: ir.Model, data: Any, count: int,
+                hold_back: HoldBack | None = None) -> list[dict[str, np.ndarray]]:
     """Copies of the first ``count`` validated feeds of ``data`` (for a run that took its
-    statistics from a cache)."""
+    statistics from a cache); with ``hold_back``, the data is read on until it holds its
+    evaluation feeds (one pass: a reader can be read only once)."""
     specs, optional = input_specs(model)
     kept: list[dict[str, np.ndarray]] = []
-    for _ in _keeping(_validated_feeds(data, specs, optional, count), kept, count):
-        pass
+    if hold_back is None:
+        for _ in _keeping(_validated_feeds(data, specs, optional, count), kept, count):
+            pass
+        return kept
+    hold_back.scan(_keeping(_validated_feeds(data, specs, optional, None), kept, count))
     return kept
 
 

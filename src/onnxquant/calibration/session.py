@@ -4,20 +4,29 @@ the single-process runner, the process shards and GPTQ's Hessian collection."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxquant.calibration.readers import InputSpec
+from onnxquant.calibration._validate import InputSpec, feed_name
 from onnxquant.calibration.settings import Observer
-from onnxquant.core.errors import CalibrationError, UnsupportedModelError
+from onnxquant.core.errors import (
+    CalibrationError,
+    EvaluationError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from onnxquant.core.model_io import PROTOBUF_LIMIT, model_size_bytes
 from onnxquant.core.validate import runtime_reason
 
-__all__ = ["input_specs", "make_session", "run_batch", "update_observers", "check_loads"]
+__all__ = ["input_specs", "make_session", "run_batch", "update_observers", "check_loads",
+           "model_input_specs", "session_from_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +51,18 @@ def input_specs(model: ir.Model) -> tuple[list[InputSpec], set[str]]:
 
 
 def make_session(
-    model: ir.Model, providers: Sequence[str], workdir: Path
+    model: ir.Model, providers: Sequence[str], workdir: Path, *, optimize: bool = False
 ) -> ort.InferenceSession:
     """An onnxruntime session for ``model``.
 
     Built from bytes; external data is read where it is (one base folder, no copy). A model
     whose in-memory tensors are too large for protobuf, or whose external data onnxruntime
-    cannot open in place, is saved to ``workdir`` first.
+    cannot open in place, is saved to ``workdir`` first. Graph optimizations are off (the
+    exposed tensors must stay what they are) unless ``optimize``.
     """
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     external = [t for t in _initializer_tensors(model) if isinstance(t, ir.ExternalTensor)]
     folders = {str(Path(t.base_dir or ".").resolve()) for t in external}
@@ -98,11 +109,13 @@ def update_observers(observers: dict[str, Observer], keys: list[str], results: l
 
 def run_batch(session: ort.InferenceSession, output_names: list[str], feed: dict,
               index: int) -> list:
-    """One inference; onnxruntime errors become a CalibrationError naming the feed."""
+    """One inference; onnxruntime errors become a CalibrationError naming the feed (and its
+    file, for data folders)."""
     try:
         return session.run(output_names, feed) if output_names else []
     except Exception as err:
-        raise CalibrationError(f"onnxruntime failed on calibration feed {index}: {err}") from err
+        raise CalibrationError(
+            f"onnxruntime failed on calibration {feed_name(feed, index)}: {err}") from err
 
 
 def check_loads(model: ir.Model, providers: Sequence[str], workdir: Path, where: str) -> None:
@@ -121,3 +134,38 @@ def check_loads(model: ir.Model, providers: Sequence[str], workdir: Path, where:
             f"onnxruntime runs (checked with the providers {list(providers)}); fix the model "
             "or choose other providers") from err
     del session
+
+
+def model_input_specs(model: Any) -> tuple[list[InputSpec], set[str]]:
+    """The feedable inputs of a model given as a path (its weights are not read),
+    ``onnx.ModelProto`` or ``onnx_ir.Model``, and the names of those that may be omitted.
+
+    Raises:
+        ModelLoadError: ``model`` is none of these.
+        UnsupportedModelError: An input is not a tensor or has no element type.
+    """
+    if isinstance(model, ir.Model):
+        return input_specs(model)
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    if not isinstance(model, onnx.ModelProto):
+        raise ModelLoadError(f"cannot read a model from a {type(model).__name__}; pass a path, "
+                             "an onnx.ModelProto or an onnx_ir.Model")
+    specs = [InputSpec.from_value_info(v) for v in model.graph.input]
+    return specs, {t.name for t in model.graph.initializer}
+
+
+def session_from_path(path: str | os.PathLike, providers: Sequence[str],
+                      which: str) -> ort.InferenceSession:
+    """A session over a model file, with onnxruntime's default graph optimizations (as the
+    model will be run); ``which`` names the model in the error.
+
+    Raises:
+        EvaluationError: onnxruntime cannot load it.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=list(providers))
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise EvaluationError(f"onnxruntime cannot load {which} '{path}': {err}") from err

@@ -64,7 +64,8 @@ def add_speed_check(parser: argparse.ArgumentParser) -> None:
     """``--check-speed [RUNS]``: time the float and the quantized model."""
     parser.add_argument("--check-speed", nargs="?", const=30, type=positive_int, metavar="RUNS",
                         help="time the float and the quantized model (1 thread, median of RUNS "
-                             "runs, default 30) on one feed and report the ratio")
+                             "runs, default 30) on the first --eval (or --calib) feed, else on a "
+                             "random feed with symbolic dims = 1, and report the speed-up")
 
 
 def positive_int(text: str) -> int:

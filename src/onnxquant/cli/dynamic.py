@@ -2,8 +2,9 @@
 
 ``onnxquant dynamic MODEL -o OUT [--format qoperator|qdq] [--per-channel] ...`` quantizes
 MatMul/Gemm/Conv/Gather/LSTM/Attention/EmbedLayerNormalization weights and prints a summary:
-nodes per op type, float nodes by reason, the forms chosen for this runtime and why, warnings
-about choices known to be slow on this CPU, sizes and time. Arguments become a
+nodes per op type, float nodes by reason, the forms chosen for this runtime and why, the
+accuracy (on ``--eval DIR``, else on random feeds when every input is float), warnings about
+choices known to be slow on this CPU, sizes and time. Arguments become a
 :class:`~onnxquant.dynamic.config.DynamicQuantConfig` in one place,
 :func:`dynamic_config_from_args`.
 """
@@ -11,9 +12,6 @@ about choices known to be slow on this CPU, sizes and time. Arguments become a
 from __future__ import annotations
 
 import argparse
-import collections
-import re
-from collections.abc import Sequence
 from pathlib import Path
 
 from onnxquant.cli.args import (
@@ -23,18 +21,15 @@ from onnxquant.cli.args import (
     add_verbosity,
     selection_fields,
 )
-from onnxquant.cli.summary import files_lines, size_line, speed_lines
+from onnxquant.cli.common import add_eval, check_data, latency, print_warnings
 from onnxquant.core.qtypes import QuantFormat, quant_type_from_name
-from onnxquant.core.speed import Latency, count_ops, format_advice, measure_latency
-from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
+from onnxquant.core.speed import count_ops, format_advice
+from onnxquant.dynamic.api import quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
+from onnxquant.dynamic.result import format_dynamic_summary
 
 __all__ = ["add_dynamic_parser", "run_dynamic", "dynamic_config_from_args",
            "format_dynamic_summary"]
-
-_MAX_EXAMPLES = 3
-_MAX_REASONS = 6
-_QUOTED = re.compile(r"'[^']*'")
 
 
 def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,6 +46,7 @@ def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("model", metavar="MODEL", type=Path, help="float .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
                    help="where to write the quantized model (must differ from MODEL)")
+    add_eval(p, "4 random feeds when every model input is a float tensor, else nothing")
     num = p.add_argument_group("numerics")
     num.add_argument("--format", choices=[f.value for f in QuantFormat], default="qoperator",
                      help="qoperator (default) or qdq")
@@ -88,65 +84,21 @@ def dynamic_config_from_args(args: argparse.Namespace) -> DynamicQuantConfig:
         fold_batchnorm=not args.no_fold_bn,
         upgrade_opset=args.upgrade_opset,
         external_data=True if args.external_data else None,
+        evaluate=not args.no_eval,
+        progress=not args.quiet,
     )
-
-
-def _table(result: DynamicQuantizationResult) -> list[str]:
-    counts = result.counts()
-    if not counts:
-        return []
-    width = max(len("op type"), *(len(op) for op in counts))
-    lines = [f"  {'op type':<{width}}  quantized  float"]
-    for op, (done, total) in sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[0])):
-        lines.append(f"  {op:<{width}}  {done:>9}  {total - done:>5}")
-    return lines
-
-
-def _float_reasons(result: DynamicQuantizationResult) -> list[str]:
-    groups: dict[str, list[str]] = collections.defaultdict(list)
-    for d in result.decisions:
-        if d.action != "quantized":
-            reason = _QUOTED.sub("'...'", d.reason) if d.reason else "(no reason given)"
-            groups[reason].append(d.name or "<unnamed>")
-    lines = []
-    for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:_MAX_REASONS]:
-        more = ", ..." if len(names) > _MAX_EXAMPLES else ""
-        lines.append(f"  {len(names):>3}  {reason} [{', '.join(names[:_MAX_EXAMPLES])}{more}]")
-    return lines
-
-
-def format_dynamic_summary(result: DynamicQuantizationResult, advice: Sequence[str] = (),
-                           latency: Latency | None = None) -> str:
-    """Describe a dynamic quantization run in plain text (no trailing newline)."""
-    done = len(result.quantized)
-    lines = [f"quantized {done} of {len(result.decisions)} candidate nodes dynamically "
-             f"({result.format.value})", *_table(result), ""]
-    reasons = _float_reasons(result)
-    if reasons:
-        lines += [f"float nodes:  {len(result.decisions) - done}, by reason:", *reasons]
-    if result.runtime_notes:
-        lines.append("forms chosen for this onnxruntime:")
-        lines += [f"  - {note}" for note in result.runtime_notes]
-    lines.append(size_line(result.float_bytes, result.quantized_bytes))
-    lines.append(f"time:         {result.seconds:.2f} s")
-    lines += speed_lines(advice, latency)
-    lines += files_lines(result.output_files)
-    return "\n".join(lines)
 
 
 def run_dynamic(args: argparse.Namespace) -> int:
     """Run ``onnxquant dynamic``; returns 0 (errors are raised as QuantizationError)."""
     config = dynamic_config_from_args(args)
-    result = quantize_dynamic(args.model, args.output, config)
+    check_data(args.eval)  # a bad path fails before the model loads
+    result = quantize_dynamic(args.model, args.output, config, eval_data=args.eval)
+    print_warnings(result.warnings(), args.quiet)
     if not args.quiet:
         advice = format_advice(count_ops(args.output), weight_signed=config.weight_type.signed,
                                qoperator=config.format is QuantFormat.QOPERATOR,
                                reduce_range=config.reduce_range)
-        latency = None
-        if args.check_speed:
-            try:
-                latency = measure_latency(args.model, args.output, runs=args.check_speed)
-            except Exception as err:  # noqa: BLE001 - a failed measurement must not fail the run
-                advice = [*advice, f"could not measure the latency: {err}"]
-        print(format_dynamic_summary(result, advice, latency))
+        measured, failure = latency(args, [("--eval", args.eval)])
+        print(format_dynamic_summary(result, [*advice, *filter(None, [failure])], measured))
     return 0

@@ -1,6 +1,8 @@
-"""``onnxquant static MODEL -o OUT --calib DATA``: static quantization (QDQ or QOperator) with
-calibration data. Arguments become a :class:`~onnxquant.static.config.StaticQuantConfig` in one
-place, :func:`static_config_from_args`."""
+"""``onnxquant static MODEL -o OUT --calib DATA [--eval DIR]``: static quantization (QDQ or
+QOperator) with calibration data, then the summary — with the accuracy measured on ``--eval``
+data or on calibration feeds held back from calibration (``--no-eval`` skips it). Arguments
+become a :class:`~onnxquant.static.config.StaticQuantConfig` in one place,
+:func:`static_config_from_args`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from onnxquant.calibration.readers import iter_feeds, load_feed_folder
 from onnxquant.cli.args import (
     add_model_handling,
     add_node_selection,
@@ -17,10 +18,11 @@ from onnxquant.cli.args import (
     positive_int,
     selection_fields,
 )
+from onnxquant.cli.common import add_eval, check_data, latency, print_warnings
 from onnxquant.cli.summary import format_summary
 from onnxquant.core.errors import QuantizationError
 from onnxquant.core.qtypes import quant_type_from_name
-from onnxquant.core.speed import Latency, count_ops, first_feed, format_advice, measure_latency
+from onnxquant.core.speed import count_ops, format_advice
 from onnxquant.static.api import quantize_static
 from onnxquant.static.config import CalibrationMethod, QuantFormat, StaticQuantConfig
 
@@ -45,9 +47,11 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", type=Path, metavar="DATA",
                    help="calibration data: a folder of .npz files (keys = input names), a single "
                         ".npz file, or a folder of ONNX test_data_set_* folders (may be omitted "
-                        "when --calib-cache exists)")
+                        "when --calib-cache exists). Every 10th feed (at most 16) is held back "
+                        "to measure the accuracy, unless --eval or --no-eval is given")
     p.add_argument("--max-samples", type=positive_int, metavar="N",
                    help="use at most N calibration feeds")
+    add_eval(p, "every 10th --calib feed (at most 16) is held back from calibration for it")
     calib = p.add_argument_group("calibration")
     calib.add_argument("--method", choices=[m.value for m in CalibrationMethod],
                        default="minmax", help="how activation ranges are found (default minmax)")
@@ -132,6 +136,7 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         moving_average=args.moving_average,
         calibration_workers=args.workers,
         calibration_cache=args.calib_cache,
+        evaluate=not args.no_eval,
     )
 
 
@@ -140,9 +145,8 @@ def _run_static(args: argparse.Namespace) -> int:
     if args.calib is None and (args.calib_cache is None or not args.calib_cache.exists()):
         raise QuantizationError("give calibration data with --calib DATA (or an existing "
                                 "--calib-cache)")
-    if args.calib is not None:
-        load_feed_folder(args.calib)  # lists the data now: a bad path fails before the model loads
-    result = quantize_static(args.model, args.output, args.calib, config)
+    check_data(args.calib, args.eval)  # a bad path fails before the model loads
+    result = quantize_static(args.model, args.output, args.calib, config, eval_data=args.eval)
     if args.plan_json is not None:
         try:
             result.plan.to_json(args.plan_json)
@@ -151,26 +155,13 @@ def _run_static(args: argparse.Namespace) -> int:
                 f"the model was written to '{args.output}', but the plan could not be written "
                 f"to '{args.plan_json}': {err.strerror or err}"
             ) from err
+    print_warnings(result.warnings(), args.quiet)
     if not args.quiet:
         advice = format_advice(
             count_ops(args.output), activation_bits=config.activation_type.bits,
             activation_signed=config.activation_type.signed,
             weight_signed=config.weight_type.signed,
             qoperator=config.format is QuantFormat.QOPERATOR, reduce_range=config.reduce_range)
-        print(format_summary(result, advice, _latency(args, args.calib)))
+        measured, failure = latency(args, [("--eval", args.eval), ("--calib", args.calib)])
+        print(format_summary(result, [*advice, *filter(None, [failure])], measured))
     return EXIT_OK
-
-
-def _latency(args: argparse.Namespace, feeds: Path | None) -> Latency | None:
-    """Measured float vs quantized latency when ``--check-speed`` was given (on the first
-    feed of ``feeds``, or a random feed)."""
-    if not args.check_speed:
-        return None
-    try:
-        feed = first_feed(iter_feeds(feeds)) if feeds is not None else None
-        return measure_latency(args.model, args.output, feed, runs=args.check_speed)
-    except Exception as err:  # noqa: BLE001 - a failed measurement must not fail the run
-        logger.warning("could not measure the latency: %s", err)
-        return None
-
-

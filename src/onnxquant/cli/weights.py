@@ -1,7 +1,9 @@
 """The ``onnxquant weights`` subcommand: block-wise weight-only quantization.
 
 ``onnxquant weights MODEL -o OUT --bits 4 --block-size 32 --algorithm rtn`` quantizes MatMul
-(and, with ``--op-types MatMul,Gather``, Gather) weights and prints a short summary. Arguments
+(and, with ``--op-types MatMul,Gather``, Gather) weights and prints a short summary, with the
+accuracy (on ``--eval DIR``; else GPTQ holds back calibration feeds, or random feeds are used
+when every input is float) and a warning when nothing was quantized. Arguments
 become a :class:`~onnxquant.weight_only.config.WeightOnlyConfig` in one place,
 :func:`weights_config_from_args`. The main ``onnxquant`` parser adds the subcommand with
 :func:`add_weights_parser`; the command returns its exit code from :func:`run_weights`.
@@ -10,22 +12,21 @@ become a :class:`~onnxquant.weight_only.config.WeightOnlyConfig` in one place,
 from __future__ import annotations
 
 import argparse
-import collections
-import re
 from pathlib import Path
 from typing import Any
 
 from onnxquant.cli.args import add_verbosity, name_list
-from onnxquant.cli.summary import files_lines, size_line
+from onnxquant.cli.common import add_eval, check_data, print_warnings
 from onnxquant.core.errors import QuantizationError
 from onnxquant.core.qtypes import QuantFormat
-from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
+from onnxquant.weight_only.api import quantize_weights
 from onnxquant.weight_only.config import (
     OVERRIDE_KEYS,
     GPTQSettings,
     WeightOnlyAlgorithm,
     WeightOnlyConfig,
 )
+from onnxquant.weight_only.result import format_weights_summary
 
 __all__ = [
     "add_weights_parser",
@@ -33,10 +34,6 @@ __all__ = [
     "weights_config_from_args",
     "format_weights_summary",
 ]
-
-_MAX_EXAMPLES = 3
-_MAX_REASONS = 5
-_QUOTED = re.compile(r"'[^']*'")
 
 
 def _block_size(text: str) -> int | None:
@@ -128,8 +125,13 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="Hessian dampening, fraction of its mean diagonal (default 0.01)")
     gptq.add_argument("--act-order", action="store_true",
                       help="quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--external-data", action="store_true",
-                   help="store tensors in OUT.data (default: only above 2 GB)")
+    add_eval(p, "every 10th --calib feed (at most 16) with --algorithm gptq, held back from "
+                "calibration; else 4 random feeds when every model input is a float tensor")
+    model = p.add_argument_group("model handling")
+    model.add_argument("--upgrade-opset", action="store_true",
+                       help="convert models older than opset 10 instead of refusing them")
+    model.add_argument("--external-data", action="store_true",
+                       help="store tensors in OUT.data (default: only above 2 GB)")
     add_verbosity(p)
     p.set_defaults(run=run_weights)
     return p
@@ -152,53 +154,21 @@ def weights_config_from_args(args: argparse.Namespace) -> WeightOnlyConfig:
         gptq=GPTQSettings(percdamp=args.percdamp, act_order=args.act_order,
                           max_calibration_samples=args.max_samples),
         external_data=True if args.external_data else None,
+        upgrade_opset=args.upgrade_opset,
+        evaluate=not args.no_eval,
         progress=not args.quiet,
     )
 
 
-def format_weights_summary(result: WeightOnlyResult) -> str:
-    """A few lines: nodes per emitted op, float nodes by reason, sizes, time, files."""
-    done = result.quantized
-    by_op = collections.Counter(d.emitted for d in done)
-    ops = ", ".join(f"{op} {count}" for op, count in sorted(by_op.items()))
-    lines = [f"quantized {len(done)} of {len(result.decisions)} candidate nodes"
-             + (f" ({ops})" if ops else "")]
-    settings = collections.Counter(
-        (d.bits, d.block_size, "sym" if d.symmetric else "asym", d.algorithm) for d in done)
-    for (bits, block, sym, algo), count in sorted(settings.items()):
-        lines.append(f"  {count:>4} x {bits}-bit, block {block}, {sym}, {algo}")
-    floats: dict[str, list[str]] = collections.defaultdict(list)
-    for d in result.decisions:
-        if d.action != "weights":
-            reason = _QUOTED.sub("'...'", d.reason) if d.reason else "(no reason given)"
-            floats[reason].append(d.name or "<unnamed>")
-    ordered = sorted(floats.items(), key=lambda item: -len(item[1]))
-    for reason, names in ordered[:_MAX_REASONS]:
-        more = ", ..." if len(names) > _MAX_EXAMPLES else ""
-        lines.append(f"  float {len(names)}: {reason} [{', '.join(names[:_MAX_EXAMPLES])}{more}]")
-    if len(ordered) > _MAX_REASONS:
-        rest = sum(len(names) for _, names in ordered[_MAX_REASONS:])
-        lines.append(f"  float {rest}: other reasons ({len(ordered) - _MAX_REASONS} more)")
-    lines.append(size_line(result.float_bytes, result.quantized_bytes))
-    if result.calibration_samples:
-        lines.append(f"calibration:  {result.calibration_samples} samples")
-    lines.append(f"time:         {result.seconds:.2f} s")
-    lines += files_lines(result.output_files)
-    return "\n".join(lines)
-
-
 def run_weights(args: argparse.Namespace) -> int:
-    """Run ``onnxquant weights``; returns 0 (errors are raised as QuantizationError)."""
+    """Run ``onnxquant weights``; returns 0 (errors are raised as QuantizationError), also
+    when nothing was quantized (the summary — or, under ``--quiet``, stderr — warns)."""
     config = weights_config_from_args(args)
     if config.algorithm is WeightOnlyAlgorithm.GPTQ and args.calib is None:
         raise QuantizationError("--algorithm gptq needs calibration data: --calib DATA")
-    calib = None
-    if args.calib is not None:
-        from onnxquant.calibration.readers import load_feed_folder
-
-        load_feed_folder(args.calib)  # a bad path fails before the model loads
-        calib = args.calib
-    result = quantize_weights(args.model, args.output, config, calib)
+    check_data(args.calib, args.eval)  # a bad path fails before the model loads
+    result = quantize_weights(args.model, args.output, config, args.calib, eval_data=args.eval)
+    print_warnings(result.warnings(), args.quiet)
     if not args.quiet:
         print(format_weights_summary(result))
     return 0

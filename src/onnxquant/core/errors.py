@@ -12,6 +12,7 @@ __all__ = [
     "UnsupportedModelError",
     "CalibrationError",
     "FeedError",
+    "EvaluationError",
     "NumericsError",
     "OutputPathError",
 ]
@@ -35,6 +36,11 @@ class CalibrationError(QuantizationError):
 
 class FeedError(CalibrationError):
     """A calibration feed does not match the model's inputs (name, dtype or rank)."""
+
+
+class EvaluationError(QuantizationError):
+    """The float and the quantized model could not be compared on the evaluation data
+    (onnxruntime failed on a feed, or the outputs do not match)."""
 
 
 class NumericsError(QuantizationError, ValueError):

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CpuInfo", "cpu_info", "format_advice", "Latency", "measure_latency", "count_ops"]
+__all__ = ["CpuInfo", "cpu_info", "format_advice", "Latency", "measure_latency", "count_ops",
+           "RANDOM_FEED"]
+
+RANDOM_FEED = "on a random feed with symbolic dims = 1"
+"""How a latency measured on a made-up feed is labelled."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,21 +147,44 @@ def format_advice(
 
 @dataclasses.dataclass(frozen=True)
 class Latency:
-    """Median single-threaded latencies (ms) of a float and a quantized model on one feed."""
+    """Median single-threaded latencies (ms) of a float and a quantized model on one feed.
+
+    Attributes:
+        float_ms: Median latency of the float model.
+        quantized_ms: Median latency of the quantized model.
+        runs: Timed runs per model.
+        feed: Which feed was timed, as a phrase (``"on the first --eval feed"``, ``"on a
+            random feed with symbolic dims = 1"``); empty when unknown.
+    """
 
     float_ms: float
     quantized_ms: float
     runs: int
+    feed: str = ""
 
     @property
     def ratio(self) -> float:
         """Quantized over float (< 1 is faster)."""
         return self.quantized_ms / self.float_ms
 
+    @property
+    def speedup(self) -> float:
+        """Float over quantized: how many times faster the quantized model is (> 1 faster)."""
+        return self.float_ms / self.quantized_ms
+
+    def verdict(self) -> str:
+        """``"1.49× faster"``, ``"1.20× slower"`` or ``"as fast"`` (within 3 %)."""
+        if self.ratio < 0.97:
+            return f"{self.speedup:.2f}× faster"
+        if self.ratio > 1.03:
+            return f"{self.ratio:.2f}× slower"
+        return "as fast"
+
     def describe(self) -> str:
-        verdict = "faster" if self.ratio < 0.97 else "slower" if self.ratio > 1.03 else "as fast"
+        """One line: both medians, the verdict and the feed they were measured on."""
+        where = f", {self.feed}" if self.feed else ""
         return (f"latency (1 thread, median of {self.runs}): float {self.float_ms:.2f} ms, "
-                f"quantized {self.quantized_ms:.2f} ms ({self.ratio:.2f}×, {verdict})")
+                f"quantized {self.quantized_ms:.2f} ms ({self.verdict()}{where})")
 
 
 def _session(path: str | os.PathLike, threads: int):
@@ -206,6 +233,7 @@ def measure_latency(
     *,
     runs: int = 30,
     threads: int = 1,
+    feed_label: str | None = None,
 ) -> Latency:
     """Median latency of both models on the same feed (interleaved rounds, to share noise).
 
@@ -215,10 +243,15 @@ def measure_latency(
         feed: Inputs to time on; a random feed (symbolic dims = 1) when None.
         runs: Timed runs per model (after one warm-up run each).
         threads: onnxruntime intra-op threads.
+        feed_label: How the summary names ``feed`` (e.g. ``"on the first --eval feed"``);
+            a random feed is always named :data:`RANDOM_FEED`.
     """
     float_session = _session(float_model, threads)
     quant_session = _session(quantized_model, threads)
-    feed = dict(feed) if feed is not None else random_feed(float_session)
+    if feed is None:
+        feed, feed_label = random_feed(float_session), RANDOM_FEED
+    else:
+        feed = dict(feed)
     rounds = 3
     per_round = max(1, runs // rounds)
     float_times, quant_times = [], []
@@ -226,7 +259,7 @@ def measure_latency(
         float_times.append(_median_ms(float_session, feed, per_round))
         quant_times.append(_median_ms(quant_session, feed, per_round))
     return Latency(statistics.median(float_times), statistics.median(quant_times),
-                   per_round * rounds)
+                   per_round * rounds, feed_label or "")
 
 
 def first_feed(feeds: Iterable[Mapping[str, np.ndarray]] | None) -> dict | None:

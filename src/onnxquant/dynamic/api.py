@@ -4,16 +4,16 @@ probe the runtime -> rewrite -> save)."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import re
 import time
-from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
 from onnxquant import preprocess
+from onnxquant.calibration.evaluation import evaluate_quantized
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import UnsupportedModelError
 from onnxquant.core.qtypes import QuantFormat
@@ -22,6 +22,7 @@ from onnxquant.dynamic._context import Context
 from onnxquant.dynamic._rewrite import Decision, rewrite_model
 from onnxquant.dynamic._weights import WeightStore
 from onnxquant.dynamic.config import DynamicQuantConfig
+from onnxquant.dynamic.result import DynamicQuantizationResult
 from onnxquant.dynamic.runtime import assume_everything, probe_runtime
 
 __all__ = ["DynamicQuantizationResult", "Decision", "quantize_dynamic"]
@@ -31,44 +32,6 @@ logger = logging.getLogger(__name__)
 _MS = "com.microsoft"
 _SHOWN_NODES = 5
 _SQNR = re.compile(r"per-tensor SQNR [-\d.inf]+ dB < ([\d.e+-]+) dB")
-
-
-@dataclasses.dataclass
-class DynamicQuantizationResult:
-    """What a dynamic quantization run did.
-
-    Attributes:
-        decisions: One entry per node of a quantizable op type (name, op type, action
-            ``"quantized"``/``"float"``, and what was emitted or why it stays float).
-        runtime_notes: Which form was chosen for which nodes and why (type/granularity
-            fallbacks forced by what the installed onnxruntime executes, and the forms used).
-        output_files: Paths written (model, then external data if any).
-        float_bytes: Size of the input model (file plus external data; tensors when in memory).
-        quantized_bytes: Size of the written files.
-        seconds: Wall time of the whole run.
-        format: The representation written (QOperator or QDQ).
-    """
-
-    decisions: list[Decision]
-    runtime_notes: list[str]
-    output_files: list[Path]
-    float_bytes: int
-    quantized_bytes: int
-    seconds: float
-    format: QuantFormat
-
-    @property
-    def quantized(self) -> list[Decision]:
-        """Decisions of the nodes that were quantized."""
-        return [d for d in self.decisions if d.action == "quantized"]
-
-    def counts(self) -> dict[str, tuple[int, int]]:
-        """Op type -> (quantized nodes, candidate nodes)."""
-        totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-        for d in self.decisions:
-            totals[d.op_type][1] += 1
-            totals[d.op_type][0] += d.action == "quantized"
-        return {op: (q, n) for op, (q, n) in totals.items()}
 
 
 def _enter(model_input: model_io.ModelInput, model_output: str | os.PathLike,
@@ -116,6 +79,8 @@ def quantize_dynamic(
     model_input: model_io.ModelInput,
     model_output: str | os.PathLike,
     config: DynamicQuantConfig | None = None,
+    *,
+    eval_data: Any = None,
 ) -> DynamicQuantizationResult:
     """Quantize a float model dynamically: weights offline, activations at run time.
 
@@ -127,18 +92,29 @@ def quantize_dynamic(
     function. Only operator/type combinations the installed onnxruntime runs are emitted
     (``config.check_runtime``); the result's ``runtime_notes`` say where that changed the form.
 
+    After writing, the quantized model's outputs are compared with the float model's
+    (``result.fidelity``) on ``eval_data`` when given, else on 4 random feeds when every model
+    input is a float tensor (``config.evaluate=False`` turns this off).
+    ``config.progress=True`` shows a progress bar while measuring; ``result.summary()``
+    returns the text ``onnxquant dynamic`` prints.
+
     Args:
         model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
         model_output: Where to write the quantized model (atomically; never the input path).
         config: Settings; defaults to ``DynamicQuantConfig()`` (int8 per-tensor weights,
             QOperator form).
+        eval_data: Feeds to measure the accuracy on: a reader with ``get_next()``, an
+            iterable of ``{input_name: array}`` dicts, or a folder of ``.npz`` files / ONNX
+            test-data sets.
 
     Returns:
-        A :class:`DynamicQuantizationResult` with every decision and the files written.
+        A :class:`DynamicQuantizationResult` with every decision, the files written and the
+        fidelity.
 
     Raises:
         onnxquant.core.errors.QuantizationError: With a message naming the file, node or tensor at
-            fault. Nothing is written on failure.
+            fault. Nothing is written on failure — except that a FeedError or EvaluationError
+            from ``eval_data`` comes after the model was written.
     """
     config = config or DynamicQuantConfig()
     start = time.perf_counter()
@@ -154,6 +130,11 @@ def quantize_dynamic(
     decisions = rewrite_model(ctx)
     _finish_model(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)
+    del model
+    fidelity = None
+    if config.evaluate or eval_data is not None:
+        fidelity = evaluate_quantized(model_input, written[0], eval_data=eval_data,
+                                      float_bytes=float_bytes, progress=config.progress)
     result = DynamicQuantizationResult(
         decisions=decisions,
         runtime_notes=_notes(ctx, decisions),
@@ -162,6 +143,7 @@ def quantize_dynamic(
         quantized_bytes=sum(p.stat().st_size for p in written),
         seconds=time.perf_counter() - start,
         format=config.format,
+        fidelity=fidelity,
     )
     logger.info("dynamic quantization: %d of %d candidate nodes quantized",
                 len(result.quantized), len(decisions))

@@ -96,6 +96,7 @@ def _to_native_dynamic_config(
         nodes_to_quantize=_names(nodes_to_quantize, "nodes_to_quantize"),
         nodes_to_exclude=_names(nodes_to_exclude, "nodes_to_exclude") or frozenset(),
         external_data=True if use_external_data_format else None,
+        evaluate=False,  # onnxruntime measures nothing
         **fields,
     )
 

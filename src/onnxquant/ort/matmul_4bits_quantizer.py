@@ -237,7 +237,7 @@ def native_config(
     config = WeightOnlyConfig(
         format=fmt, op_types=tuple(sorted(op_types)), quant_axes={"Gather": axes["Gather"]},
         nodes_to_include=include, nodes_to_exclude=tuple(nodes_to_exclude or ()) + tuple(excluded),
-        overrides=overrides, external_data=external_data, **fields)
+        overrides=overrides, external_data=external_data, evaluate=False, **fields)
     return config, data
 
 

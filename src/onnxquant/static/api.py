@@ -3,7 +3,6 @@ emit → save)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ import onnx_ir as ir
 
 from onnxquant import preprocess
 from onnxquant.calibration.cache import load_cache, save_cache
+from onnxquant.calibration.evaluation import HoldBack, evaluate_quantized
 from onnxquant.calibration.runner import (
     CalibrationResult,
     calibrate_ranges,
@@ -22,37 +22,14 @@ from onnxquant.calibration.runner import (
 )
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
-from onnxquant.core.plan import QuantPlan
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibrate
+from onnxquant.static.result import QuantizationResult
 from onnxquant.static.verify import emit_verified
 
 __all__ = ["QuantizationResult", "quantize_static", "calibrate"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class QuantizationResult:
-    """What a quantization run did.
-
-    Attributes:
-        plan: Every decision and parameter.
-        output_files: Paths written (model, then external data if any).
-        float_bytes: Size of the input model (file plus external data; tensors when in memory).
-        quantized_bytes: Size of the written files.
-        calibration_samples: Number of feeds used.
-        seconds: Wall time of the whole run.
-        unobserved: Tensors that calibration could not observe (they stay float).
-    """
-
-    plan: QuantPlan
-    output_files: list[Path]
-    float_bytes: int
-    quantized_bytes: int
-    calibration_samples: int
-    seconds: float
-    unobserved: list[str]
 
 
 def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
@@ -71,9 +48,11 @@ def _at_opset(model: ir.Model, config: StaticQuantConfig) -> ir.Model:
 
 
 def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfig, *,
-               for_check: bool = True) -> CalibrationResult:
+               for_check: bool = True, hold_back: HoldBack | None = None
+               ) -> CalibrationResult:
     """Ranges from the data or the cache; with ``for_check``, the first feeds are kept for the
-    finiteness check after emission (``config.verify_finite``)."""
+    finiteness check after emission (``config.verify_finite``); ``hold_back`` sets feeds
+    aside for measuring the accuracy."""
     names = tensors_to_calibrate(nodes, config.format)
     settings = config.calibration_settings()
     cache = config.calibration_cache
@@ -82,7 +61,7 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
         statistics, samples = load_cache(cache, settings, names)
         logger.info("calibration statistics loaded from '%s'", cache)
         cached = ranges_from_statistics(statistics, samples, settings)
-        cached.feeds = _feeds_for_check(model, data, keep)
+        cached.feeds = _feeds_for_check(model, data, keep, hold_back)
         return cached
     if data is None:
         raise CalibrationError(
@@ -91,19 +70,21 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     result = calibrate_ranges(
         model, names, data, settings=settings, providers=config.providers,
         max_samples=config.max_calibration_samples, progress=config.progress,
-        workers=config.calibration_workers, keep_feeds=keep)
+        workers=config.calibration_workers, keep_feeds=keep, hold_back=hold_back)
     if cache is not None:
         save_cache(cache, result.statistics, result.samples, settings)
     return result
 
 
-def _feeds_for_check(model: ir.Model, data: Any, count: int) -> list[dict]:
+def _feeds_for_check(model: ir.Model, data: Any, count: int,
+                     hold_back: HoldBack | None) -> list[dict]:
     """The first feeds of ``data`` for the finiteness check when statistics came from a
-    cache (none when there is no data or it does not fit the model)."""
-    if data is None or count <= 0:
+    cache (none when there is no data or it does not fit the model), and the feeds
+    ``hold_back`` takes for measuring the accuracy."""
+    if data is None or (count <= 0 and hold_back is None):
         return []
     try:
-        return first_feeds(model, data, count)
+        return first_feeds(model, data, count, hold_back)
     except CalibrationError as err:
         logger.warning("finiteness check skipped: the calibration data is unusable (%s)", err)
         return []
@@ -136,8 +117,17 @@ def quantize_static(
     model_output: str | os.PathLike,
     calibration_data: Any,
     config: StaticQuantConfig | None = None,
+    *,
+    eval_data: Any = None,
 ) -> QuantizationResult:
     """Quantize a float model statically (QDQ or QOperator format, see ``config.format``).
+
+    After writing, the quantized model's outputs are compared with the float model's
+    (``result.fidelity``: SQNR, cosine, argmax agreement per output) on ``eval_data`` when
+    given; otherwise every 10th calibration feed (at most 16) is held back from calibration
+    for this (with fewer than 10 feeds, the first calibration feeds are used and the summary
+    says so). ``config.evaluate=False`` turns this off. ``config.progress=True`` shows
+    progress bars; ``result.summary()`` returns the text ``onnxquant static`` prints.
 
     Args:
         model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
@@ -145,13 +135,16 @@ def quantize_static(
         calibration_data: A reader with ``get_next()`` (ORT style), an iterable of
             ``{input_name: array}`` dicts, or a folder of ``.npz`` files / ONNX test-data sets.
         config: Settings; defaults to ``StaticQuantConfig()`` (U8S8 QDQ, MinMax, per tensor).
+        eval_data: Feeds to measure the accuracy on (same kinds as ``calibration_data``);
+            when given, no calibration feed is held back.
 
     Returns:
-        A :class:`QuantizationResult` with the plan and the files written.
+        A :class:`QuantizationResult` with the plan, the files written and the fidelity.
 
     Raises:
         onnxquant.core.errors.QuantizationError: With a message naming the file, node, tensor or
-            input at fault. Nothing is written on failure.
+            input at fault. Nothing is written on failure — except that a FeedError or
+            EvaluationError from ``eval_data`` comes after the model was written.
     """
     config = config or StaticQuantConfig()
     start = time.perf_counter()
@@ -161,11 +154,19 @@ def quantize_static(
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
     nodes = select_nodes(model, config)
-    calibration = _calibrate(model, nodes, calibration_data, config)
+    hold_back = HoldBack() if config.evaluate and eval_data is None else None
+    calibration = _calibrate(model, nodes, calibration_data, config, hold_back=hold_back)
     plan = build_plan(nodes, calibration.ranges, config)
     model, plan = emit_verified(model, plan, calibration, config, annotated=annotated)
     preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)
+    del model
+    fidelity = None
+    if config.evaluate or eval_data is not None:
+        fidelity = evaluate_quantized(
+            model_input, written[0], eval_data=eval_data, hold_back=hold_back,
+            data_path=calibration_data, float_bytes=float_bytes, providers=config.providers,
+            progress=config.progress)
     return QuantizationResult(
         plan=plan,
         output_files=written,
@@ -174,4 +175,5 @@ def quantize_static(
         calibration_samples=calibration.samples,
         seconds=time.perf_counter() - start,
         unobserved=calibration.unobserved,
+        fidelity=fidelity,
     )

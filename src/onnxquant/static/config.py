@@ -67,6 +67,11 @@ class StaticQuantConfig:
             without an op that can turn finite values into NaN/Inf (Log, Exp, a divisor that is
             not a constant, ...).
         verify_feeds: Calibration feeds kept for that check.
+        evaluate: After writing, measure how close the quantized outputs stay to the float
+            ones (``QuantizationResult.fidelity``): every 10th calibration feed (at most 16)
+            is held back from calibration for it, unless ``eval_data`` is given (see
+            :mod:`onnxquant.calibration.evaluation`). False calibrates on every feed and
+            measures only explicit ``eval_data`` (``onnxquant.ort`` sets False).
         progress: Show progress bars.
         float_depthwise_multiple: QOperator format: depthwise Convs whose channel count is not
             a multiple of this stay float, with their elementwise tail (activations):
@@ -118,6 +123,7 @@ class StaticQuantConfig:
     max_calibration_samples: int | None = None
     verify_finite: bool = True
     verify_feeds: int = 4
+    evaluate: bool = True
     progress: bool = False
     float_depthwise_multiple: int | None = 16
     float_conv_depth: int | None = 32

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from tqdm.auto import tqdm
 
 __all__ = ["Segment", "plan_segments", "run_segments"]
 
@@ -151,13 +153,13 @@ class _Spill:
 
 
 def run_segments(model: ir.Model, segments: list[Segment], feeds: Iterable[dict],
-                 update: Update, *, providers: Sequence[str], workdir: Path) -> int:
+                 update: Update, *, providers: Sequence[str], workdir: Path,
+                 progress: bool = False) -> int:
     """Run every feed through every segment, one session at a time; returns the feed count.
 
-    ``update(name, array)`` sees every fed graph input and every segment output.
+    ``update(name, array)`` sees every fed graph input and every segment output. With
+    ``progress``, a bar counts the (segment, feed) runs.
     """
-    from onnxquant.calibration.session import make_session, run_batch
-
     spill = _Spill(workdir)
     fed = {v.name or "" for seg in segments for v in seg.inputs if v.is_graph_input()}
     count = 0
@@ -166,6 +168,17 @@ def run_segments(model: ir.Model, segments: list[Segment], feeds: Iterable[dict]
             update(name, feed[name])
             spill.put(index, name, np.asarray(feed[name]))
         count = index + 1
+    with tqdm(total=count * len(segments), desc=f"GPTQ calibration ({len(segments)} segments)",
+              unit="run", disable=not progress) as bar:
+        _run_each(model, segments, spill, count, update, providers, workdir, bar)
+    return count
+
+
+def _run_each(model: ir.Model, segments: list[Segment], spill: _Spill, count: int,
+              update: Update, providers: Sequence[str], workdir: Path, bar: Any) -> None:
+    """Every stored feed through each segment in turn."""
+    from onnxquant.calibration.session import make_session, run_batch
+
     for i, segment in enumerate(segments):
         names = [v.name or "" for v in segment.outputs]
         keep = {v.name for later in segments[i + 1:] for v in later.inputs}
@@ -176,6 +189,6 @@ def run_segments(model: ir.Model, segments: list[Segment], feeds: Iterable[dict]
                 update(name, array)
                 if name in keep:
                     spill.put(index, name, array)
+            bar.update(1)
         del session
         spill.drop({v.name or "" for v in segment.inputs} - keep, count)
-    return count

@@ -26,11 +26,13 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from onnxquant.calibration.evaluation import HoldBack, evaluate_quantized
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError, NumericsError, QuantizationError
 from onnxquant.core.graph import iter_nodes
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.weight_only._hessian import HessianAccumulator, HessianStore
+from onnxquant.weight_only._progress import SaveProgress
 from onnxquant.weight_only._select import Target, WeightDecision, select_targets
 from onnxquant.weight_only._weights import quantize_slabs, release
 from onnxquant.weight_only.blocks import BlockQuantized
@@ -38,6 +40,7 @@ from onnxquant.weight_only.config import WeightOnlyAlgorithm, WeightOnlyConfig
 from onnxquant.weight_only.emit import WeightEmitter
 from onnxquant.weight_only.gptq import inverse_factor, quantize_gptq
 from onnxquant.weight_only.hqq import quantize_hqq
+from onnxquant.weight_only.result import WeightOnlyResult
 from onnxquant.weight_only.rtn import quantize_rtn
 
 __all__ = ["WeightOnlyResult", "quantize_weights", "quantize_model_weights", "QDQ_OPSET"]
@@ -45,32 +48,6 @@ __all__ = ["WeightOnlyResult", "quantize_weights", "quantize_model_weights", "QD
 logger = logging.getLogger(__name__)
 
 QDQ_OPSET = 21  # blocked DequantizeLinear and int4/uint4 types
-
-
-@dataclasses.dataclass
-class WeightOnlyResult:
-    """What a weight-only run did.
-
-    Attributes:
-        decisions: One per candidate node, in graph order.
-        output_files: Paths written (model, then external data if any).
-        float_bytes: Size of the input model (file plus external data; tensors when in memory).
-        quantized_bytes: Size of the written files.
-        calibration_samples: Feeds used by GPTQ (0 otherwise).
-        seconds: Wall time of the whole run.
-    """
-
-    decisions: list[WeightDecision]
-    output_files: list[Path]
-    float_bytes: int
-    quantized_bytes: int
-    calibration_samples: int
-    seconds: float
-
-    @property
-    def quantized(self) -> list[WeightDecision]:
-        """Decisions of the nodes whose weights were quantized."""
-        return [d for d in self.decisions if d.action == "weights"]
 
 
 def _needs_qdq_opset(model: ir.Model, config: WeightOnlyConfig) -> bool:
@@ -142,7 +119,8 @@ def _quantize(target: Target, config: WeightOnlyConfig, hessian: HessianAccumula
 
 
 def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
-                   config: WeightOnlyConfig) -> tuple[HessianStore, int]:
+                   config: WeightOnlyConfig, hold_back: HoldBack | None = None
+                   ) -> tuple[HessianStore, int]:
     """Hessians per A input of every main-graph GPTQ target; other GPTQ targets fall back."""
     wanted: dict[str, int] = {}
     for target in targets:
@@ -165,7 +143,8 @@ def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
 
     accumulators, samples = collect_hessians(
         model, wanted, data, providers=config.gptq.providers,
-        max_samples=config.gptq.max_calibration_samples, progress=config.progress)
+        max_samples=config.gptq.max_calibration_samples, progress=config.progress,
+        hold_back=hold_back)
     users = [_input_name(t.node) for t in targets
              if t.settings.algorithm is WeightOnlyAlgorithm.GPTQ]
     return HessianStore(accumulators, users), samples
@@ -173,7 +152,8 @@ def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
 
 def quantize_model_weights(
     model: ir.Model, config: WeightOnlyConfig | None = None, calibration_data: Any = None,
-    *, lazy: bool = False,
+    *, lazy: bool = False, hold_back: HoldBack | None = None,
+    saving: SaveProgress | None = None,
 ) -> tuple[ir.Model, list[WeightDecision], int]:
     """Quantize the weights of ``model`` in place (no file is written).
 
@@ -183,6 +163,8 @@ def quantize_model_weights(
         calibration_data: Feeds for GPTQ.
         lazy: Quantize RTN/HQQ weights only when the model is serialised (one weight in
             memory at a time while saving; the float weights must stay readable until then).
+        hold_back: Sets GPTQ calibration feeds aside for measuring the accuracy.
+        saving: Counts the weights left for serialisation (lazy mode), for a progress bar.
 
     Returns:
         (the quantized model — a new object when the opset had to be converted for QDQ —,
@@ -193,17 +175,22 @@ def quantize_model_weights(
     if _needs_qdq_opset(model, config):
         model = model_io.convert_opset(model, QDQ_OPSET)
     targets, decisions = select_targets(model, config)
-    hessians, samples = _gptq_hessians(model, targets, calibration_data, config)
+    hessians, samples = _gptq_hessians(model, targets, calibration_data, config, hold_back)
     emitter = WeightEmitter(model, config.format, lazy=lazy)
-    for target in tqdm(targets, desc="quantizing weights", unit="weight",
-                       disable=not config.progress or lazy):
+    gptq = sum(t.settings.algorithm is WeightOnlyAlgorithm.GPTQ for t in targets)
+    desc = "GPTQ: quantizing weights" if gptq else "quantizing weights"
+    for target in tqdm(targets, desc=desc, unit="weight",
+                       disable=not config.progress or (lazy and not gptq)):
         key = _key(target, config)
         rows = None  # GPTQ: the calibration rows of the node's input
         if target.settings.algorithm is WeightOnlyAlgorithm.GPTQ:
             rows = hessians.take(_input_name(target.node))
         # GPTQ quantizes now, so that the rows of each input are freed after their last use.
-        make_blocks = functools.partial(_quantize, target, config, rows)
+        make_blocks: Callable[[], BlockQuantized] = functools.partial(_quantize, target,
+                                                                      config, rows)
         now, rows = rows is not None, None
+        if lazy and not now and saving is not None and not emitter.has(key):
+            make_blocks = saving.wrap(make_blocks)
         if target.op_type == "MatMul":
             emitted = emitter.matmul(target, make_blocks, key, now=now)
         else:
@@ -235,11 +222,22 @@ def quantize_weights(
     model_output: str | os.PathLike,
     config: WeightOnlyConfig | None = None,
     calibration_data: Any = None,
+    *,
+    eval_data: Any = None,
 ) -> WeightOnlyResult:
     """Quantize the MatMul (and optionally Gather) weights of a model block-wise to 2/4/8 bits.
 
     Activations stay float. Weights are read lazily (external data stays on disk until its
     turn) and quantized one at a time, so memory stays far below the model's size.
+
+    After writing, the quantized model's outputs are compared with the float model's
+    (``result.fidelity``) on ``eval_data`` when given; else, for GPTQ, on every 10th
+    calibration feed (at most 16), held back from calibration; else on 4 random feeds when
+    every model input is a float tensor. Without ``eval_data`` this is skipped for models
+    above 2 GB (both models are loaded into onnxruntime); ``config.evaluate=False`` turns it
+    off. ``config.progress=True`` shows progress bars (GPTQ calibration, GPTQ quantization,
+    weights quantized while writing, evaluation); ``result.summary()`` returns the text
+    ``onnxquant weights`` prints.
 
     Args:
         model_input: Path, ``onnx.ModelProto`` or ``onnx_ir.Model`` (never modified).
@@ -248,29 +246,36 @@ def quantize_weights(
             asymmetric RTN, MatMulNBits).
         calibration_data: Feeds for GPTQ: a reader with ``get_next()``, an iterable of
             ``{input_name: array}`` dicts, or a folder of ``.npz`` files / ONNX test-data sets.
+        eval_data: Feeds to measure the accuracy on (same kinds as ``calibration_data``);
+            when given, no calibration feed is held back.
 
     Returns:
-        A :class:`WeightOnlyResult` with a decision per node and the files written.
+        A :class:`WeightOnlyResult` with a decision per node, the files written and the
+        fidelity.
 
     Raises:
         onnxquant.core.errors.QuantizationError: With a message naming the file, node or tensor at
-            fault. Nothing is written on failure.
+            fault. Nothing is written on failure — except that a FeedError or EvaluationError
+            from ``eval_data`` comes after the model was written.
     """
     config = config or WeightOnlyConfig()
     config.validate()
     start = time.perf_counter()
-    entry = front_door.enter(model_input, model_output)
+    entry = front_door.enter(model_input, model_output, upgrade_opset=config.upgrade_opset)
     model = entry.model
     float_bytes = entry.source.float_bytes(model)
-    model, decisions, samples = quantize_model_weights(model, config, calibration_data,
-                                                       lazy=True)
-    try:
-        written = model_io.save_model(model, entry.output, external_data=config.external_data)
-    except Exception as err:  # weights are quantized while saving: surface our own error
-        cause = _quantization_error(err)
-        if cause is None:
-            raise
-        raise cause from cause.__cause__
+    hold_back = HoldBack() if config.evaluate and eval_data is None else None
+    saving = SaveProgress()
+    model, decisions, samples = quantize_model_weights(
+        model, config, calibration_data, lazy=True, hold_back=hold_back, saving=saving)
+    written = _save(model, entry.output, config, saving)
+    del model
+    fidelity = None
+    if config.evaluate or eval_data is not None:
+        fidelity = evaluate_quantized(
+            model_input, written[0], eval_data=eval_data, hold_back=hold_back,
+            data_path=calibration_data, float_bytes=float_bytes,
+            providers=config.gptq.providers, progress=config.progress)
     return WeightOnlyResult(
         decisions=decisions,
         output_files=written,
@@ -278,4 +283,18 @@ def quantize_weights(
         quantized_bytes=sum(p.stat().st_size for p in written),
         calibration_samples=samples,
         seconds=time.perf_counter() - start,
+        fidelity=fidelity,
     )
+
+
+def _save(model: ir.Model, output: Path, config: WeightOnlyConfig,
+          saving: SaveProgress) -> list[Path]:
+    """Write the model, quantizing the deferred weights on the way."""
+    try:
+        with saving.saving(output, config.progress):
+            return model_io.save_model(model, output, external_data=config.external_data)
+    except Exception as err:  # weights are quantized while saving: surface our own error
+        cause = _quantization_error(err)
+        if cause is None:
+            raise
+        raise cause from cause.__cause__

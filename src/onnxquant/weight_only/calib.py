@@ -21,7 +21,9 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxquant.calibration.readers import count_feeds, iter_feeds, validate_feed
+from onnxquant.calibration.evaluation import HoldBack
+from onnxquant.calibration.readers import count_feeds
+from onnxquant.calibration.runner import calibration_feeds
 from onnxquant.calibration.session import input_specs, make_session, run_batch
 from onnxquant.core import tempdirs
 from onnxquant.core.errors import CalibrationError
@@ -45,6 +47,7 @@ def collect_hessians(
     max_samples: int | None = None,
     progress: bool = False,
     segment_bytes: int | None = None,
+    hold_back: HoldBack | None = None,
 ) -> tuple[dict[str, HessianAccumulator], int]:
     """One Hessian accumulator per activation name, filled from ``data``.
 
@@ -57,6 +60,8 @@ def collect_hessians(
         progress: Show a progress bar.
         segment_bytes: Most initializer bytes per onnxruntime session (default: an eighth of
             the model from :data:`SEGMENTED_MODEL_BYTES` on, else the whole model).
+        hold_back: Sets feeds aside for measuring the accuracy (``max_samples`` then counts
+            the calibration feeds only).
 
     Returns:
         (accumulators by activation name, number of feeds used).
@@ -71,14 +76,17 @@ def collect_hessians(
         if name in accumulators:
             _update(accumulators[name], name, array, activations[name])
 
-    feeds = _feeds(model, data, max_samples, progress)
     with tempdirs.private_dir(None, "onnxquant-gptq-") as workdir:
         segments = plan_segments(model, activations, _budget(model, segment_bytes))
         if segments:
             logger.info("GPTQ calibration in %d segments", len(segments))
+            # The feeds are only read (and stored) first; the bar of run_segments shows the
+            # inference, segment by segment.
+            feeds = _feeds(model, data, max_samples, False, hold_back)
             samples = run_segments(model, segments, feeds, update, providers=providers,
-                                   workdir=workdir)
+                                   workdir=workdir, progress=progress)
         else:
+            feeds = _feeds(model, data, max_samples, progress, hold_back)
             samples = _run_whole(model, list(activations), feeds, update, providers, workdir)
     if samples == 0:
         raise CalibrationError(
@@ -94,18 +102,19 @@ def _budget(model: ir.Model, segment_bytes: int | None) -> int:
     return total // 8 if total >= SEGMENTED_MODEL_BYTES else total + 1
 
 
-def _feeds(model: ir.Model, data: Any, max_samples: int | None, progress: bool
-           ) -> Iterator[dict[str, np.ndarray]]:
-    """Validated feeds, at most ``max_samples``, with a progress bar."""
+def _feeds(model: ir.Model, data: Any, max_samples: int | None, progress: bool,
+           hold_back: HoldBack | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Validated feeds, at most ``max_samples``, without those ``hold_back`` sets aside,
+    with a progress bar."""
     specs, optional = input_specs(model)
     total = count_feeds(data)
+    if hold_back is not None:
+        total = hold_back.calibration_count(total)
     if max_samples is not None:
         total = min(total, max_samples) if total is not None else max_samples
     with tqdm(total=total, desc="GPTQ calibration", unit="sample", disable=not progress) as bar:
-        for index, raw in enumerate(iter_feeds(data, specs=specs)):
-            if max_samples is not None and index >= max_samples:
-                return
-            yield validate_feed(raw, specs, index=index, optional=optional)
+        for feed in calibration_feeds(data, specs, optional, max_samples, hold_back):
+            yield feed
             bar.update(1)
 
 

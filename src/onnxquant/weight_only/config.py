@@ -92,7 +92,12 @@ class WeightOnlyConfig:
         hqq_iterations: Optimisation steps of HQQ.
         subgraphs: Quantize inside If/Loop/Scan bodies too.
         external_data: Save tensors to ``<output>.data``; None decides by size (> 2 GB).
-        progress: Show a progress bar.
+        upgrade_opset: Convert models below opset 10 instead of refusing them.
+        evaluate: After writing, measure how close the quantized outputs stay to the float
+            ones (``WeightOnlyResult.fidelity``): GPTQ holds every 10th calibration feed (at
+            most 16) back for it; without data, 4 random feeds when every model input is a
+            float tensor. Explicit ``eval_data`` is measured either way.
+        progress: Show progress bars.
     """
 
     bits: int = 4
@@ -110,6 +115,8 @@ class WeightOnlyConfig:
     hqq_iterations: int = 20
     subgraphs: bool = True
     external_data: bool | None = None
+    upgrade_opset: bool = False
+    evaluate: bool = True
     progress: bool = False
 
     def __post_init__(self) -> None:

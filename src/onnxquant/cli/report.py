@@ -39,11 +39,15 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the HTML report; REPORT.json is written beside it")
     p.add_argument("--max-samples", type=positive_int, metavar="N",
                    help="compare on at most N samples")
+    p.add_argument("--layer-samples", type=positive_int, default=8, metavar="N",
+                   help="compare layers, weights and activations on the first N samples "
+                        "(default 8; the outputs are compared on all)")
     p.add_argument("--sensitivity-layers", type=int, default=8, metavar="K",
                    help="measure the output gain of keeping each of the K most suspicious "
                         "layers float (default 8; 0 skips)")
-    p.add_argument("--sensitivity-samples", type=positive_int, default=8, metavar="N",
-                   help="samples each sensitivity measurement runs (default 8)")
+    p.add_argument("--sensitivity-samples", type=positive_int, metavar="N",
+                   help="samples each sensitivity measurement runs (default: enough for "
+                        "65536 output values, 2 to 32)")
     add_verbosity(p)
     p.set_defaults(run=_run_report)
 
@@ -70,7 +74,8 @@ def _run_report(args: argparse.Namespace) -> int:
     json_path = _outputs(args.output, [args.float_model, args.quantized_model])
     load_feed_folder(args.data)  # a bad data path fails before the models load
     report = compare(args.float_model, args.quantized_model, args.data,
-                     max_samples=args.max_samples, sensitivity_layers=args.sensitivity_layers,
+                     max_samples=args.max_samples, layer_samples=args.layer_samples,
+                     sensitivity_layers=args.sensitivity_layers,
                      sensitivity_samples=args.sensitivity_samples, progress=not args.quiet)
     report.save_json(json_path)
     try:

@@ -50,6 +50,17 @@ def _cosine_from(xy: float, xx: float, yy: float) -> float:
     return max(-1.0, min(1.0, xy / (nx * ny)))
 
 
+def _sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """``(x·x, y·y, x·y, (x−y)·(x−y))``; a float32 sum that overflows is redone in float64."""
+    diff = x - y
+    sums = (float(np.dot(x, x)), float(np.dot(y, y)), float(np.dot(x, y)),
+            float(np.dot(diff, diff)))
+    if x.dtype != np.float64 and not all(math.isfinite(v) for v in sums) and \
+            np.isfinite(x).all() and np.isfinite(y).all():
+        return _sums(x.astype(np.float64), y.astype(np.float64))
+    return sums
+
+
 def _flat_float(a: np.ndarray) -> np.ndarray:
     """A flat float view: float32/float64 kept, everything else (ints, float16) as float64."""
     if a.dtype in (np.float32, np.float64):
@@ -99,19 +110,18 @@ class ErrorAccumulator:
         if x.size != y.size:
             raise ValueError(f"reference has {x.size} elements, candidate {y.size}")
         self.elements += x.size
-        finite_x, finite_y = np.isfinite(x).all(), np.isfinite(y).all()
-        if not (finite_x and finite_y):
+        if y.dtype != x.dtype:
+            y = y.astype(x.dtype)
+        sums = _sums(x, y)
+        if not all(math.isfinite(v) for v in sums):  # rare: drop non-finite positions
             bad = ~np.isfinite(y) & np.isfinite(x)
             self.nonfinite += int(bad.sum())
             keep = np.isfinite(x) & np.isfinite(y)
-            x, y = x[keep], y[keep]
-        if y.dtype != x.dtype:
-            y = y.astype(x.dtype)
-        diff = x - y
-        xx, yy = float(np.dot(x, x)), float(np.dot(y, y))
+            sums = _sums(x[keep].astype(np.float64), y[keep].astype(np.float64))
+        xx, yy, xy, dd = sums
         self.signal += xx
-        self.noise += float(np.dot(diff, diff))
-        self.cosine_sum += _cosine_from(float(np.dot(x, y)), xx, yy)
+        self.noise += dd
+        self.cosine_sum += _cosine_from(xy, xx, yy)
         self.samples += 1
         if self.agreement:
             self._update_agreement(ref, cand)

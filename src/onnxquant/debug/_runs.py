@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -18,6 +19,8 @@ from onnxquant.debug.surgery import copy_model, cut_at_activations, expose
 __all__ = ["Sessions", "StreamingHistogram"]
 
 HISTOGRAM_BINS = 96
+HISTOGRAM_VALUES = 1 << 16
+"""Values per sample a histogram bins (an evenly strided subset of larger tensors)."""
 
 
 class Sessions:
@@ -35,6 +38,11 @@ class Sessions:
         wanted += list(matching.dynamic_inputs.values())
         self.float_names = [*self.output_names, *expose(floats, wanted)]
         self.float = make_session(floats, self.providers, workdir)
+        external = [v.const_value for v in quantized_model.graph.initializers.values()
+                    if isinstance(v.const_value, ir.ExternalTensor)]
+        self.external_folder = str(Path(external[0].base_dir or ".").resolve()) \
+            if external else None
+        self.float_plain = self.optimized(float_model, "float")
         self.plain = self.optimized(quantized_model, "quantized")
         exposed = copy_model(quantized_model)
         fetch = [self.fetch_name(m) for m in matching.layers]
@@ -62,6 +70,20 @@ class Sessions:
         return layer.quantized.params.dequantize(value, np.float32) \
             if layer.quantized is not None else value
 
+    def from_proto(self, proto: onnx.ModelProto, tag: str) -> ort.InferenceSession:
+        """An optimized session of a serialized variant of the quantized model (its external
+        data, if any, read from the quantized model's folder)."""
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.external_folder is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", self.external_folder)
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), options,
+                                        providers=self.providers)
+        except Exception as err:
+            raise CalibrationError(f"onnxruntime could not load the {tag} model: {err}") from err
+
     def optimized(self, model: ir.Model, tag: str) -> ort.InferenceSession:
         """A session with onnxruntime's default optimizations (how the user runs the model)."""
         options = ort.SessionOptions()
@@ -78,13 +100,24 @@ class Sessions:
         except Exception as err:
             raise CalibrationError(f"onnxruntime could not load the {tag} model: {err}") from err
 
-    def run(self, feed: dict[str, np.ndarray], index: int
-            ) -> tuple[dict[str, np.ndarray], ...]:
-        """(float values, quantized outputs, exposed quantized values, cut values)."""
+    def run_outputs(self, feed: dict[str, np.ndarray], index: int,
+                    floats: dict[str, np.ndarray] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The float and the quantized model's outputs, the quantized model run as the user
+        runs it (the float outputs are taken from ``floats`` when given)."""
+        try:
+            reference = floats if floats is not None else \
+                _run(self.float_plain, self.output_names, feed)
+            return reference, _run(self.plain, self.output_names, feed)
+        except Exception as err:
+            raise CalibrationError(f"onnxruntime failed on sample {index}: {err}") from err
+
+    def run_layers(self, feed: dict[str, np.ndarray], index: int
+                   ) -> tuple[dict[str, np.ndarray], ...]:
+        """(float values, exposed quantized values, cut values) of every matched tensor."""
         try:
             floats = _run(self.float, self.float_names, feed)
             floats.update(feed)
-            plain = _run(self.plain, self.output_names, feed)
             quant = _run(self.quant, self.quant_names, feed)
             cut_feed = {k: v for k, v in feed.items() if k in self.cut_feed_names}
             for name, key in self.cut_inputs.items():
@@ -94,7 +127,7 @@ class Sessions:
             raise CalibrationError(f"sample {index}: tensor {err} was not computed") from err
         except Exception as err:
             raise CalibrationError(f"onnxruntime failed on sample {index}: {err}") from err
-        return floats, plain, quant, cut
+        return floats, quant, cut
 
 
 def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray]
@@ -127,11 +160,19 @@ class StreamingHistogram:
         self.minimum, self.maximum = np.inf, -np.inf
 
     def update(self, values: np.ndarray) -> None:
-        x = np.asarray(values, np.float64).ravel()
-        x = x[np.isfinite(x)]
+        """Count one sample's values; the bins count an evenly strided subset of at most
+        :data:`HISTOGRAM_VALUES` values (weighted by the stride), the tails and extremes all."""
+        x = np.asarray(values).ravel()
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)
+        finite = np.isfinite(x)
+        if not finite.all():
+            x = x[finite]
         if not x.size:
             return
-        self.counts += np.histogram(x, bins=self.counts.size, range=self.range)[0]
+        stride = -(-x.size // HISTOGRAM_VALUES)
+        self.counts += np.histogram(x[::stride], bins=self.counts.size, range=self.range)[0] \
+            * stride
         self.below += int(np.count_nonzero(x < self.range[0]))
         self.above += int(np.count_nonzero(x > self.range[1]))
         self.minimum = min(self.minimum, float(x.min()))

@@ -28,6 +28,7 @@ from onnxquant.core import front_door, model_io, tempdirs
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.metrics import ErrorAccumulator
 from onnxquant.debug._runs import Sessions, StreamingHistogram
+from onnxquant.debug.float_layer import apply_edit, float_layer_edit
 from onnxquant.debug.matching import Matching, match_models
 from onnxquant.debug.report import (
     ActivationStats,
@@ -35,13 +36,15 @@ from onnxquant.debug.report import (
     LayerStats,
     OutputStats,
 )
-from onnxquant.debug.surgery import copy_model, keep_layer_float
 
-__all__ = ["compare", "OWN_ERROR_SAMPLES"]
+__all__ = ["compare", "SENSITIVITY_VALUES"]
 
-OWN_ERROR_SAMPLES = 8
-"""Samples over which each activation's own quantization error (its float values quantized
-with its parameters alone) is measured: a property of the parameters, stable after a few."""
+SENSITIVITY_VALUES = 1 << 16
+"""Output values (all outputs of all kept samples) a sensitivity measurement aims for."""
+MIN_SENSITIVITY_SAMPLES, MAX_SENSITIVITY_SAMPLES = 2, 32
+OWN_ERROR_SAMPLES = 4
+"""Samples over which an activation's own quantization error (its float values through its
+grid alone) is measured: a property of its parameters, stable after a few samples."""
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +55,9 @@ def compare(
     data: Any,
     *,
     max_samples: int | None = None,
+    layer_samples: int = 8,
     sensitivity_layers: int = 8,
-    sensitivity_samples: int = 8,
+    sensitivity_samples: int | None = None,
     histograms: int = 8,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = False,
@@ -64,10 +68,15 @@ def compare(
         float_model: The float model (path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
         quantized_model: Its quantized form (QDQ or QOperator, made by any tool).
         data: Inputs, in any form calibration takes (reader, iterable of feed dicts, folder).
-        max_samples: Compare on at most this many samples.
+        max_samples: Compare the outputs on at most this many samples.
+        layer_samples: Samples (the first ones) over which layers, weights and activations
+            are compared: a layer's error is stable over a few samples of many values each,
+            and these runs cost four times an inference.
         sensitivity_layers: How many layers (those with the worst isolated SQNR) to measure
             exactly by putting each back in float; 0 skips the measurement.
-        sensitivity_samples: Samples each of those measurements runs (the first ones).
+        sensitivity_samples: Samples each of those measurements runs (the first ones); by
+            default as many as give :data:`SENSITIVITY_VALUES` output values (2 to 32): a
+            segmentation map needs two, a two-class classifier all 32.
         histograms: How many of the worst activations get a value histogram.
         providers: onnxruntime execution providers.
         progress: Show a progress bar.
@@ -87,7 +96,9 @@ def compare(
     with tempdirs.private_dir(None, "onnxquant-compare-") as workdir:
         sessions = Sessions(float_ir, quant_ir, matching, providers, workdir)
         state = _State(matching, sessions, keep=sensitivity_samples if sensitivity_layers else 0,
-                       histograms=histograms)
+                       histograms=histograms, layer_samples=layer_samples)
+        state.adaptive_keep = sensitivity_samples is None and sensitivity_layers > 0
+        ready = time.perf_counter()
         specs, optional = input_specs(float_ir)
         feeds = iter_feeds(data, specs=specs)
         total = _total(data, max_samples)
@@ -99,8 +110,12 @@ def compare(
                 bar.update(1)
         if not state.samples:
             raise CalibrationError("no samples to compare: the data gave no feeds")
+        passed = time.perf_counter()
         sensitivity = _sensitivities(state, quant_ir, sensitivity_layers, providers, workdir,
                                      progress)
+        logger.info("compare: models matched and sessions made in %.1f s, %d samples in %.1f "
+                    "s, %d sensitivities in %.1f s", ready - start, state.samples,
+                    passed - ready, len(sensitivity), time.perf_counter() - passed)
     report = state.report(sensitivity, histograms)
     report.float_model = str(float_source.path or float_source.description)
     report.quantized_model = str(quant_source.path or quant_source.description)
@@ -120,12 +135,14 @@ def _total(data: Any, max_samples: int | None) -> int | None:
 class _State:
     """The accumulators of one comparison pass."""
 
-    def __init__(self, matching: Matching, sessions: Sessions, keep: int,
-                 histograms: int) -> None:
+    def __init__(self, matching: Matching, sessions: Sessions, keep: int | None,
+                 histograms: int, layer_samples: int) -> None:
+        self.adaptive_keep = False
         self.matching = matching
+        self.layer_samples = layer_samples
         self.sessions = sessions
         self.samples = 0
-        self.keep = keep
+        self.keep = keep or 0
         self.kept: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self.outputs = {name: ErrorAccumulator() for name in sessions.output_names}
         self.layers = [ErrorAccumulator(agreement=False) for _ in matching.layers]
@@ -144,9 +161,23 @@ class _State:
         self.histograms: dict[str, StreamingHistogram] = {}
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
-        floats, plain, quant, isolated = self.sessions.run(feed, index)
+        floats = self._add_layers(feed, index) if self.samples < self.layer_samples else None
+        reference, outputs = self.sessions.run_outputs(feed, index, floats)
         for name, acc in self.outputs.items():
-            acc.update(floats[name], plain[name])
+            acc.update(reference[name], outputs[name])
+        if self.adaptive_keep and not self.samples:
+            values = sum(int(np.asarray(v).size) for v in reference.values())
+            wanted = -(-SENSITIVITY_VALUES // max(values, 1))
+            self.keep = min(max(wanted, MIN_SENSITIVITY_SAMPLES), MAX_SENSITIVITY_SAMPLES)
+        if len(self.kept) < self.keep:
+            self.kept.append(({k: np.array(v) for k, v in feed.items()},
+                              {name: np.array(reference[name]) for name in self.outputs}))
+        self.samples += 1
+
+    def _add_layers(self, feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        """Fold one sample into the layer, activation and histogram statistics; returns the
+        float model's values (its outputs included)."""
+        floats, quant, isolated = self.sessions.run_layers(feed, index)
         self._add_activations(floats, quant)
         for i, layer in enumerate(self.matching.layers):
             reference = floats.get(layer.reference)
@@ -162,10 +193,7 @@ class _State:
                 self.incomparable.add(i)
         if not self.samples:
             self._choose_histograms(floats)
-        if len(self.kept) < self.keep:
-            self.kept.append(({k: np.array(v) for k, v in feed.items()},
-                              {name: np.array(floats[name]) for name in self.outputs}))
-        self.samples += 1
+        return floats
 
     def _add_activations(self, floats: dict[str, np.ndarray],
                          quant: dict[str, np.ndarray]) -> None:
@@ -219,6 +247,7 @@ class _State:
             activations=activations,
             histograms=[self.histograms[k].result(k) for k in worst[:histogram_count]],
             samples=self.samples, sensitivity_samples=len(self.kept),
+            layer_samples=min(self.samples, self.layer_samples),
             unmatched={"weights": self.matching.unmatched_weights,
                        "activations": self.matching.unmatched_activations})
 
@@ -247,15 +276,14 @@ def _sensitivities(state: _State, quant_ir: ir.Model, count: int, providers: Seq
     gains: dict[int, float] = {}
     proto = ir.serde.serialize_model(quant_ir)
     for i in tqdm(candidates[:count], desc="sensitivity", unit="layer", disable=not progress):
-        variant = copy_model(proto)
-        if not keep_layer_float(variant, state.matching, state.matching.layers[i].layer.node.name
-                                or ""):
+        layer = state.matching.layers[i]
+        edit = float_layer_edit(quant_ir, state.matching, layer.layer.node.name or "")
+        if edit is None:
             continue
         try:
-            session = state.sessions.optimized(variant, f"variant{i}")
+            session = state.sessions.from_proto(apply_edit(proto, edit), f"variant{i}")
         except CalibrationError as err:
-            logger.warning("could not run layer %s in float: %s",
-                           state.matching.layers[i].name, err)
+            logger.warning("could not run layer %s in float: %s", layer.name, err)
             continue
         gains[i] = _mean_sqnr(session, state.kept, names) - baseline
     return gains

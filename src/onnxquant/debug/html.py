@@ -113,7 +113,8 @@ def _overall_status(report: ReportLike) -> str:
 def _header(report: ReportLike) -> str:
     rows = [("Float model", report.float_model or "n/a"),
             ("Quantized model", report.quantized_model or "n/a"),
-            ("Samples", f"{report.samples} compared, {report.sensitivity_samples} per "
+            ("Samples", f"outputs on {report.samples}, layers on the first "
+                        f"{report.layer_samples}, {report.sensitivity_samples} per "
                         "sensitivity measurement"),
             ("Wall time", f"{report.seconds:.1f} s"),
             ("Compared", f"{len(report.layers)} layers, {len(report.weights)} weights, "

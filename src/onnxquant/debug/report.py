@@ -14,7 +14,8 @@ JSON contract (``REPORT.json``; numbers are floats, ``null`` where not measured 
 - ``weights``: ``{name: sqnr_db}`` of each quantized weight against its float original;
 - ``activations``: ``{name: {sqnr_db, quantization_sqnr_db, scheme, clip_min, clip_max}}``;
 - ``histograms``: the float values of the worst activations with the clip range chosen;
-- ``samples``, ``sensitivity_samples``, ``float_model``, ``quantized_model``, ``unmatched``.
+- ``samples`` (outputs), ``layer_samples`` (layers, activations, histograms: the first ones),
+  ``sensitivity_samples``, ``float_model``, ``quantized_model``, ``unmatched``.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ class ComparisonReport:
         weights: SQNR (dB) of each quantized weight against its float original.
         activations: Per quantized activation.
         histograms: Float values of the worst activations (worst first).
-        samples: Samples compared.
+        samples: Samples whose outputs were compared.
         sensitivity_samples: Samples each sensitivity measurement used.
+        layer_samples: Samples over which layers, weights and activations were compared.
         float_model: Where the float model came from.
         quantized_model: Where the quantized model came from.
         unmatched: Quantized weights/activations with no float counterpart found.
@@ -172,6 +174,7 @@ class ComparisonReport:
     histograms: list[Histogram]
     samples: int
     sensitivity_samples: int
+    layer_samples: int = 0
     float_model: str = ""
     quantized_model: str = ""
     unmatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
@@ -191,7 +194,8 @@ class ComparisonReport:
         """The JSON contract (see the module docstring)."""
         return {
             "float_model": self.float_model, "quantized_model": self.quantized_model,
-            "samples": self.samples, "sensitivity_samples": self.sensitivity_samples,
+            "samples": self.samples, "layer_samples": self.layer_samples,
+            "sensitivity_samples": self.sensitivity_samples,
             "seconds": round(self.seconds, 3),
             "outputs": {name: o.to_dict() for name, o in self.outputs.items()},
             "layers": [x.to_dict() for x in self.layers],

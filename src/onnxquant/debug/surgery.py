@@ -1,6 +1,6 @@
 """Model variants the comparison runs: the quantized model with its quantized tensors exposed,
-cut at every quantized activation (each layer fed the float model's values), and with one
-layer back in float.
+and cut at every quantized activation (each layer fed the float model's values). One layer
+back in float is :mod:`onnxquant.debug.float_layer`.
 
 Every function takes a private copy of the quantized model (see :func:`copy_model`) and
 finds values by name, so one :class:`~onnxquant.debug.matching.Matching` serves all variants.
@@ -8,36 +8,17 @@ finds values by name, so one :class:`~onnxquant.debug.matching.Matching` serves 
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxquant.core.graph import add_initializer
 from onnxquant.core.names import UniqueNames
-from onnxquant.debug._params import constant_array
-from onnxquant.debug.matching import ActivationMatch, Matching, WeightMatch
-from onnxquant.debug.quantized_graph import INTEGER_OPS, MS
+from onnxquant.debug.matching import ActivationMatch, Matching
+from onnxquant.debug.quantized_graph import INTEGER_OPS
 
-__all__ = ["copy_model", "expose", "cut_at_activations", "keep_layer_float", "FLOAT_FORMS",
-           "CUT_SUFFIX"]
+__all__ = ["copy_model", "expose", "cut_at_activations", "CUT_SUFFIX"]
 
 CUT_SUFFIX = "__float"
 """Graph inputs of the cut model are named ``<float tensor><CUT_SUFFIX>``."""
-
-# Integer op -> (float op, domain, attributes to drop).
-FLOAT_FORMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "QLinearConv": ("Conv", "", ()),
-    "QLinearMatMul": ("MatMul", "", ()),
-    "QGemm": ("Gemm", "", ()),
-    "QLinearAdd": ("Add", "", ()),
-    "QLinearMul": ("Mul", "", ()),
-    "QLinearAveragePool": ("AveragePool", "", ("channels_last",)),
-    "QLinearGlobalAveragePool": ("GlobalAveragePool", "", ("channels_last",)),
-    "QLinearSigmoid": ("Sigmoid", "", ()),
-    "QLinearLeakyRelu": ("LeakyRelu", "", ()),
-    "QLinearSoftmax": ("Softmax", "", ("opset",)),
-}
-
 
 def copy_model(model: ir.Model | onnx.ModelProto) -> ir.Model:
     """A deep copy (the protobuf round trip onnx_ir offers); pass a serialized
@@ -145,128 +126,3 @@ def _cut_dynamic(model: ir.Model, matching: Matching, names: UniqueNames,
         for node, slot in readers:
             node.replace_input_with(slot, source)
         inputs[source.name or ""] = key
-
-
-def keep_layer_float(model: ir.Model, matching: Matching, node_name: str) -> bool:
-    """Run one quantized layer in float (in place); False when its form is not supported.
-
-    QDQ: its dequantized weights become their float originals and its dequantized activations
-    the tensors before their QuantizeLinear. QOperator: the integer op becomes its float op
-    between DequantizeLinear and QuantizeLinear, with float weights.
-    """
-    node = next((n for n in model.graph if n.name == node_name), None)
-    if node is None:
-        return False
-    weights = {m.weight.stored: m for m in matching.weights.values()}
-    names = UniqueNames(model)
-    if node.op_type in FLOAT_FORMS and (node.domain == MS or node.op_type.startswith("QLinear")):
-        return _integer_to_float(model, node, weights, names)
-    changed = False
-    for slot, value in enumerate(node.inputs):
-        dq = value.producer() if value is not None else None
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        replacement = _float_source(model, dq, weights, names)
-        if replacement is not None:
-            node.replace_input_with(slot, replacement)
-            changed = True
-    model.graph.sort()
-    return changed
-
-
-def _float_weight(model: ir.Model, match: WeightMatch, shape: tuple[int, ...],
-                  names: UniqueNames) -> ir.Value:
-    data = match.original.T if match.transposed else match.original
-    return add_initializer(model.graph, names.new(f"{match.name}_float"),
-                           np.ascontiguousarray(data.reshape(shape)).astype(np.float32))
-
-
-def _float_source(model: ir.Model, dq: ir.Node, weights: dict[str, WeightMatch],
-                  names: UniqueNames) -> ir.Value | None:
-    """The float value to read instead of a DequantizeLinear's output (None: keep it)."""
-    q = dq.inputs[0]
-    if q is None:
-        return None
-    data = constant_array(q)
-    if data is not None:
-        match = weights.get(q.name or "")
-        if match is None or match.dequantized.size != data.size:
-            return None
-        return _float_weight(model, match, data.shape, names)
-    quantize = q.producer()
-    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.inputs[0] is None:
-        return None
-    pre = quantize.inputs[0]
-    zero = constant_array(quantize.inputs[2]) if len(quantize.inputs) > 2 else None
-    if zero is not None and zero.dtype.kind == "u" and np.all(zero == 0):
-        # The grid starts at 0: a Relu the quantizer fused (or a non-negative tensor).
-        relu = ir.node("Relu", [pre], name=names.new(f"{pre.name}_float_relu"))
-        relu.outputs[0].name = names.new(f"{pre.name}_float_relu")
-        model.graph.append(relu)
-        return relu.outputs[0]
-    return pre
-
-
-def _integer_to_float(model: ir.Model, node: ir.Node, weights: dict[str, WeightMatch],
-                      names: UniqueNames) -> bool:
-    float_op, domain, dropped = FLOAT_FORMS[node.op_type]
-    triples, out_slots = INTEGER_OPS[node.op_type]
-    inputs: list[ir.Value | None] = []
-    for data_i, scale_i, zp_i, _ in triples:
-        inputs.append(_dequantized_operand(model, node, (data_i, scale_i, zp_i), weights, names))
-    if node.op_type == "QLinearConv" and len(node.inputs) > 8 and node.inputs[8] is not None:
-        inputs.append(_float_bias(model, node, weights, names))
-    if node.op_type == "QGemm" and len(node.inputs) > 6 and node.inputs[6] is not None:
-        inputs.append(_float_bias(model, node, weights, names))
-    if any(v is None for v in inputs):
-        return False
-    attrs = {k: v for k, v in node.attributes.items() if k not in dropped}
-    new = ir.node(float_op, inputs, attributes=attrs, domain=domain,
-                  name=names.new(f"{node.name}_float"))
-    model.graph.append(new)
-    out = new.outputs[0]
-    out.name = names.new(f"{node.name}_float_out")
-    result = out
-    if out_slots is not None and len(node.inputs) > out_slots[1]:
-        q = ir.node("QuantizeLinear", [out, node.inputs[out_slots[0]], node.inputs[out_slots[1]]],
-                    name=names.new(f"{node.name}_float_QuantizeLinear"))
-        q.outputs[0].name = names.new(f"{node.name}_float_q")
-        model.graph.append(q)
-        result = q.outputs[0]
-    node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
-    model.graph.remove(node, safe=True)
-    model.graph.sort()
-    return True
-
-
-def _dequantized_operand(model: ir.Model, node: ir.Node, slots: tuple[int, int, int],
-                         weights: dict[str, WeightMatch], names: UniqueNames) -> ir.Value | None:
-    data_i, scale_i, zp_i = slots
-    data = node.inputs[data_i]
-    if data is None:
-        return None
-    array = constant_array(data)
-    match = weights.get(data.name or "")
-    if array is not None and match is not None:
-        return _float_weight(model, match, array.shape, names)
-    dq = ir.node("DequantizeLinear", [data, node.inputs[scale_i], node.inputs[zp_i]],
-                 name=names.new(f"{data.name}_float_DequantizeLinear"))
-    dq.outputs[0].name = names.new(f"{data.name}_float_dq")
-    model.graph.append(dq)
-    return dq.outputs[0]
-
-
-def _float_bias(model: ir.Model, node: ir.Node, weights: dict[str, WeightMatch],
-                names: UniqueNames) -> ir.Value | None:
-    index = 8 if node.op_type == "QLinearConv" else 6
-    bias = node.inputs[index]
-    match = weights.get(bias.name or "") if bias is not None else None
-    if match is not None:
-        return _float_weight(model, match, match.original.shape, names)
-    data = constant_array(bias)
-    scale_x, scale_w = constant_array(node.inputs[1]), constant_array(node.inputs[4])
-    if data is None or scale_x is None or scale_w is None:
-        return None
-    real = data.astype(np.float64) * scale_x.astype(np.float64) * scale_w.astype(np.float64)
-    return add_initializer(model.graph, names.new(f"{bias.name}_float"),  # type: ignore[union-attr]
-                           real.astype(np.float32))

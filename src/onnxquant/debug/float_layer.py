@@ -1,0 +1,192 @@
+"""One quantized layer back in float, as an edit of the quantized model's protobuf.
+
+The edit is worked out once from the analysed graph (:class:`LayerEdit`) and applied to a copy
+of the serialized model, so measuring the sensitivity of many layers costs one protobuf copy
+each instead of a deserialized model (a third of a second on a 5 MB detector).
+
+- QDQ: each input the layer reads through a DequantizeLinear reads its float source instead —
+  a weight its float original, an activation the tensor before its QuantizeLinear (through a
+  Relu when the grid starts at zero: a Relu/Clip the quantizer fused). Its output keeps its
+  QuantizeLinear: that is the next layer's input quantization.
+- QOperator: the integer op becomes DequantizeLinear → float op (float weights and bias) →
+  QuantizeLinear on the same output grid, writing the same output name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+
+from onnxquant.debug._params import constant_array
+from onnxquant.debug.matching import Matching, WeightMatch
+from onnxquant.debug.quantized_graph import INTEGER_OPS, MS
+
+__all__ = ["LayerEdit", "float_layer_edit", "apply_edit", "FLOAT_FORMS"]
+
+# Integer op -> (float op, attributes to drop).
+FLOAT_FORMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "QLinearConv": ("Conv", ()),
+    "QLinearMatMul": ("MatMul", ()),
+    "QGemm": ("Gemm", ()),
+    "QLinearAdd": ("Add", ()),
+    "QLinearMul": ("Mul", ()),
+    "QLinearAveragePool": ("AveragePool", ("channels_last",)),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", ("channels_last",)),
+    "QLinearSigmoid": ("Sigmoid", ()),
+    "QLinearLeakyRelu": ("LeakyRelu", ()),
+    "QLinearSoftmax": ("Softmax", ("opset",)),
+}
+_BIAS_SLOTS = {"QLinearConv": 8, "QGemm": 6}
+
+
+@dataclasses.dataclass
+class LayerEdit:
+    """What to change in the protobuf to run node ``node`` in float.
+
+    Attributes:
+        node: The node's name.
+        inputs: Input slot -> the tensor to read instead (QDQ).
+        initializers: Float weights to add.
+        nodes: Nodes to add.
+        remove: Remove the node (its outputs are written by the added nodes).
+    """
+
+    node: str
+    inputs: dict[int, str] = dataclasses.field(default_factory=dict)
+    initializers: list[onnx.TensorProto] = dataclasses.field(default_factory=list)
+    nodes: list[onnx.NodeProto] = dataclasses.field(default_factory=list)
+    remove: bool = False
+
+    def name(self, stem: str) -> str:
+        """A tensor/node name private to this edit."""
+        return f"{self.node}__oq_float_{len(self.initializers) + len(self.nodes)}_{stem}"
+
+    def weight(self, match: WeightMatch, shape: tuple[int, ...]) -> str:
+        """Add ``match``'s float original, in the quantized layout ``shape``; its name."""
+        data = match.original.T if match.transposed else match.original
+        name = self.name("weight")
+        array = np.ascontiguousarray(data.reshape(shape)).astype(np.float32)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node_proto(self, op_type: str, inputs: list[str], output: str | None = None) -> str:
+        """Add a node; returns its output name (``output`` or a private one)."""
+        out = output or self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type)))
+        return out
+
+
+def float_layer_edit(model: ir.Model, matching: Matching, node_name: str
+                     ) -> LayerEdit | None:
+    """The edit that runs ``node_name`` in float (None: nothing to change, or a form this
+    does not handle)."""
+    node = next((n for n in model.graph if n.name == node_name), None)
+    if node is None:
+        return None
+    weights = {m.weight.stored: m for m in matching.weights.values()}
+    edit = LayerEdit(node_name)
+    if node.op_type in FLOAT_FORMS and (node.domain == MS or node.op_type.startswith("QLinear")):
+        return edit if _integer_to_float(node, weights, edit) else None
+    for slot, value in enumerate(node.inputs):
+        dq = value.producer() if value is not None else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            replacement = _float_source(dq, weights, edit)
+            if replacement is not None:
+                edit.inputs[slot] = replacement
+    return edit if edit.inputs else None
+
+
+def _float_source(dq: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit) -> str | None:
+    """The float tensor to read instead of a DequantizeLinear's output (None: keep it)."""
+    q = dq.inputs[0]
+    if q is None:
+        return None
+    data = constant_array(q)
+    if data is not None:
+        match = weights.get(q.name or "")
+        if match is None or match.dequantized.size != data.size:
+            return None
+        return edit.weight(match, data.shape)
+    quantize = q.producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.inputs[0] is None:
+        return None
+    pre = quantize.inputs[0].name or ""
+    zero = constant_array(quantize.inputs[2]) if len(quantize.inputs) > 2 else None
+    if zero is not None and zero.dtype.kind == "u" and np.all(zero == 0):
+        return edit.node_proto("Relu", [pre])  # the grid starts at 0: a fused Relu/Clip
+    return pre
+
+
+def _integer_to_float(node: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit) -> bool:
+    float_op, dropped = FLOAT_FORMS[node.op_type]
+    triples, out_slots = INTEGER_OPS[node.op_type]
+    inputs = [_operand(node, (d, s, z), weights, edit) for d, s, z, _ in triples]
+    bias_slot = _BIAS_SLOTS.get(node.op_type)
+    if bias_slot is not None and len(node.inputs) > bias_slot and node.inputs[bias_slot]:
+        inputs.append(_float_bias(node, bias_slot, weights, edit))
+    if any(name is None for name in inputs):
+        return False
+    attrs = {k: ir.serde.serialize_attribute(a) for k, a in node.attributes.items()
+             if k not in dropped}
+    output = node.outputs[0].name or ""
+    quantized = out_slots is not None and len(node.inputs) > out_slots[1]
+    result = edit.node_proto(float_op, inputs, None if quantized else output)  # type: ignore[arg-type]
+    edit.nodes[-1].attribute.extend(attrs.values())
+    if quantized:
+        scale, zero = node.inputs[out_slots[0]], node.inputs[out_slots[1]]  # type: ignore[index]
+        edit.node_proto("QuantizeLinear", [result, scale.name or "", zero.name or ""],  # type: ignore[union-attr]
+                        output)
+    edit.remove = True
+    return True
+
+
+def _operand(node: ir.Node, slots: tuple[int, int, int], weights: dict[str, WeightMatch],
+             edit: LayerEdit) -> str | None:
+    data_i, scale_i, zp_i = slots
+    data = node.inputs[data_i]
+    if data is None:
+        return None
+    array = constant_array(data)
+    match = weights.get(data.name or "")
+    if array is not None and match is not None:
+        return edit.weight(match, array.shape)
+    scale, zero = node.inputs[scale_i], node.inputs[zp_i]
+    return edit.node_proto("DequantizeLinear", [data.name or "", scale.name or "",  # type: ignore[union-attr]
+                                                zero.name or ""])  # type: ignore[union-attr]
+
+
+def _float_bias(node: ir.Node, slot: int, weights: dict[str, WeightMatch],
+                edit: LayerEdit) -> str | None:
+    bias = node.inputs[slot]
+    match = weights.get(bias.name or "") if bias is not None else None
+    if match is not None:
+        return edit.weight(match, match.original.shape)
+    data = constant_array(bias)
+    scale_x, scale_w = constant_array(node.inputs[1]), constant_array(node.inputs[4])
+    if data is None or scale_x is None or scale_w is None:
+        return None
+    real = data.astype(np.float64) * scale_x.astype(np.float64) * scale_w.astype(np.float64)
+    name = edit.name("bias")
+    edit.initializers.append(numpy_helper.from_array(real.astype(np.float32), name))
+    return name
+
+
+def apply_edit(proto: onnx.ModelProto, edit: LayerEdit) -> onnx.ModelProto:
+    """A copy of ``proto`` with ``edit`` applied."""
+    result = onnx.ModelProto()
+    result.CopyFrom(proto)
+    graph = result.graph
+    nodes = list(graph.node)
+    index = next(i for i, n in enumerate(nodes) if n.name == edit.node)
+    for slot, name in edit.inputs.items():
+        nodes[index].input[slot] = name
+    # The new nodes go right before the node (its inputs are defined above it), in order.
+    nodes[index:index + 1] = [*edit.nodes] if edit.remove else [*edit.nodes, nodes[index]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(edit.initializers)
+    return result

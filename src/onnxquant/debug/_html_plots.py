@@ -216,6 +216,13 @@ def _weight_histogram(ax: Axes, values: list[float]) -> None:
     ax.set_title(f"All {len(values)} weights{note}", loc="left")
 
 
+def _percent(fraction: float) -> str:
+    """``2.41%``; a few values out of millions read ``<0.01%``, not ``0.00%``."""
+    if 0 < fraction < 5e-5:
+        return "<0.01%"
+    return f"{100 * fraction:.2f}%"
+
+
 def histogram_figure(hist: HistogramLike) -> str:
     """Counts of one activation's float values over its bins (log scale), bars outside the clip
     range in red, the clip range shaded; below/above counts and clipped fraction in the title."""
@@ -242,6 +249,6 @@ def histogram_figure(hist: HistogramLike) -> str:
         ax.set_xlabel("float value")
         ax.set_ylabel("count")
         ax.set_title(f"{plain(hist.tensor, TITLE_CHARS)}\nbelow {hist.below:,} \u00b7 above "
-                     f"{hist.above:,} \u00b7 clipped {100 * hist.clipped_fraction:.2f}%",
+                     f"{hist.above:,} \u00b7 clipped {_percent(hist.clipped_fraction)}",
                      fontsize=10)
         return _data_uri(fig, dpi=110)

@@ -168,7 +168,11 @@ def test_broken_layer_tops_the_sensitivity_ranking(cnn_files: dict[str, Path]) -
     worst = min(report.layers, key=lambda x: x.isolated_sqnr_db)  # type: ignore[arg-type,return-value]
     assert worst.node == "conv3"
     assert report.outputs["logits"].sqnr_db < 20
-    assert "conv3" in report.summary().splitlines()[3]
+    lines = report.summary().splitlines()
+    assert "conv3" in lines[lines.index("layers most worth keeping float:") + 1]
+    # Every Conv float repairs the broken one too; every Add float does not.
+    groups = report.op_type_sensitivity
+    assert groups["Conv"] > 10 and groups["Conv"] > groups.get("Add", 0.0) + 5
 
 
 def test_qoperator_model_is_compared(cnn_files: dict[str, Path]) -> None:

@@ -187,3 +187,19 @@ def test_renders_in_headless_chromium(report_html: tuple[Path, str], tmp_path: P
         assert image.size == (1400, 3000)
         colors = image.convert("RGB").getcolors(maxcolors=1 << 24)
     assert colors is not None and len(colors) > 50
+
+
+def test_op_type_group_advice(tmp_path: Path) -> None:
+    """When keeping a whole op type float helps far more than any one layer, the advice says
+    --exclude-op-types first and the group table lists the gains."""
+    pytest.importorskip("matplotlib")
+    report = synthetic_report(n_layers=12, n_hists=0)
+    for layer in report.layers:
+        layer.sensitivity_db = 0.4 if layer.sensitivity_db is not None else None
+    report.op_type_sensitivity = {"Mul": 14.2, "Conv": 1.1}
+    text = write_html(report, tmp_path / "groups.html").read_text(encoding="utf-8")
+    verdict = text[text.index("Verdict"):text.index("Layers most worth keeping float")]
+    assert "--exclude-op-types</span> Mul" in verdict and "14.2 dB" in verdict
+    groups = text[text.index("Op types kept float as a group"):]
+    assert groups.index("Mul") < groups.index("Conv")
+    assert "+14.2 dB" in groups and "+1.1 dB" in groups

@@ -13,13 +13,11 @@ samples, to measure how much the output SQNR would gain.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 from tqdm import tqdm
 
 from onnxquant.calibration.readers import iter_feeds, validate_feed
@@ -28,7 +26,6 @@ from onnxquant.core import front_door, model_io, tempdirs
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.metrics import ErrorAccumulator
 from onnxquant.debug._runs import Sessions, StreamingHistogram
-from onnxquant.debug.float_layer import apply_edit, float_layer_edit
 from onnxquant.debug.matching import Matching, match_models
 from onnxquant.debug.report import (
     ActivationStats,
@@ -36,6 +33,7 @@ from onnxquant.debug.report import (
     LayerStats,
     OutputStats,
 )
+from onnxquant.debug.sensitivity import MAX_OP_TYPES, Sensitivity, measure_sensitivity
 
 __all__ = ["compare", "SENSITIVITY_VALUES"]
 
@@ -111,11 +109,14 @@ def compare(
         if not state.samples:
             raise CalibrationError("no samples to compare: the data gave no feeds")
         passed = time.perf_counter()
-        sensitivity = _sensitivities(state, quant_ir, sensitivity_layers, providers, workdir,
-                                     progress)
+        sensitivity = measure_sensitivity(
+            matching, quant_ir, sessions, state.kept, state.ranked(),
+            layers=sensitivity_layers, op_types=MAX_OP_TYPES if sensitivity_layers else 0,
+            progress=progress)
         logger.info("compare: models matched and sessions made in %.1f s, %d samples in %.1f "
                     "s, %d sensitivities in %.1f s", ready - start, state.samples,
-                    passed - ready, len(sensitivity), time.perf_counter() - passed)
+                    passed - ready, len(sensitivity.layers) + len(sensitivity.op_types),
+                    time.perf_counter() - passed)
     report = state.report(sensitivity, histograms)
     report.float_model = str(float_source.path or float_source.description)
     report.quantized_model = str(quant_source.path or quant_source.description)
@@ -220,7 +221,13 @@ class _State:
             histogram.update(floats[key])
             self.histograms[key] = histogram
 
-    def report(self, sensitivity: dict[int, float], histogram_count: int) -> ComparisonReport:
+    def ranked(self) -> list[int]:
+        """Comparable layers, worst isolated SQNR first."""
+        candidates = [i for i in range(len(self.layers))
+                      if i not in self.incomparable and self.isolated[i].samples]
+        return sorted(candidates, key=lambda i: self.isolated[i].sqnr_db)
+
+    def report(self, sensitivity: Sensitivity, histogram_count: int) -> ComparisonReport:
         outputs = {name: OutputStats(name, acc.sqnr_db, acc.cosine, acc.argmax_agreement)
                    for name, acc in self.outputs.items()}
         layers = []
@@ -230,7 +237,7 @@ class _State:
                 layer.name, layer.op_type,
                 self.layers[i].sqnr_db if measured else None,
                 self.isolated[i].sqnr_db if measured else None,
-                sensitivity.get(i), layer.reference, layer.layer.node.name or ""))
+                sensitivity.layers.get(i), layer.reference, layer.layer.node.name or ""))
         activations = {}
         for key, match in self.matching.activations.items():
             low, high = match.params.grid_bounds()
@@ -246,44 +253,8 @@ class _State:
             weights={name: m.sqnr_db for name, m in self.matching.weights.items()},
             activations=activations,
             histograms=[self.histograms[k].result(k) for k in worst[:histogram_count]],
+            op_type_sensitivity=dict(sensitivity.op_types),
             samples=self.samples, sensitivity_samples=len(self.kept),
             layer_samples=min(self.samples, self.layer_samples),
             unmatched={"weights": self.matching.unmatched_weights,
                        "activations": self.matching.unmatched_activations})
-
-
-def _mean_sqnr(session, kept, output_names: list[str]) -> float:
-    accs = {name: ErrorAccumulator() for name in output_names}
-    for feed, reference in kept:
-        results = session.run(output_names, feed)
-        for name, value in zip(output_names, results, strict=True):
-            accs[name].update(reference[name], value)
-    values = [min(acc.sqnr_db, 200.0) for acc in accs.values()]
-    return float(np.mean(values)) if values else math.nan
-
-
-def _sensitivities(state: _State, quant_ir: ir.Model, count: int, providers: Sequence[str],
-                   workdir, progress: bool) -> dict[int, float]:
-    """Output SQNR gain (dB) of keeping each of the ``count`` layers with the worst isolated
-    SQNR float, on the kept samples."""
-    if not count or not state.kept:
-        return {}
-    names = state.sessions.output_names
-    candidates = [i for i in range(len(state.layers))
-                  if i not in state.incomparable and state.isolated[i].samples]
-    candidates.sort(key=lambda i: state.isolated[i].sqnr_db)
-    baseline = _mean_sqnr(state.sessions.plain, state.kept, names)
-    gains: dict[int, float] = {}
-    proto = ir.serde.serialize_model(quant_ir)
-    for i in tqdm(candidates[:count], desc="sensitivity", unit="layer", disable=not progress):
-        layer = state.matching.layers[i]
-        edit = float_layer_edit(quant_ir, state.matching, layer.layer.node.name or "")
-        if edit is None:
-            continue
-        try:
-            session = state.sessions.from_proto(apply_edit(proto, edit), f"variant{i}")
-        except CalibrationError as err:
-            logger.warning("could not run layer %s in float: %s", layer.name, err)
-            continue
-        gains[i] = _mean_sqnr(session, state.kept, names) - baseline
-    return gains

@@ -25,7 +25,7 @@ from onnxquant.debug._params import constant_array
 from onnxquant.debug.matching import Matching, WeightMatch
 from onnxquant.debug.quantized_graph import INTEGER_OPS, MS
 
-__all__ = ["LayerEdit", "float_layer_edit", "apply_edit", "FLOAT_FORMS"]
+__all__ = ["LayerEdit", "float_layer_edit", "apply_edit", "apply_edits", "FLOAT_FORMS"]
 
 # Integer op -> (float op, attributes to drop).
 FLOAT_FORMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -175,18 +175,29 @@ def _float_bias(node: ir.Node, slot: int, weights: dict[str, WeightMatch],
     return name
 
 
-def apply_edit(proto: onnx.ModelProto, edit: LayerEdit) -> onnx.ModelProto:
-    """A copy of ``proto`` with ``edit`` applied."""
+def apply_edits(proto: onnx.ModelProto, edits: list[LayerEdit]) -> onnx.ModelProto:
+    """A copy of ``proto`` with ``edits`` applied (each to a different node)."""
     result = onnx.ModelProto()
     result.CopyFrom(proto)
     graph = result.graph
     nodes = list(graph.node)
-    index = next(i for i, n in enumerate(nodes) if n.name == edit.node)
-    for slot, name in edit.inputs.items():
-        nodes[index].input[slot] = name
-    # The new nodes go right before the node (its inputs are defined above it), in order.
-    nodes[index:index + 1] = [*edit.nodes] if edit.remove else [*edit.nodes, nodes[index]]
+    by_name = {edit.node: edit for edit in edits}
+    edited: list[onnx.NodeProto] = []
+    for node in nodes:
+        edit = by_name.get(node.name)
+        if edit is None:
+            edited.append(node)
+            continue
+        for slot, name in edit.inputs.items():
+            node.input[slot] = name
+        # The new nodes go right before the node (its inputs are defined above it), in order.
+        edited += [*edit.nodes] if edit.remove else [*edit.nodes, node]
+        graph.initializer.extend(edit.initializers)
     del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(edit.initializers)
+    graph.node.extend(edited)
     return result
+
+
+def apply_edit(proto: onnx.ModelProto, edit: LayerEdit) -> onnx.ModelProto:
+    """A copy of ``proto`` with ``edit`` applied."""
+    return apply_edits(proto, [edit])

@@ -147,10 +147,28 @@ def _exclude_option(names: list[str]) -> str:
             f"{esc(shlex.quote(','.join(names)))}</code>")
 
 
+def _group_advice(report: ReportLike, best_layer: float) -> str:
+    """A sentence when keeping a whole op type float helps clearly more than any one layer."""
+    groups = sorted(report.op_type_sensitivity.items(), key=lambda kv: -kv[1])
+    if not groups or groups[0][1] < max(USEFUL_GAIN_DB, best_layer + 3.0):
+        return ""
+    op, gain = groups[0]
+    return (f"Keeping every <code>{esc(op)}</code> float raises the output SQNR by {gain:.1f} "
+            f"dB — pass <code><span class=\"opt\">--exclude-op-types</span> "
+            f"{esc(shlex.quote(op))}</code> to <code>onnxquant static</code>"
+            " (the error is spread over many layers of that type). ")
+
+
 def _advice(report: ReportLike, status: str) -> str:
     """One or two sentences (HTML) saying what to do first."""
     ranked = report.ranked_layers()
     helpful = [x for x in ranked if (x.sensitivity_db or 0.0) >= USEFUL_GAIN_DB]
+    group = _group_advice(report, max((x.sensitivity_db or 0.0) for x in ranked)
+                          if ranked else 0.0)
+    if group and status != "good":
+        return group + ("Then compare again." if not helpful else
+                        f"Single layers gain less: <code>{esc(helpful[0].node)}</code> "
+                        f"{helpful[0].sensitivity_db:+.1f} dB.")
     if status == "good":
         text = "The quantized outputs match the float model closely; nothing needs to change."
         if helpful:
@@ -198,7 +216,20 @@ def _top_layers(report: ReportLike) -> str:
             "(output SQNR gain when only that layer stays float) first, then the unmeasured "
             "layers by isolated SQNR, lowest first.</p>"
             + table(["#", "node", "op type", "sensitivity", "isolated SQNR",
-                     "accumulated SQNR"], rows, numeric=(0, 3, 4, 5)))
+                     "accumulated SQNR"], rows, numeric=(0, 3, 4, 5))
+            + _op_type_table(report))
+
+
+def _op_type_table(report: ReportLike) -> str:
+    """Gains of keeping every layer of an op type float (``--exclude-op-types``)."""
+    groups = sorted(report.op_type_sensitivity.items(), key=lambda kv: -kv[1])
+    if not groups:
+        return ""
+    rows = [[f"<code>{esc(op)}</code>", f"{db:+.1f} dB"] for op, db in groups]
+    return ("<h3>Op types kept float as a group</h3><p class=\"note\">Output SQNR gain when "
+            "every quantized layer of one op type stays float "
+            "(<code>--exclude-op-types</code>).</p>"
+            + table(["op type", "sensitivity"], rows, numeric=(1,)))
 
 
 def _figure(uri: str | None, alt: str, caption: str = "") -> str:

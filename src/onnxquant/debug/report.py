@@ -14,6 +14,8 @@ JSON contract (``REPORT.json``; numbers are floats, ``null`` where not measured 
 - ``weights``: ``{name: sqnr_db}`` of each quantized weight against its float original;
 - ``activations``: ``{name: {sqnr_db, quantization_sqnr_db, scheme, clip_min, clip_max}}``;
 - ``histograms``: the float values of the worst activations with the clip range chosen;
+- ``op_type_sensitivity``: ``{op_type: dB}``, the mean output SQNR gain of keeping every layer
+  of that op type float (the most frequent op types; ``--exclude-op-types`` in the CLI);
 - ``samples`` (outputs), ``layer_samples`` (layers, activations, histograms: the first ones),
   ``sensitivity_samples``, ``float_model``, ``quantized_model``, ``unmatched``.
 """
@@ -158,6 +160,8 @@ class ComparisonReport:
         weights: SQNR (dB) of each quantized weight against its float original.
         activations: Per quantized activation.
         histograms: Float values of the worst activations (worst first).
+        op_type_sensitivity: Output SQNR gain (dB) of keeping every layer of an op type
+            float, for the most frequent op types.
         samples: Samples whose outputs were compared.
         sensitivity_samples: Samples each sensitivity measurement used.
         layer_samples: Samples over which layers, weights and activations were compared.
@@ -179,6 +183,7 @@ class ComparisonReport:
     quantized_model: str = ""
     unmatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    op_type_sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def ranked_layers(self) -> list[LayerStats]:
         """Layers most worth keeping float first: measured sensitivity (highest first), then
@@ -202,6 +207,8 @@ class ComparisonReport:
             "weights": {name: _number(db) for name, db in self.weights.items()},
             "activations": {name: a.to_dict() for name, a in self.activations.items()},
             "histograms": [h.to_dict() for h in self.histograms],
+            "op_type_sensitivity": {op: _number(db) for op, db in
+                                    self.op_type_sensitivity.items()},
             "unmatched": self.unmatched,
         }
 
@@ -225,6 +232,10 @@ class ComparisonReport:
                 else ""
             lines.append(f"  output {name}: SQNR {_fmt_db(o.sqnr_db)}, cosine {o.cosine:.4f}"
                          f"{agree}")
+        groups = sorted(self.op_type_sensitivity.items(), key=lambda kv: -kv[1])
+        if groups:
+            lines.append("keeping every layer of an op type float: " + ", ".join(
+                f"{op} {db:+.1f} dB" for op, db in groups))
         ranked = self.ranked_layers()[:top]
         if ranked:
             lines.append("layers most worth keeping float:")

@@ -167,7 +167,7 @@ class _State:
         for name, acc in self.outputs.items():
             acc.update(reference[name], outputs[name])
         if self.adaptive_keep and not self.samples:
-            values = sum(int(np.asarray(v).size) for v in reference.values())
+            values = sum(int(np.asarray(reference[name]).size) for name in self.outputs)
             wanted = -(-SENSITIVITY_VALUES // max(values, 1))
             self.keep = min(max(wanted, MIN_SENSITIVITY_SAMPLES), MAX_SENSITIVITY_SAMPLES)
         if len(self.kept) < self.keep:

@@ -5,8 +5,9 @@ of the serialized model, so measuring the sensitivity of many layers costs one p
 each instead of a deserialized model (a third of a second on a 5 MB detector).
 
 - QDQ: each input the layer reads through a DequantizeLinear reads its float source instead —
-  a weight its float original, an activation the tensor before its QuantizeLinear (through a
-  Relu when the grid starts at zero: a Relu/Clip the quantizer fused). Its output keeps its
+  a weight its float original, an activation the tensor before its QuantizeLinear (clipped to
+  the grid's range when the quantizer folded a Relu/Clip or BatchNormalization into it: its
+  metadata says so; for other tools, a grid that starts at zero). Its output keeps its
   QuantizeLinear: that is the next layer's input quantization.
 - QOperator: the integer op becomes DequantizeLinear → float op (float weights and bias) →
   QuantizeLinear on the same output grid, writing the same output name.
@@ -15,12 +16,14 @@ each instead of a deserialized model (a third of a second on a 5 MB detector).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from onnxquant.core.graph import STANDS_FOR
 from onnxquant.debug._params import constant_array
 from onnxquant.debug.matching import Matching, WeightMatch
 from onnxquant.debug.quantized_graph import INTEGER_OPS, MS
@@ -73,6 +76,12 @@ class LayerEdit:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
+    def constant(self, stem: str, value: float) -> str:
+        """Add a float32 scalar initializer; its name."""
+        name = self.name(stem)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
     def node_proto(self, op_type: str, inputs: list[str], output: str | None = None) -> str:
         """Add a node; returns its output name (``output`` or a private one)."""
         out = output or self.name(op_type.lower())
@@ -88,19 +97,22 @@ def float_layer_edit(model: ir.Model, matching: Matching, node_name: str
     if node is None:
         return None
     weights = {m.weight.stored: m for m in matching.weights.values()}
+    recorded = model.metadata_props.get(STANDS_FOR)
+    aliases = json.loads(recorded) if recorded is not None else None
     edit = LayerEdit(node_name)
     if node.op_type in FLOAT_FORMS and (node.domain == MS or node.op_type.startswith("QLinear")):
         return edit if _integer_to_float(node, weights, edit) else None
     for slot, value in enumerate(node.inputs):
         dq = value.producer() if value is not None else None
         if dq is not None and dq.op_type == "DequantizeLinear":
-            replacement = _float_source(dq, weights, edit)
+            replacement = _float_source(dq, weights, edit, aliases)
             if replacement is not None:
                 edit.inputs[slot] = replacement
     return edit if edit.inputs else None
 
 
-def _float_source(dq: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit) -> str | None:
+def _float_source(dq: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit,
+                  aliases: dict[str, str] | None) -> str | None:
     """The float tensor to read instead of a DequantizeLinear's output (None: keep it)."""
     q = dq.inputs[0]
     if q is None:
@@ -116,9 +128,21 @@ def _float_source(dq: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit)
         return None
     pre = quantize.inputs[0].name or ""
     zero = constant_array(quantize.inputs[2]) if len(quantize.inputs) > 2 else None
-    if zero is not None and zero.dtype.kind == "u" and np.all(zero == 0):
-        return edit.node_proto("Relu", [pre])  # the grid starts at 0: a fused Relu/Clip
-    return pre
+    scale = constant_array(quantize.inputs[1])
+    if aliases is not None:  # onnxquant recorded every tensor whose grid took over a Relu/Clip
+        fused = pre in aliases
+    else:  # other tools: a grid starting at 0 is the sign of a folded Relu/Clip
+        fused = zero is not None and zero.dtype.kind == "u" and bool(np.all(zero == 0))
+    if not fused or scale is None or zero is None or scale.size != 1:
+        return pre
+    # The quantizer folded a Relu/Clip into this grid (it says so in its metadata, or the grid
+    # starts at 0): the float layer reads the tensor clipped to the grid's range, as the
+    # removed Relu/Clip did.
+    info = np.iinfo(zero.dtype)
+    low = float((info.min - int(zero.reshape(-1)[0])) * float(scale.reshape(-1)[0]))
+    high = float((info.max - int(zero.reshape(-1)[0])) * float(scale.reshape(-1)[0]))
+    floor = edit.node_proto("Max", [pre, edit.constant("low", low)])
+    return edit.node_proto("Min", [floor, edit.constant("high", high)])
 
 
 def _integer_to_float(node: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit) -> bool:

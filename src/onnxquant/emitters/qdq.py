@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
-from onnxquant.core.graph import add_initializer, iter_nodes, record_stands_for
+from onnxquant.core.graph import STANDS_FOR, add_initializer, iter_nodes, record_stands_for
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, QuantPlan, TensorQuant
 
@@ -134,6 +134,8 @@ class _QDQEmitter:
             node.graph.remove(node, safe=True)
 
     def run(self) -> None:
+        # Always present in our output, so readers know every folded tensor is listed.
+        self.model.metadata_props.setdefault(STANDS_FOR, "{}")
         self.remove_folded_activations()
         for name, tq in self.plan.tensors.items():
             value = self.values.get(name)

@@ -24,7 +24,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
-from onnxquant.core.graph import add_initializer, is_float, iter_nodes, record_stands_for
+from onnxquant.core.graph import (
+    STANDS_FOR,
+    add_initializer,
+    is_float,
+    iter_nodes,
+    record_stands_for,
+)
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import INT8
@@ -270,6 +276,8 @@ class _QOperatorEmitter:
 
     # -- the whole model -----------------------------------------------------------------------
     def run(self) -> None:
+        # Always present in our output, so readers know every folded tensor is listed.
+        self.model.metadata_props.setdefault(STANDS_FOR, "{}")
         self.choose()
         self.remove_folded_activations()
         self.kernel_grid = fold_scales(self.order, self.integer, self.decisions, self.plan)

@@ -41,7 +41,8 @@ def worker_quantize(job: dict) -> dict:
     use_working_tree()
     import onnxquant
 
-    config = onnxquant.StaticQuantConfig(nodes_to_exclude=tuple(job.get("exclude", ())))
+    config = onnxquant.StaticQuantConfig(nodes_to_exclude=tuple(job.get("exclude", ())),
+                                         op_types_to_exclude=tuple(job.get("exclude_ops", ())))
     start = time.perf_counter()
     onnxquant.quantize_static(job["model"], job["out"], load_pickle(job["calib"]), config)
     return {"ok": True, "seconds": time.perf_counter() - start, **peak_rss_mb()}
@@ -62,7 +63,9 @@ def worker_report(job: dict) -> dict:
             "sensitivity_db": x.sensitivity_db, "isolated_sqnr_db": x.isolated_sqnr_db}
            for x in report.ranked_layers()[:3]]
     outputs = {k: v.to_dict() for k, v in report.outputs.items()}
+    groups = sorted(report.op_type_sensitivity.items(), key=lambda kv: -kv[1])
     return {"ok": True, "seconds": seconds, "samples": report.samples, "top": top,
+            "best_op_type": list(groups[0]) if groups else None,
             "outputs": outputs, "layers": len(report.layers), **peak_rss_mb()}
 
 
@@ -96,6 +99,14 @@ def run_model(name: str, workdir: Path, samples: int) -> dict:
             "model": ctx["model"], "out": str(kept), "calib": ctx["calib"], "exclude": [first]},
             jobdir, TIMEOUT, kind="quantize_kept", mem_limit_mb=MEM_LIMIT_MB)
         row["after"] = _fidelity(ctx, kept, jobdir) if k["ok"] else None
+    if r.get("best_op_type") and r["best_op_type"][1] > 0:
+        group = jobdir / "quant_group.onnx"
+        g = run_worker("bench_report:worker_quantize", {
+            "model": ctx["model"], "out": str(group), "calib": ctx["calib"],
+            "exclude_ops": [r["best_op_type"][0]]}, jobdir, TIMEOUT, kind="quantize_group",
+            mem_limit_mb=MEM_LIMIT_MB)
+        row["best_op_type"] = r["best_op_type"]
+        row["after_group"] = _fidelity(ctx, group, jobdir) if g["ok"] else None
     return row
 
 
@@ -122,8 +133,9 @@ def memory_rows(name: str, workdir: Path) -> list[dict]:
 
 def _print_rows(rows: list[dict]) -> None:
     print("| model | measure | default | top-3 layers (sensitivity dB) | first kept float |"
-          " quantize s | report s | ratio | report peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          " best op type (dB) | that op type kept float | quantize s | report s | ratio |"
+          " report peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['model']} | error: {row['error']} |")
@@ -131,9 +143,12 @@ def _print_rows(rows: list[dict]) -> None:
         top = ", ".join(f"{t['node']} ({t['op_type']}, "
                         f"{t['sensitivity_db']:+.1f})" if t["sensitivity_db"] is not None
                         else f"{t['node']} ({t['op_type']})" for t in row["top"])
+        group = row.get("best_op_type")
+        group_cell = f"{group[0]} ({group[1]:+.1f})" if group else "–"
         print(f"| {row['model']} | {row['measure']} | "
               f"{ce.format_fidelity(row['model'], row['before'])} | {top} | "
-              f"{ce.format_fidelity(row['model'], row.get('after'))} | "
+              f"{ce.format_fidelity(row['model'], row.get('after'))} | {group_cell} | "
+              f"{ce.format_fidelity(row['model'], row.get('after_group'))} | "
               f"{row['quantize_s']:.1f} | {row['report_s']:.1f} | "
               f"{row['report_s'] / row['quantize_s']:.2f} | {row['report_peak_mb']:.0f} |")
 

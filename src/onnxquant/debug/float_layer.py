@@ -1,14 +1,19 @@
-"""One quantized layer back in float, as an edit of the quantized model's protobuf.
+"""One quantized layer left out of quantization, as an edit of the quantized model's protobuf.
+
+What changes is what ``--exclude-nodes`` would change: the layer's weights become float, and
+so do its inputs unless a quantized layer writes them (the writer's output stays quantized, for
+its other readers and for onnxruntime's fusions — as onnxquant's and onnxruntime's quantizers
+leave it when a reader is excluded).
 
 The edit is worked out once from the analysed graph (:class:`LayerEdit`) and applied to a copy
 of the serialized model, so measuring the sensitivity of many layers costs one protobuf copy
 each instead of a deserialized model (a third of a second on a 5 MB detector).
 
-- QDQ: each input the layer reads through a DequantizeLinear reads its float source instead —
-  a weight its float original, an activation the tensor before its QuantizeLinear (clipped to
-  the grid's range when the quantizer folded a Relu/Clip or BatchNormalization into it: its
-  metadata says so; for other tools, a grid that starts at zero). Its output keeps its
-  QuantizeLinear: that is the next layer's input quantization.
+- QDQ: each such input the layer reads through a DequantizeLinear reads its float source
+  instead — a weight its float original, an activation the tensor before its
+  QuantizeLinear (clipped to the grid's range when the quantizer folded a Relu/Clip or
+  BatchNormalization into it: its metadata says so; for other tools, a grid that starts at
+  zero). Its output keeps its QuantizeLinear: that is the next layer's input quantization.
 - QOperator: the integer op becomes DequantizeLinear → float op (float weights and bias) →
   QuantizeLinear on the same output grid, writing the same output name.
 """
@@ -102,18 +107,34 @@ def float_layer_edit(model: ir.Model, matching: Matching, node_name: str
     edit = LayerEdit(node_name)
     if node.op_type in FLOAT_FORMS and (node.domain == MS or node.op_type.startswith("QLinear")):
         return edit if _integer_to_float(node, weights, edit) else None
+    quantized = _quantized_producers(model)
     for slot, value in enumerate(node.inputs):
         dq = value.producer() if value is not None else None
         if dq is not None and dq.op_type == "DequantizeLinear":
-            replacement = _float_source(dq, weights, edit, aliases)
+            replacement = _float_source(dq, weights, edit, aliases, quantized)
             if replacement is not None:
                 edit.inputs[slot] = replacement
     return edit if edit.inputs else None
 
 
+def _quantized_producers(model: ir.Model) -> set[int]:
+    """Ids of the nodes that compute on quantized values (read a DequantizeLinear output or
+    are integer ops): their outputs stay quantized when a reader is left out of quantization."""
+    found = set()
+    for node in model.graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.op_type in INTEGER_OPS or any(
+                v is not None and (p := v.producer()) is not None
+                and p.op_type == "DequantizeLinear" for v in node.inputs):
+            found.add(id(node))
+    return found
+
+
 def _float_source(dq: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit,
-                  aliases: dict[str, str] | None) -> str | None:
-    """The float tensor to read instead of a DequantizeLinear's output (None: keep it)."""
+                  aliases: dict[str, str] | None, quantized: set[int]) -> str | None:
+    """The float tensor to read instead of a DequantizeLinear's output (None: keep it — an
+    activation a quantized layer writes stays quantized, as when the reader is excluded)."""
     q = dq.inputs[0]
     if q is None:
         return None
@@ -125,6 +146,9 @@ def _float_source(dq: ir.Node, weights: dict[str, WeightMatch], edit: LayerEdit,
         return edit.weight(match, data.shape)
     quantize = q.producer()
     if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.inputs[0] is None:
+        return None
+    producer = quantize.inputs[0].producer()
+    if producer is not None and id(producer) in quantized:
         return None
     pre = quantize.inputs[0].name or ""
     zero = constant_array(quantize.inputs[2]) if len(quantize.inputs) > 2 else None

@@ -10,7 +10,9 @@ JSON contract (``REPORT.json``; numbers are floats, ``null`` where not measured 
   order — ``sqnr_db``: the layer's output against float with every quantization before it
   (accumulated); ``isolated_sqnr_db``: the same layer fed the float model's inputs (the noise it
   adds on its own); ``sensitivity_db``: how much the mean output SQNR rises when only this layer
-  stays float (measured for the most suspicious layers, null elsewhere);
+  is left out of quantization, as ``--exclude-nodes`` leaves it out: its weights float, and its
+  inputs float unless a quantized layer writes them (measured for the most suspicious layers,
+  null elsewhere);
 - ``weights``: ``{name: sqnr_db}`` of each quantized weight against its float original;
 - ``activations``: ``{name: {sqnr_db, quantization_sqnr_db, scheme, clip_min, clip_max}}``;
 - ``histograms``: the float values of the worst activations with the clip range chosen;

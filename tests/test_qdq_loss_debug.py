@@ -86,7 +86,9 @@ def _wraps_in_onnxruntime(quant: onnx.ModelProto, stored: str) -> bool:
 
 
 # -- 1. onnxruntime-made QDQ models: same keys and values ------------------------------------
-ORT_CASES = [("cnn", False), ("cnn", True), ("matmul_chain", False), ("matmul_chain", True)]
+ORT_CASES = [("cnn", False), ("cnn", True), ("matmul_chain", False), ("matmul_chain", True),
+             # weights in Constant nodes: onnxruntime quantizes them at run time, Q(Constant)
+             ("constant_weights_cnn", False)]
 
 
 @pytest.fixture(scope="module", params=ORT_CASES, ids=[f"{m}-{'pc' if pc else 'pt'}"
@@ -362,3 +364,11 @@ def test_collect_on_empty_reader_raises(float_file: Path, tmp_path: Path, reader
         ours.collect_activations(output, source)
     with pytest.raises(RuntimeError, match="No data is collected"):
         ort_debug.collect_activations(str(output), ListReader([]))
+
+
+def test_sqnr_of_scalars() -> None:
+    """Scalar weights (a LayerNorm epsilon, a GELU constant) come as 0-d values."""
+    value = ours.compute_signal_to_quantization_noice_ratio(np.float64(2.0), np.float64(1.9))
+    assert value == pytest.approx(20 * math.log10(2.0 / 0.1))
+    assert ours.compute_weight_error({"eps": {"float": np.float32(1e-5),
+                                              "dequantized": np.float32(1e-5)}})["eps"] > 100

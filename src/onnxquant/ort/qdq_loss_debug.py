@@ -37,7 +37,6 @@ from onnxquant.calibration.readers import iter_feeds
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.debug.matching import match_models
-from onnxquant.debug.quantized_graph import QuantizedGraph
 from onnxquant.preprocess import infer_types
 
 __all__ = [
@@ -76,17 +75,22 @@ class ActivationDict(dict):
 
 
 def _qdq_pairs(model: ir.Model) -> dict[str, tuple[str, str]]:
-    """``{activation: (tensor before QuantizeLinear, tensor after DequantizeLinear)}``."""
+    """``{activation: (tensor before QuantizeLinear, tensor after DequantizeLinear)}`` for every
+    QuantizeLinear → DequantizeLinear pair of the main graph (weights held in Constant nodes
+    and quantized at run time included, as onnxruntime's naming rules pair them)."""
     stands_for = json.loads(model.metadata_props.get(STANDS_FOR_KEY, "{}"))
     outputs = {id(v) for v in model.graph.outputs}
     pairs: dict[str, tuple[str, str]] = {}
-    for tensor in QuantizedGraph(model).tensors.values():
-        if tensor.pre is None or not tensor.posts:
+    for node in model.graph:
+        pre = node.inputs[0] if node.op_type == "QuantizeLinear" and node.inputs else None
+        if pre is None or pre.name is None or pre.is_initializer():
             continue
-        pre = tensor.pre.name or ""
-        for post in tensor.posts:
-            key = post.name if id(post) in outputs else stands_for.get(pre, pre)
-            pairs.setdefault(key or "", (pre, post.name or ""))
+        for reader, _ in node.outputs[0].uses():
+            if reader.op_type != "DequantizeLinear" or reader.inputs[0] is not node.outputs[0]:
+                continue
+            post = reader.outputs[0]
+            key = post.name if id(post) in outputs else stands_for.get(pre.name, pre.name)
+            pairs.setdefault(key or "", (pre.name, post.name or ""))
     return pairs
 
 
@@ -216,7 +220,12 @@ def create_weight_matching(float_model_path: str | Path, qdq_model_path: str | P
 
 
 def _flat(values: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
-    arrays = [values] if isinstance(values, np.ndarray) else list(values)
+    """One flat float64 array of an array, a scalar or a list of them."""
+    if isinstance(values, (np.ndarray, np.generic, int, float)):
+        return np.asarray(values, np.float64).ravel()
+    arrays = list(values)
+    if not arrays:
+        return np.zeros(0)
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
 
 

@@ -29,8 +29,8 @@ EPS = float(np.finfo(np.float64).eps)
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     """``20·log10(max(‖x‖, eps) / max(‖x − y‖, eps))`` of the flattened arrays, in float64."""
-    acc = ErrorAccumulator()
-    acc.update(reference, candidate)
+    acc = ErrorAccumulator(agreement=False)
+    acc.update(np.asarray(reference, np.float64), np.asarray(candidate, np.float64))
     return acc.sqnr_db
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -134,10 +135,27 @@ class _FloatModel:
         self.values: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs if v.name}
         for node in model.graph:
             self.values.update({v.name: v for v in node.outputs if v.name})
-        self.constants = {name: arr for name, v in {**model.graph.initializers,
-                                                    **self.values}.items()
-                          if (arr := constant_array(v)) is not None}
+        # Constant values by name, read when needed (a copy of every weight would double the
+        # memory of a large model).
+        self.constants = {name: v for name, v in {**model.graph.initializers,
+                                                  **self.values}.items()
+                          if _is_constant(v)}
         self._prepared: _FloatModel | None = None
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of constant ``name`` (None when it is not one)."""
+        value = self.constants.get(name)
+        return constant_array(value) if value is not None else None
+
+    def sizes(self) -> Iterator[tuple[str, int]]:
+        """``(name, element count)`` of every constant, without reading any."""
+        for name, value in self.constants.items():
+            tensor = value.const_value
+            if tensor is None:
+                array = constant_array(value)
+                yield name, int(array.size) if array is not None else 0
+            else:
+                yield name, int(np.prod(tensor.shape.numpy())) if tensor.shape.numpy() else 1
 
     def is_activation(self, name: str | None) -> bool:
         return bool(name) and name in self.values and name not in self.constants
@@ -172,6 +190,13 @@ class _FloatModel:
         return None
 
 
+def _is_constant(value: ir.Value) -> bool:
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
 def _aligned(reference: np.ndarray, dequantized: np.ndarray) -> tuple[np.ndarray, bool] | None:
     """``dequantized`` in ``reference``'s layout (and whether it was transposed)."""
     if reference.shape == dequantized.shape:
@@ -183,30 +208,49 @@ def _aligned(reference: np.ndarray, dequantized: np.ndarray) -> tuple[np.ndarray
     return dequantized.reshape(reference.shape), False
 
 
-def _weight_match(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch | None:
-    candidates: list[tuple[str, str, _FloatModel]] = []
-    if weight.stored.endswith("_quantized"):
-        stem = weight.stored[: -len("_quantized")]
-        candidates += [("name", stem, floats), ("folded", stem, floats.prepared)]
-    if weight.reader is not None:
+def _candidates(floats: _FloatModel, weight: QuantizedWeight
+                ) -> Iterator[tuple[str, str, _FloatModel]]:
+    """(evidence, float constant name, model): the stored name without ``_quantized``, then
+    the same operand of the same-named node, each in the float model and in its prepared form
+    (made only when asked for)."""
+    stem = weight.stored[: -len("_quantized")] if weight.stored.endswith("_quantized") else None
+    for how, source in (("name", lambda: floats), ("node", lambda: floats),
+                        ("folded", lambda: floats.prepared)):
+        model = source()
+        if stem is not None and how != "node":
+            yield how, stem, model
+        if weight.reader is None or how == "name":
+            continue
         node, slot = weight.reader
-        for how, source in (("node", floats), ("folded", floats.prepared)):
-            twin = source.node_for(node)
-            if twin is not None and slot < len(twin.inputs) and twin.inputs[slot] is not None:
-                if twin.op_type == "Div" and slot == 1 and node.op_type in ("Mul", "QLinearMul"):
-                    how = "reciprocal"  # x / c runs as x · (1/c)
-                candidates.append((how, twin.inputs[slot].name or "", source))  # type: ignore[union-attr]
-    for how, name, source in candidates:
-        reference = source.constants.get(name)
+        twin = model.node_for(node)
+        if twin is not None and slot < len(twin.inputs) and twin.inputs[slot] is not None:
+            kind = how
+            if twin.op_type == "Div" and slot == 1 and node.op_type in ("Mul", "QLinearMul"):
+                kind = "reciprocal"  # x / c runs as x · (1/c)
+            yield kind, twin.inputs[slot].name or "", model  # type: ignore[union-attr]
+
+
+def _weight_match(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch | None:
+    """The stored name decides when it names a float constant of the right size; otherwise
+    the candidate closest in value (a node's unfolded weight against the folded one)."""
+    found: list[WeightMatch] = []
+    for how, name, source in _candidates(floats, weight):
+        reference = source.array(name)
         if how == "reciprocal" and reference is not None:
             if reference.dtype.kind != "f" or not np.all(reference):
                 continue
             reference = (1.0 / reference.astype(np.float64)).astype(reference.dtype)
             name = f"{name}_reciprocal"
         aligned = _aligned(reference, weight.dequantized) if reference is not None else None
-        if aligned is not None:
-            return WeightMatch(name, reference.astype(np.float64), aligned[0], weight,  # type: ignore[union-attr]
-                               how, aligned[1])
+        if aligned is None:
+            continue
+        match = WeightMatch(name, reference, aligned[0], weight, how,  # type: ignore[arg-type]
+                            aligned[1])
+        if how == "name":
+            return match
+        found.append(match)
+    if found:
+        return max(found, key=lambda m: m.sqnr_db)
     return _by_value(floats, weight)
 
 
@@ -215,8 +259,9 @@ def _by_value(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch | Non
     best_db = MIN_VALUE_MATCH_DB
     size = weight.dequantized.size
     for source in (floats, floats.prepared):
-        for name, reference in source.constants.items():
-            if reference.size != size or reference.dtype.kind != "f" or size < 2:
+        for name, count in source.sizes():
+            reference = source.array(name) if count == size and size >= 2 else None
+            if reference is None or reference.dtype.kind != "f":
                 continue
             aligned = _aligned(reference, weight.dequantized)
             if aligned is None:
@@ -224,8 +269,7 @@ def _by_value(floats: _FloatModel, weight: QuantizedWeight) -> WeightMatch | Non
             db = sqnr_db(reference, aligned[0])
             if db > best_db:
                 best_db = db
-                best = WeightMatch(name, reference.astype(np.float64), aligned[0], weight,
-                                   "value", aligned[1])
+                best = WeightMatch(name, reference, aligned[0], weight, "value", aligned[1])
         if best is not None:
             return best
     return None

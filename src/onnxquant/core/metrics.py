@@ -52,7 +52,8 @@ def _cosine_from(xy: float, xx: float, yy: float) -> float:
 
 def _sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """``(x·x, y·y, x·y, (x−y)·(x−y))``; a float32 sum that overflows is redone in float64."""
-    diff = x - y
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: handled by the caller
+        diff = x - y
     sums = (float(np.dot(x, x)), float(np.dot(y, y)), float(np.dot(x, y)),
             float(np.dot(diff, diff)))
     if x.dtype != np.float64 and not all(math.isfinite(v) for v in sums) and \

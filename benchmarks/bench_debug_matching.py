@@ -21,9 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _bench_util import ort_reader, use_working_tree
-
 import _corpus_eval as ce
+from _bench_util import ort_reader, use_working_tree
 
 SAMPLES = 2
 

@@ -47,7 +47,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
                         "layers float (default 8; 0 skips)")
     p.add_argument("--sensitivity-samples", type=positive_int, metavar="N",
                    help="samples each sensitivity measurement runs (default: enough for "
-                        "65536 output values, 2 to 32)")
+                        "65536 output values, 1 to 32)")
     add_verbosity(p)
     p.set_defaults(run=_run_report)
 

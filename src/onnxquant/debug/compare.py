@@ -39,7 +39,7 @@ __all__ = ["compare", "SENSITIVITY_VALUES"]
 
 SENSITIVITY_VALUES = 1 << 16
 """Output values (all outputs of all kept samples) a sensitivity measurement aims for."""
-MIN_SENSITIVITY_SAMPLES, MAX_SENSITIVITY_SAMPLES = 2, 32
+MIN_SENSITIVITY_SAMPLES, MAX_SENSITIVITY_SAMPLES = 1, 32
 OWN_ERROR_SAMPLES = 4
 """Samples over which an activation's own quantization error (its float values through its
 grid alone) is measured: a property of its parameters, stable after a few samples."""
@@ -73,8 +73,8 @@ def compare(
         sensitivity_layers: How many layers (those with the worst isolated SQNR) to measure
             exactly by putting each back in float; 0 skips the measurement.
         sensitivity_samples: Samples each of those measurements runs (the first ones); by
-            default as many as give :data:`SENSITIVITY_VALUES` output values (2 to 32): a
-            segmentation map needs two, a two-class classifier all 32.
+            default as many as give :data:`SENSITIVITY_VALUES` output values (1 to 32): a
+            segmentation map needs one, a two-class classifier all 32.
         histograms: How many of the worst activations get a value histogram.
         providers: onnxruntime execution providers.
         progress: Show a progress bar.

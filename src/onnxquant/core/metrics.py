@@ -8,8 +8,8 @@ sums, so memory does not grow with the number of samples:
   ``compute_signal_to_quantization_noice_ratio``, same epsilon guard);
 - **cosine**: the mean over samples of the cosine similarity of the flattened tensors;
 - **argmax agreement**: the fraction of positions whose argmax over the last axis agrees (float
-  tensors whose last axis is longer than 1); for integer or boolean tensors (class ids,
-  masks), the fraction of equal elements.
+  tensors of rank 1 to 3 whose last axis is longer than 1); for integer or boolean tensors
+  (class ids, masks), the fraction of equal elements.
 
 Candidate values that are NaN or infinite where the reference is finite count as unbounded
 error: the SQNR is ``-inf`` and :attr:`ErrorAccumulator.nonfinite` counts them.
@@ -21,7 +21,11 @@ import math
 
 import numpy as np
 
-__all__ = ["EPS", "ErrorAccumulator", "sqnr_db", "cosine", "fake_quantize"]
+__all__ = ["EPS", "MAX_CLASS_RANK", "ErrorAccumulator", "sqnr_db", "cosine", "fake_quantize"]
+
+MAX_CLASS_RANK = 3
+"""Argmax agreement is measured for float tensors of rank 1 to 3 (scores ``[C]``, ``[N, C]``,
+``[N, T, C]``): the last axis of a rank-4 map (``[N, C, H, W]``) is a width, not classes."""
 
 EPS = float(np.finfo(np.float64).eps)
 """Norms below this count as this (onnxruntime's guard against log of zero)."""
@@ -131,7 +135,7 @@ class ErrorAccumulator:
         if ref.dtype.kind in "iub":
             self.agree += int(np.sum(ref == cand))
             self.positions += ref.size
-        elif ref.ndim >= 1 and ref.shape[-1] > 1 and ref.shape == cand.shape:
+        elif 1 <= ref.ndim <= MAX_CLASS_RANK and ref.shape[-1] > 1 and ref.shape == cand.shape:
             self.agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
             self.positions += ref.size // ref.shape[-1]
 

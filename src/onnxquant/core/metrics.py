@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-__all__ = ["EPS", "MAX_CLASS_RANK", "ErrorAccumulator", "sqnr_db", "cosine", "fake_quantize"]
+__all__ = ["EPS", "MAX_CLASS_RANK", "ErrorAccumulator", "sqnr_db", "cosine"]
 
 MAX_CLASS_RANK = 3
 """Argmax agreement is measured for float tensors of rank 1 to 3 (scores ``[C]``, ``[N, C]``,
@@ -71,21 +71,6 @@ def _flat_float(a: np.ndarray) -> np.ndarray:
     if a.dtype in (np.float32, np.float64):
         return a.ravel()
     return a.astype(np.float64).ravel()
-
-
-def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int,
-                  qmax: int, axis: int | None = None) -> np.ndarray:
-    """``(clip(round(x / scale) + zp, qmin, qmax) − zp) · scale`` in float64 (round half to
-    even, as QuantizeLinear); ``axis`` places per-channel parameters."""
-    x = np.asarray(x, dtype=np.float64)
-    s = np.asarray(scale, dtype=np.float64)
-    z = np.asarray(zero_point, dtype=np.float64)
-    if axis is not None and s.ndim == 1 and x.ndim > 0:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
-    q = np.clip(np.rint(x / s) + z, qmin, qmax)
-    return (q - z) * s
 
 
 class ErrorAccumulator:

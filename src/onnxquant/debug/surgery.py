@@ -8,7 +8,6 @@ finds values by name, so one :class:`~onnxquant.debug.matching.Matching` serves 
 
 from __future__ import annotations
 
-import onnx
 import onnx_ir as ir
 
 from onnxquant.core.names import UniqueNames
@@ -20,11 +19,8 @@ __all__ = ["copy_model", "expose", "cut_at_activations", "CUT_SUFFIX"]
 CUT_SUFFIX = "__float"
 """Graph inputs of the cut model are named ``<float tensor><CUT_SUFFIX>``."""
 
-def copy_model(model: ir.Model | onnx.ModelProto) -> ir.Model:
-    """A deep copy (the protobuf round trip onnx_ir offers); pass a serialized
-    ``ModelProto`` to make many copies of one model at half the cost."""
-    if isinstance(model, onnx.ModelProto):
-        return ir.serde.deserialize_model(model)
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy (the protobuf round trip onnx_ir offers)."""
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 

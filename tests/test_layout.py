@@ -82,6 +82,7 @@ def test_no_import_cycle_between_modules() -> None:
 
 PUBLIC = [
     "quantize_static", "quantize_dynamic", "quantize_weights", "compare", "ComparisonReport",
+    "AccuracyTarget",
     "DynamicQuantConfig",
     "DynamicQuantizationResult", "calibrate", "WeightOnlyConfig", "WeightOnlyAlgorithm",
     "GPTQSettings", "WeightOnlyResult", "WeightOnlyConfigError", "CalibrationResult",

@@ -39,6 +39,7 @@ from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.static.api import QuantizationResult, calibrate, quantize_static
 from onnxquant.static.config import CalibrationMethod, QuantFormat, StaticQuantConfig
+from onnxquant.target import AccuracyTarget
 from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
 from onnxquant.weight_only.config import (
     GPTQSettings,
@@ -55,6 +56,7 @@ __all__ = [
     "quantize_weights",
     "compare",
     "ComparisonReport",
+    "AccuracyTarget",
     "DynamicQuantConfig",
     "DynamicQuantizationResult",
     "calibrate",

@@ -25,6 +25,8 @@ from onnxquant.core.qtypes import quant_type_from_name
 from onnxquant.core.speed import count_ops, format_advice
 from onnxquant.static.api import quantize_static
 from onnxquant.static.config import CalibrationMethod, QuantFormat, StaticQuantConfig
+from onnxquant.target import AccuracyTarget
+from onnxquant.target.scoring import METRICS
 
 __all__ = ["add_static_parser", "static_config_from_args"]
 
@@ -52,6 +54,10 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=positive_int, metavar="N",
                    help="use at most N calibration feeds")
     add_eval(p, "every 10th --calib feed (at most 16) is held back from calibration for it")
+    p.add_argument("--target", type=_target_spec, metavar="METRIC:SCORE",
+                   help="search for a model that meets this accuracy on --eval (or held-back "
+                        "calibration feeds): cosine:0.99, argmax:0.99 or sqnr:30 (dB); the "
+                        "summary shows every candidate and the nodes kept float")
     calib = p.add_argument_group("calibration")
     calib.add_argument("--method", choices=[m.value for m in CalibrationMethod],
                        default="minmax", help="how activation ranges are found (default minmax)")
@@ -106,6 +112,19 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_static)
 
 
+def _target_spec(text: str) -> tuple[str, float]:
+    """``metric:score`` (``argmax:0.99``) for ``--target``."""
+    metric, _, value = text.partition(":")
+    if metric not in METRICS or not value:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': give METRIC:SCORE with METRIC one of {', '.join(METRICS)} "
+            "(e.g. argmax:0.99, cosine:0.995, sqnr:30)")
+    try:
+        return metric, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+
+
 def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
     """Translate parsed ``static`` arguments into a :class:`StaticQuantConfig`.
 
@@ -146,7 +165,11 @@ def _run_static(args: argparse.Namespace) -> int:
         raise QuantizationError("give calibration data with --calib DATA (or an existing "
                                 "--calib-cache)")
     check_data(args.calib, args.eval)  # a bad path fails before the model loads
-    result = quantize_static(args.model, args.output, args.calib, config, eval_data=args.eval)
+    target = None
+    if args.target is not None:
+        target = AccuracyTarget(args.target[0], args.target[1])
+    result = quantize_static(args.model, args.output, args.calib, config, eval_data=args.eval,
+                             target=target)
     if args.plan_json is not None:
         try:
             result.plan.to_json(args.plan_json)

@@ -27,7 +27,7 @@ from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibr
 from onnxquant.static.result import QuantizationResult
 from onnxquant.static.verify import emit_verified
 
-__all__ = ["QuantizationResult", "quantize_static", "calibrate"]
+__all__ = ["QuantizationResult", "quantize_static", "calibrate", "calibrate_prepared"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,13 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     return result
 
 
+def calibrate_prepared(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfig, *,
+                       hold_back: HoldBack | None = None) -> CalibrationResult:
+    """Calibrate a prepared model's selected nodes as :func:`quantize_static` does (cache,
+    workers, the feeds kept for the finiteness check, ``hold_back``)."""
+    return _calibrate(model, nodes, data, config, hold_back=hold_back)
+
+
 def _feeds_for_check(model: ir.Model, data: Any, count: int,
                      hold_back: HoldBack | None) -> list[dict]:
     """The first feeds of ``data`` for the finiteness check when statistics came from a
@@ -119,6 +126,7 @@ def quantize_static(
     config: StaticQuantConfig | None = None,
     *,
     eval_data: Any = None,
+    target: Any = None,
 ) -> QuantizationResult:
     """Quantize a float model statically (QDQ or QOperator format, see ``config.format``).
 
@@ -137,6 +145,8 @@ def quantize_static(
         config: Settings; defaults to ``StaticQuantConfig()`` (U8S8 QDQ, MinMax, per tensor).
         eval_data: Feeds to measure the accuracy on (same kinds as ``calibration_data``);
             when given, no calibration feed is held back.
+        target: An :class:`onnxquant.AccuracyTarget`: search for a model that meets it
+            (``result.target`` says whether it did, with every candidate tried).
 
     Returns:
         A :class:`QuantizationResult` with the plan, the files written and the fidelity.
@@ -147,6 +157,8 @@ def quantize_static(
             EvaluationError from ``eval_data`` comes after the model was written.
     """
     config = config or StaticQuantConfig()
+    if target is not None:  # onnxquant.AccuracyTarget: the search lives in onnxquant.target
+        return target.quantize(model_input, model_output, calibration_data, config, eval_data)
     start = time.perf_counter()
     entry = front_door.enter(model_input, model_output, upgrade_opset=config.upgrade_opset,
                              min_opset=config.required_opset())

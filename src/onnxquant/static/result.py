@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from onnxquant.calibration.fidelity import Fidelity, accuracy_lines
 from onnxquant.core.plan import NodeDecision, QuantPlan
@@ -61,6 +62,8 @@ class QuantizationResult:
         unobserved: Tensors that calibration could not observe (they stay float).
         fidelity: How close the quantized outputs stay to the float ones, and on which
             samples; None when not measured.
+        target: With ``quantize_static(..., target=...)``: the search's outcome
+            (:class:`onnxquant.target.TargetResult`: met, score, kept float, every step).
     """
 
     plan: QuantPlan
@@ -71,6 +74,7 @@ class QuantizationResult:
     seconds: float
     unobserved: list[str]
     fidelity: Fidelity | None = None
+    target: Any = None
 
     def summary(self, advice: Sequence[str] = (), latency: Latency | None = None) -> str:
         """The plain-text summary ``onnxquant static`` prints (see :func:`format_summary`).
@@ -170,6 +174,8 @@ def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
     else:
         lines.append("float nodes:  0")
     lines += accuracy_lines(result.fidelity)
+    if result.target is not None:
+        lines += result.target.lines()
     lines.append(size_line(result.float_bytes, result.quantized_bytes))
     lines.append(f"calibration:  {result.calibration_samples} "
                  f"sample{'s' if result.calibration_samples != 1 else ''}")

@@ -1,28 +1,33 @@
-"""The accuracy-target search: calibrate once, then re-plan and re-emit candidates (each costs
-one emission and one pass over the evaluation samples) until one meets the target.
+"""The accuracy-target search: calibrate once (collecting histograms, from which every
+calibration method's ranges derive), then re-plan and re-emit candidates — each costs one
+emission and one pass over the evaluation samples — until one meets the target.
 
-This first version has one kind of move, keeping nodes float, chosen from the debugging
-report of the default model (:func:`onnxquant.debug.compare` on the evaluation samples):
+Moves, in the order they are tried, each kept when it raises the score:
 
-1. *tensor* moves, worst first: an activation whose own quantization error is large (an
-   outlier channel, a wide range) stays float — its producer and every reader are kept float,
-   which is what takes the tensor out of quantization;
-2. *group* moves: every layer of an op type, when that gains clearly more than any single
+1. *config* moves on the whole model: another calibration method (MSE, Percentile, Entropy),
+   then per-channel weights;
+2. *tensor* moves, from the debugging report of the best model so far
+   (:func:`onnxquant.debug.compare` on the evaluation samples): an activation whose own
+   quantization error is large stays float — its producer and every reader are kept float;
+3. *group* moves: every layer of an op type, when that gains clearly more than any single
    layer (the op-type sensitivity of the report);
-3. *layer* moves: the layers of the sensitivity ranking (measured gain first, then isolated
+4. *layer* moves: the layers of the sensitivity ranking (measured gain first, then isolated
    SQNR), each alone and then with the quantized layers that write its inputs (left out
    alone, a layer still reads quantized inputs: :mod:`onnxquant.debug.float_layer`).
 
-A move is kept when it raises the score, and the search stops at the first candidate that
-meets the target or after ``max_evaluations`` candidates; the best candidate is written either
-way, and the result says whether the target was met.
+The search stops at the first candidate that meets the target or after ``max_evaluations``
+candidates; the best candidate is written either way, and the result says whether the target
+was met. Not yet: 16-bit activations for sensitive tensors, SmoothQuant, bias correction and
+cross-layer equalization.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from onnxquant import preprocess
 from onnxquant.calibration.evaluation import HoldBack
 from onnxquant.calibration.fidelity import measure_fidelity
 from onnxquant.calibration.readers import iter_feeds, validate_feed
+from onnxquant.calibration.runner import ranges_from_statistics
 from onnxquant.calibration.session import input_specs, make_session
 from onnxquant.core import front_door, model_io, tempdirs
 from onnxquant.core.errors import CalibrationError
@@ -41,7 +47,7 @@ from onnxquant.core.model_io import clone_model
 from onnxquant.core.summary_text import format_size
 from onnxquant.debug.compare import compare
 from onnxquant.static.api import calibrate_prepared
-from onnxquant.static.config import StaticQuantConfig
+from onnxquant.static.config import CalibrationMethod, StaticQuantConfig
 from onnxquant.static.planner import build_plan, select_nodes
 from onnxquant.static.result import QuantizationResult
 from onnxquant.static.verify import emit_verified
@@ -115,16 +121,32 @@ class _Candidates:
         self.target = target
         self.feeds = feeds
         self.workdir = workdir
+        self._by_method: dict[CalibrationMethod, Any] = {}
         session = make_session(pristine, config.providers, workdir)
         self.names = [o.name for o in session.get_outputs()]
         self.reference = [dict(zip(self.names, session.run(self.names, f), strict=True))
                           for f in feeds]
 
-    def build(self, keep_float: dict[str, str]) -> tuple[ir.Model, Any]:
+    def calibration_for(self, config: StaticQuantConfig) -> Any:
+        """The calibration result with ``config``'s method, derived from the histograms
+        collected once (every method reads the same statistics)."""
+        method = config.calibration_method
+        if method not in self._by_method:
+            derived = ranges_from_statistics(self.calibration.statistics,
+                                             self.calibration.samples,
+                                             config.calibration_settings())
+            self._by_method[method] = dataclasses.replace(
+                self.calibration, ranges=derived.ranges)
+        return self._by_method[method]
+
+    def build(self, keep_float: dict[str, str], config: StaticQuantConfig | None = None
+              ) -> tuple[ir.Model, Any]:
+        config = config or self.config
+        calibration = self.calibration_for(config)
         model = clone_model(self.pristine)
-        plan = build_plan(select_nodes(model, self.config), self.calibration.ranges,
-                          self.config, keep_float=keep_float)
-        model, plan = emit_verified(model, plan, self.calibration, self.config)
+        plan = build_plan(select_nodes(model, config), calibration.ranges, config,
+                          keep_float=keep_float)
+        model, plan = emit_verified(model, plan, calibration, config)
         _drop_inferred_shapes(model, self.declared)
         return model, plan
 
@@ -136,6 +158,14 @@ class _Candidates:
         outputs = [dict(zip(self.names, session.run(self.names, f), strict=True))
                    for f in self.feeds]
         return score(self.target.metric, self.reference, outputs), len(data)
+
+
+def _with_histograms(config: StaticQuantConfig) -> StaticQuantConfig:
+    """``config`` collecting histograms, from which every calibration method's ranges derive
+    (MinMax collects only extremes); a moving-average MinMax keeps its own statistics."""
+    if config.calibration_method is CalibrationMethod.MINMAX and not config.moving_average:
+        return dataclasses.replace(config, calibration_method=CalibrationMethod.MSE)
+    return config
 
 
 def _drop_inferred_shapes(model: ir.Model, declared: set[str]) -> None:
@@ -198,6 +228,24 @@ def _moves(report: Any, model: ir.Model, planned: set[str]) -> list[tuple[str, d
     return moves
 
 
+def _config_moves(config: StaticQuantConfig
+                  ) -> list[tuple[str, Callable[[StaticQuantConfig], StaticQuantConfig]]]:
+    """Whole-model moves, tried first, each applied to the config kept so far: another
+    calibration method (MSE picks each tensor's range by its own expected error), then
+    per-channel weights."""
+    moves: list[tuple[str, Callable[[StaticQuantConfig], StaticQuantConfig]]] = []
+    if not config.moving_average:
+        for method in (CalibrationMethod.MSE, CalibrationMethod.PERCENTILE,
+                       CalibrationMethod.ENTROPY):
+            if method is not config.calibration_method:
+                moves.append((f"calibration {method.value}", functools.partial(
+                    dataclasses.replace, calibration_method=method)))
+    if not config.per_channel:
+        moves.append(("per-channel weights",
+                      functools.partial(dataclasses.replace, per_channel=True)))
+    return moves
+
+
 def _group_moves(report: Any, nodes: dict[str, ir.Node], planned: set[str]
                  ) -> list[tuple[str, dict[str, str]]]:
     """Every layer of an op type float, for the op types whose group gain clearly beats the
@@ -229,7 +277,7 @@ def quantize_to_target(model_input: Any, model_output: Any, calibration_data: An
     float_bytes = entry.source.float_bytes(model)
     hold_back = HoldBack() if eval_data is None else None
     calibration = calibrate_prepared(model, select_nodes(model, config), calibration_data,
-                                     config, hold_back=hold_back)
+                                     _with_histograms(config), hold_back=hold_back)
     feeds = _eval_feeds(model, eval_data, hold_back)
     if not feeds:
         raise CalibrationError("the accuracy target needs evaluation samples: pass eval_data")
@@ -265,13 +313,24 @@ class _Search:
         best_score, size = c.evaluate(model)
         self.steps.append(Step("defaults", best_score, size, True))
         best = (model, plan)
-        if best_score < target.min_score and target.evaluations > 1:
-            planned = {d.name for d in plan.nodes.values()}
-            for description, nodes in self._moves(model, planned):
-                if len(self.steps) >= target.evaluations or best_score >= target.min_score:
+        config = c.config
+        for description, change in _config_moves(config):
+            if self._done(best_score):
+                break
+            trial_config = change(config)
+            model, plan = c.build(keep, trial_config)
+            value, size = c.evaluate(model)
+            kept = value > best_score
+            self.steps.append(Step(description, value, size, kept))
+            if kept:
+                config, best_score, best = trial_config, value, (model, plan)
+        if not self._done(best_score):
+            planned = {d.name for d in best[1].nodes.values()}
+            for description, nodes in self._moves(best[0], planned):
+                if self._done(best_score):
                     break
                 trial = {**keep, **nodes}
-                model, plan = c.build(trial)
+                model, plan = c.build(trial, config)
                 value, size = c.evaluate(model)
                 kept = value > best_score
                 self.steps.append(Step(description, value, size, kept))
@@ -280,6 +339,10 @@ class _Search:
         self.result = TargetResult(target.describe(), best_score >= target.min_score,
                                    best_score, keep, self.steps, len(c.feeds))
         return best
+
+    def _done(self, best_score: float) -> bool:
+        target = self.candidates.target
+        return best_score >= target.min_score or len(self.steps) >= target.evaluations
 
     def _moves(self, model: ir.Model, planned: set[str]) -> list[tuple[str, dict[str, str]]]:
         path = self.workdir / "default.onnx"

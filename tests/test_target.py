@@ -155,3 +155,24 @@ def test_cli_target(outlier: Path, tmp_path: Path) -> None:
                           str(tmp_path / "r.onnx"), "--target", "top5:1"],
                          capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "METRIC:SCORE" in bad.stderr
+
+
+def test_calibrates_once(outlier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate (other calibration methods included) comes from one calibration pass."""
+    from onnxquant.target import search
+
+    calls = []
+    original = search.calibrate_prepared
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[3].calibration_method)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(search, "calibrate_prepared", counting)
+    target = onnxquant.AccuracyTarget("sqnr", 500.0, eval_data=_feeds(4, 2), max_evaluations=6)
+    result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
+                                       target=target)
+    moves = [s.move for s in result.target.steps]
+    assert moves[:5] == ["defaults", "calibration mse", "calibration percentile",
+                         "calibration entropy", "per-channel weights"]
+    assert len(calls) == 1 and calls[0].value == "mse"  # histograms, from which all derive

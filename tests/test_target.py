@@ -176,3 +176,23 @@ def test_calibrates_once(outlier: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert moves[:5] == ["defaults", "calibration mse", "calibration percentile",
                          "calibration entropy", "per-channel weights"]
     assert len(calls) == 1 and calls[0].value == "mse"  # histograms, from which all derive
+
+
+def test_a_failing_move_is_skipped(outlier: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxquant.target import search
+
+    original = search._Candidates.build
+
+    def build(self, keep, config=None):  # type: ignore[no-untyped-def]
+        if config is not None and config.per_channel:
+            raise QuantizationError("planted failure")
+        return original(self, keep, config)
+
+    monkeypatch.setattr(search._Candidates, "build", build)
+    target = onnxquant.AccuracyTarget("cosine", 0.999, eval_data=_feeds(8, 2))
+    result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
+                                       target=target)
+    failed = [s for s in result.target.steps if s.move.endswith("(failed)")]
+    assert [s.move for s in failed] == ["per-channel weights (failed)"]
+    assert result.target.met

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -326,27 +327,36 @@ class _Search:
             if self._done(best_score):
                 break
             trial_config = change(config)
-            model, plan = c.build(keep, trial_config)
-            value, size = c.evaluate(model)
-            kept = value > best_score
-            self.steps.append(Step(description, value, size, kept))
-            if kept:
-                config, best_score, best = trial_config, value, (model, plan)
+            found = self._try(description, keep, trial_config, best_score)
+            if found is not None:
+                config, best_score, best = trial_config, found[0], found[1]
         if not self._done(best_score):
             planned = {d.name for d in best[1].nodes.values()}
             for description, nodes in self._moves(best[0], planned):
                 if self._done(best_score):
                     break
                 trial = {**keep, **nodes}
-                model, plan = c.build(trial, config)
-                value, size = c.evaluate(model)
-                kept = value > best_score
-                self.steps.append(Step(description, value, size, kept))
-                if kept:
-                    keep, best_score, best = trial, value, (model, plan)
+                found = self._try(description, trial, config, best_score)
+                if found is not None:
+                    keep, best_score, best = trial, found[0], found[1]
         self.result = TargetResult(target.describe(), best_score >= target.min_score,
                                    best_score, keep, self.steps, len(c.feeds))
         return best
+
+    def _try(self, description: str, keep: dict[str, str], config: StaticQuantConfig,
+             best_score: float) -> tuple[float, tuple[ir.Model, Any]] | None:
+        """Build and score one candidate; its (score, (model, plan)) when it beats
+        ``best_score``. A candidate that cannot be built or run is recorded and skipped."""
+        try:
+            model, plan = self.candidates.build(keep, config)
+            value, size = self.candidates.evaluate(model)
+        except Exception as err:  # noqa: BLE001 - one failed move must not end the search
+            logger.warning("accuracy target: '%s' could not be evaluated: %s", description, err)
+            self.steps.append(Step(f"{description} (failed)", -math.inf, 0, False))
+            return None
+        kept = value > best_score
+        self.steps.append(Step(description, value, size, kept))
+        return (value, (model, plan)) if kept else None
 
     def _done(self, best_score: float) -> bool:
         target = self.candidates.target

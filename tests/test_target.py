@@ -4,6 +4,8 @@ score as documented, and a callable metric receives the documented structure."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +82,10 @@ def test_search_keeps_the_outlier_tensor_float(outlier: Path, tmp_path: Path) ->
     # On samples the search never saw.
     assert _cosine(outlier, out, _feeds(8, 3)) >= 0.999
     assert found.steps[0].move == "defaults" and found.steps[0].score < 0.999
-    assert found.steps[-1].kept and len(found.steps) <= 24
+    assert len(found.steps) <= 24 + 4
+    # Trimming tried to undo the float tensor once the target was met, and had to keep it.
+    undo = [s for s in found.steps if s.move == "undo: float tensor h"]
+    assert len(undo) == 1 and not undo[0].kept and undo[0].score < 0.999
 
 
 def test_unreachable_target_returns_the_best_model(outlier: Path, tmp_path: Path) -> None:
@@ -196,3 +201,35 @@ def test_a_failing_move_is_skipped(outlier: Path, tmp_path: Path,
     failed = [s for s in result.target.steps if s.move.endswith("(failed)")]
     assert [s.move for s in failed] == ["per-channel weights (failed)"]
     assert result.target.met
+
+
+def test_trimming_undoes_an_unneeded_costly_move(outlier: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the target is met, 16-bit activations kept on the way are undone when the model
+    still meets it without them, and a float move that is still needed stays (scripted scores:
+    defaults 0.5, uint16 0.8, first node move 1.0, undo uint16 1.0, undo node move 0.5)."""
+    from onnxquant.target import search
+
+    scores = iter([0.5, 0.8, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    original = search._Candidates.evaluate
+
+    def evaluate(self, model):  # type: ignore[no-untyped-def]
+        _, size = original(self, model)
+        return next(scores), size
+
+    def moves(config):  # type: ignore[no-untyped-def]
+        return [("uint16 activations", functools.partial(
+            dataclasses.replace, activation_type=onnxquant.UINT16))]
+
+    monkeypatch.setattr(search._Candidates, "evaluate", evaluate)
+    monkeypatch.setattr(search, "_config_moves", moves)
+    target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2))
+    result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
+                                       target=target)
+    steps = [(s.move, s.kept) for s in result.target.steps]
+    assert steps[:2] == [("defaults", True), ("uint16 activations", True)]
+    assert steps[3] == ("undo: uint8 activations", True)
+    assert steps[4][0].startswith("undo: float") and not steps[4][1]
+    assert result.target.met and result.target.kept_float
+    activations = [tq for tq in result.plan.tensors.values() if tq.role != "weight"]
+    assert activations and all(tq.quant_type.bits == 8 for tq in activations)

@@ -16,9 +16,11 @@ Moves, in the order they are tried, each kept when it raises the score:
    alone, a layer still reads quantized inputs: :mod:`onnxquant.debug.float_layer`).
 
 The search stops at the first candidate that meets the target or after ``max_evaluations``
-candidates; the best candidate is written either way, and the result says whether the target
-was met. Not yet: 16-bit activations for single tensors (only the whole model), SmoothQuant,
-bias correction and cross-layer equalization.
+candidates; when it met the target, a trimming pass undoes the costly moves that are not
+needed after all (16-bit activations, then float nodes, latest first). The best candidate is
+written either way, and the result says whether the target was met. Not yet: 16-bit
+activations for single tensors (only the whole model), SmoothQuant, bias correction and
+cross-layer equalization.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ TENSOR_MOVES = 3
 """Activations (worst own quantization SQNR first) tried as tensor moves."""
 GROUP_MARGIN_DB = 3.0
 """An op-type group is tried when its gain beats the best single layer's by this much."""
+TRIM_EVALUATIONS = 4
+"""Candidates the trimming pass may evaluate once the target is met (on top of the budget)."""
 LAYER_MOVES = 10
 """Layers of the sensitivity ranking tried as layer moves (alone, then with their inputs)."""
 
@@ -306,6 +310,14 @@ def quantize_to_target(model_input: Any, model_output: Any, calibration_data: An
     return result
 
 
+def _beats(bar: float) -> Callable[[float], bool]:
+    return lambda value: value > bar
+
+
+def _reaches(bar: float) -> Callable[[float], bool]:
+    return lambda value: value >= bar
+
+
 class _Search:
     def __init__(self, candidates: _Candidates, entry: Any, workdir: Path) -> None:
         self.candidates = candidates
@@ -327,26 +339,58 @@ class _Search:
             if self._done(best_score):
                 break
             trial_config = change(config)
-            found = self._try(description, keep, trial_config, best_score)
+            found = self._try(description, keep, trial_config, _beats(best_score))
             if found is not None:
                 config, best_score, best = trial_config, found[0], found[1]
+        node_moves: list[tuple[str, dict[str, str]]] = []
         if not self._done(best_score):
             planned = {d.name for d in best[1].nodes.values()}
             for description, nodes in self._moves(best[0], planned):
                 if self._done(best_score):
                     break
                 trial = {**keep, **nodes}
-                found = self._try(description, trial, config, best_score)
+                found = self._try(description, trial, config, _beats(best_score))
                 if found is not None:
                     keep, best_score, best = trial, found[0], found[1]
+                    node_moves.append((description, nodes))
+        if best_score >= target.min_score:
+            config, keep, best_score, best = self._trim(config, keep, node_moves, best_score,
+                                                        best)
         self.result = TargetResult(target.describe(), best_score >= target.min_score,
                                    best_score, keep, self.steps, len(c.feeds))
         return best
 
+    def _trim(self, config: StaticQuantConfig, keep: dict[str, str],
+              node_moves: list[tuple[str, dict[str, str]]], best_score: float,
+              best: tuple[ir.Model, Any]) -> tuple[StaticQuantConfig, dict[str, str], float,
+                                                   tuple[ir.Model, Any]]:
+        """Once the target is met, undo the costly moves that turn out not to be needed (at
+        most :data:`TRIM_EVALUATIONS` candidates): 16-bit activations back to the requested
+        width (they cost speed), then the float nodes, latest first (they cost size)."""
+        minimum = self.candidates.target.min_score
+        original = self.candidates.config.activation_type
+        tries = 0
+        if config.activation_type != original:
+            narrow = dataclasses.replace(config, activation_type=original)
+            found = self._try(f"undo: {original.name} activations", keep, narrow,
+                              _reaches(minimum))
+            tries += 1
+            if found is not None:
+                config, best_score, best = narrow, found[0], found[1]
+        for description, nodes in reversed(node_moves):
+            if tries >= TRIM_EVALUATIONS:
+                break
+            trial = {k: v for k, v in keep.items() if k not in nodes}
+            found = self._try(f"undo: {description}", trial, config, _reaches(minimum))
+            tries += 1
+            if found is not None:
+                keep, best_score, best = trial, found[0], found[1]
+        return config, keep, best_score, best
+
     def _try(self, description: str, keep: dict[str, str], config: StaticQuantConfig,
-             best_score: float) -> tuple[float, tuple[ir.Model, Any]] | None:
-        """Build and score one candidate; its (score, (model, plan)) when it beats
-        ``best_score``. A candidate that cannot be built or run is recorded and skipped."""
+             accept: Callable[[float], bool]) -> tuple[float, tuple[ir.Model, Any]] | None:
+        """Build and score one candidate; its (score, (model, plan)) when ``accept`` takes
+        the score. A candidate that cannot be built or run is recorded and skipped."""
         try:
             model, plan = self.candidates.build(keep, config)
             value, size = self.candidates.evaluate(model)
@@ -354,7 +398,7 @@ class _Search:
             logger.warning("accuracy target: '%s' could not be evaluated: %s", description, err)
             self.steps.append(Step(f"{description} (failed)", -math.inf, 0, False))
             return None
-        kept = value > best_score
+        kept = accept(value)
         self.steps.append(Step(description, value, size, kept))
         return (value, (model, plan)) if kept else None
 

@@ -44,6 +44,7 @@ __all__ = [
     "first_feeds",
     "calibration_feeds",
     "ranges_from_statistics",
+    "feed_total",
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def collect_statistics(
         feeds = calibration_feeds(data, specs, optional, max_samples, hold_back)
         if keep is not None and keep[1] > 0:
             feeds = _keeping(feeds, *keep)
-        total = _total(data, max_samples, hold_back)
+        total = feed_total(data, max_samples, hold_back)
         if workers > 1:
             samples = run_sharded(augmented, outputs, observers, feeds, providers=providers,
                                   workers=workers, workdir=workdir, total=total,
@@ -167,8 +168,9 @@ def _calibration_session(model: ir.Model, augmented: ir.Model, providers: Sequen
         raise
 
 
-def _total(data: Any, max_samples: int | None, hold_back: HoldBack | None = None
-           ) -> int | None:
+def feed_total(data: Any, max_samples: int | None, hold_back: HoldBack | None = None
+               ) -> int | None:
+    """How many feeds a pass over ``data`` will see (for progress bars; None if unknown)."""
     total = count_feeds(data)
     if hold_back is not None:
         total = hold_back.calibration_count(total)

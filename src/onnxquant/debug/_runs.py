@@ -55,7 +55,8 @@ class Sessions:
                                                         for m in matching.layers)))
         self.cut = make_session(cut, self.providers, workdir)
         self.cut_feed_names = {i.name for i in self.cut.get_inputs()}
-        self.float_dtypes = {i.name: _numpy_type(i.type) for i in self.cut.get_inputs()}
+        self.float_dtypes = {v.name: np.dtype(v.dtype.numpy()) for v in cut.graph.inputs
+                             if v.name in self.cut_inputs and v.dtype is not None}
 
     @staticmethod
     def fetch_name(layer: LayerMatch) -> str:
@@ -137,14 +138,6 @@ def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.nda
     if not names:
         return {}
     return dict(zip(names, session.run(names, feed), strict=True))
-
-
-_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-          "tensor(double)": np.float64, "tensor(bfloat16)": np.float32}
-
-
-def _numpy_type(type_name: str) -> type:
-    return _TYPES.get(type_name, np.float32)
 
 
 class StreamingHistogram:

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from onnxquant.calibration.readers import iter_feeds, validate_feed
+from onnxquant.calibration.runner import feed_total
 from onnxquant.calibration.session import input_specs
 from onnxquant.core import front_door, model_io, tempdirs
 from onnxquant.core.errors import CalibrationError
@@ -99,7 +100,7 @@ def compare(
         ready = time.perf_counter()
         specs, optional = input_specs(float_ir)
         feeds = iter_feeds(data, specs=specs)
-        total = _total(data, max_samples)
+        total = feed_total(data, max_samples)
         with tqdm(total=total, desc="comparing", unit="sample", disable=not progress) as bar:
             for index, raw in enumerate(feeds):
                 if max_samples is not None and index >= max_samples:
@@ -122,15 +123,6 @@ def compare(
     report.quantized_model = str(quant_source.path or quant_source.description)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _total(data: Any, max_samples: int | None) -> int | None:
-    from onnxquant.calibration.readers import count_feeds
-
-    total = count_feeds(data)
-    if max_samples is not None:
-        return min(total, max_samples) if total is not None else max_samples
-    return total
 
 
 class _State:

@@ -155,7 +155,9 @@ class _Candidates:
         plan = build_plan(select_nodes(model, config), calibration.ranges, config,
                           keep_float=keep_float)
         model, plan = emit_verified(model, plan, calibration, config)
-        _drop_inferred_shapes(model, self.declared)
+        preprocess.drop_inferred_shapes(model, {  # ids of this copy's declared values
+            id(v) for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            for v in n.outputs if v.name in self.declared})
         return model, plan
 
     def evaluate(self, model: ir.Model) -> tuple[float, int]:
@@ -174,16 +176,6 @@ def _with_histograms(config: StaticQuantConfig) -> StaticQuantConfig:
     if config.calibration_method is CalibrationMethod.MINMAX and not config.moving_average:
         return dataclasses.replace(config, calibration_method=CalibrationMethod.MSE)
     return config
-
-
-def _drop_inferred_shapes(model: ir.Model, declared: set[str]) -> None:
-    """Shapes only on the intermediate values whose shape the input model declared (see
-    :func:`onnxquant.preprocess.annotated_values`: inferred shapes change onnxruntime's
-    fusions for the worse)."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for value in node.outputs:
-            if not value.is_graph_output() and value.name not in declared:
-                value.shape = None
 
 
 def _eval_feeds(model: ir.Model, eval_data: Any, hold_back: HoldBack | None
@@ -296,7 +288,7 @@ def quantize_to_target(model_input: Any, model_output: Any, calibration_data: An
         raise CalibrationError("the accuracy target needs evaluation samples: pass eval_data")
     with tempdirs.private_dir(None, "onnxquant-target-") as workdir:
         search = _Search(_Candidates(clone_model(model), calibration, config, target, feeds,
-                                     workdir, declared), entry, workdir)
+                                     workdir, declared), workdir)
         best_model, best_plan = search.run()
     written = model_io.save_model(best_model, entry.output, external_data=config.external_data)
     del best_model
@@ -319,9 +311,8 @@ def _reaches(bar: float) -> Callable[[float], bool]:
 
 
 class _Search:
-    def __init__(self, candidates: _Candidates, entry: Any, workdir: Path) -> None:
+    def __init__(self, candidates: _Candidates, workdir: Path) -> None:
         self.candidates = candidates
-        self.entry = entry
         self.workdir = workdir
         self.steps: list[Step] = []
         self.result: TargetResult | None = None

@@ -86,7 +86,7 @@ PUBLIC = [
     "DynamicQuantConfig",
     "DynamicQuantizationResult", "calibrate", "WeightOnlyConfig", "WeightOnlyAlgorithm",
     "GPTQSettings", "WeightOnlyResult", "WeightOnlyConfigError", "CalibrationResult",
-    "QuantizationResult", "StaticQuantConfig", "QuantFormat", "CalibrationMethod",
+    "QuantizationResult", "StaticQuantConfig", "TensorOverride", "QuantFormat", "CalibrationMethod",
     "CalibrationDataReader", "QuantPlan", "QuantType", "INT4", "UINT4", "INT8", "UINT8", "INT16",
     "UINT16", "FLOAT8E4M3FN", "PerTensor", "PerAxis", "PerBlock", "QuantizationError",
     "ModelLoadError", "UnsupportedModelError", "CalibrationError", "FeedError", "NumericsError",

@@ -38,7 +38,12 @@ from onnxquant.debug import ComparisonReport, compare
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.static.api import QuantizationResult, calibrate, quantize_static
-from onnxquant.static.config import CalibrationMethod, QuantFormat, StaticQuantConfig
+from onnxquant.static.config import (
+    CalibrationMethod,
+    QuantFormat,
+    StaticQuantConfig,
+    TensorOverride,
+)
 from onnxquant.target import AccuracyTarget
 from onnxquant.weight_only.api import WeightOnlyResult, quantize_weights
 from onnxquant.weight_only.config import (
@@ -68,6 +73,7 @@ __all__ = [
     "CalibrationResult",
     "QuantizationResult",
     "StaticQuantConfig",
+    "TensorOverride",
     "QuantFormat",
     "CalibrationMethod",
     "CalibrationDataReader",

@@ -3,6 +3,7 @@ emit → save)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from onnxquant.calibration.runner import (
     first_feeds,
     ranges_from_statistics,
 )
+from onnxquant.calibration.settings import CalibrationMethod, tensor_range
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.static.config import StaticQuantConfig
@@ -27,7 +29,8 @@ from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibr
 from onnxquant.static.result import QuantizationResult
 from onnxquant.static.verify import emit_verified
 
-__all__ = ["QuantizationResult", "quantize_static", "calibrate", "calibrate_prepared"]
+__all__ = ["QuantizationResult", "quantize_static", "calibrate", "calibrate_prepared",
+           "plan_ranges"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,24 @@ def calibrate_prepared(model: ir.Model, nodes: list, data: Any, config: StaticQu
     """Calibrate a prepared model's selected nodes as :func:`quantize_static` does (cache,
     workers, the feeds kept for the finiteness check, ``hold_back``)."""
     return _calibrate(model, nodes, data, config, hold_back=hold_back)
+
+
+def plan_ranges(calibration: CalibrationResult, config: StaticQuantConfig
+                ) -> dict[str, tuple[float, float]]:
+    """The ranges to plan with: the calibrated ones, except that a tensor overridden to a wider
+    type than the config's activations takes its min/max range (histogram methods clip for
+    the narrow grid; 16 bits resolve the whole range)."""
+    ranges = dict(calibration.ranges)
+    bits = config.activation_type.bits
+    minmax = dataclasses.replace(config.calibration_settings(),
+                                 method=CalibrationMethod.MINMAX)
+    for name, override in config.tensors.items():
+        observer = calibration.statistics.get(name)
+        if (override.quant_type is None or override.quant_type.bits <= bits
+                or observer is None or not observer.observed):
+            continue
+        ranges[name] = tensor_range(observer, minmax)
+    return ranges
 
 
 def _feeds_for_check(model: ir.Model, data: Any, count: int,
@@ -168,8 +189,10 @@ def quantize_static(
     nodes = select_nodes(model, config)
     hold_back = HoldBack() if config.evaluate and eval_data is None else None
     calibration = _calibrate(model, nodes, calibration_data, config, hold_back=hold_back)
-    plan = build_plan(nodes, calibration.ranges, config)
-    model, plan = emit_verified(model, plan, calibration, config, annotated=annotated)
+    ranges = plan_ranges(calibration, config)
+    plan = build_plan(nodes, ranges, config)
+    model, plan = emit_verified(model, plan, calibration, config, annotated=annotated,
+                                ranges=ranges)
     preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)
     del model

@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
+from onnxquant.core.errors import QuantizationError
 from onnxquant.core.qtypes import INT8, UINT8, QuantFormat, QuantType
 
-__all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig"]
+__all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig", "TensorOverride"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorOverride:
+    """What one tensor gets instead of the config's defaults (``StaticQuantConfig.tensors``).
+
+    Attributes:
+        quant_type: Its element type (e.g. ``UINT16`` for a sensitive activation next to 8-bit
+            ones; QDQ format only when it differs from the config's type). A 16-bit activation
+            takes its calibrated min/max range: histogram methods choose clip ranges for the
+            config's 8-bit grid, which a 65536-level grid does not need.
+        rmin: Lower end of its range instead of the calibrated one.
+        rmax: Upper end of its range instead of the calibrated one.
+        symmetric: Symmetric parameters (zero point at the midpoint) or not.
+    """
+
+    quant_type: QuantType | None = None
+    rmin: float | None = None
+    rmax: float | None = None
+    symmetric: bool | None = None
 
 
 @dataclasses.dataclass
@@ -89,6 +110,8 @@ class StaticQuantConfig:
             19 µs of transitions; cls ~1.01x -> ~0.96x float, det 0.45x -> 0.43x). Shallow
             Convs inside an integer region stay integer. None quantizes them all. QDQ models
             are unaffected.
+        tensors: Per-tensor overrides by tensor name (:class:`TensorOverride`): mixed
+            precision (16-bit activations where 8 bits lose too much), fixed ranges, symmetry.
     """
 
     activation_type: QuantType = UINT8
@@ -127,6 +150,21 @@ class StaticQuantConfig:
     progress: bool = False
     float_depthwise_multiple: int | None = 16
     float_conv_depth: int | None = 32
+    tensors: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, override in self.tensors.items():
+            if (override.rmin is not None and override.rmax is not None
+                    and not override.rmin <= override.rmax):
+                raise QuantizationError(
+                    f"tensor override '{name}': rmin {override.rmin} is above rmax "
+                    f"{override.rmax}")
+            if (self.format is QuantFormat.QOPERATOR and override.quant_type is not None
+                    and override.quant_type != self.activation_type):
+                raise QuantizationError(
+                    f"tensor override '{name}': a {override.quant_type} tensor next to "
+                    f"{self.activation_type} ones needs the QDQ format (QOperator kernels take "
+                    "one element type); use format=QuantFormat.QDQ")
 
     @property
     def weights_symmetric(self) -> bool:
@@ -157,7 +195,8 @@ class StaticQuantConfig:
         13. Ops with their own minimum for 8-bit inputs (MaxPool 12, Resize/Pad 11) stay float
         below it. The contrib ops use the ``com.microsoft`` opset 1, imported by the emitter.
         """
-        opset = max(self.activation_type.min_opset, self.weight_type.min_opset)
+        opset = max(self.activation_type.min_opset, self.weight_type.min_opset,
+                    *(o.quant_type.min_opset for o in self.tensors.values() if o.quant_type))
         if self.format is QuantFormat.QOPERATOR:
             opset = max(opset, 10)
         if self.per_channel or self.per_channel_fallback_db is not None:

@@ -145,10 +145,17 @@ class _Planner:
     # -- parameters ------------------------------------------------------------------------
     def activation(self, name: str, rng: tuple[float, float], source: str) -> TensorQuant:
         cfg = self.config
+        qtype, symmetric = cfg.activation_type, cfg.activation_symmetric
+        override = cfg.tensors.get(name)
+        if override is not None:
+            qtype = override.quant_type or qtype
+            symmetric = symmetric if override.symmetric is None else override.symmetric
+            rng = (rng[0] if override.rmin is None else override.rmin,
+                   rng[1] if override.rmax is None else override.rmax)
+            source = f"{source} (override)"
         scale, zp = numerics.compute_scale_zero_point(
-            rng[0], rng[1], cfg.activation_type, symmetric=cfg.activation_symmetric,
-            min_real_range=cfg.min_real_range)
-        return _tensor(name, "activation", cfg.activation_type, scale, zp, None, source, rng)
+            rng[0], rng[1], qtype, symmetric=symmetric, min_real_range=cfg.min_real_range)
+        return _tensor(name, "activation", qtype, scale, zp, None, source, rng)
 
     def constant(self, value: ir.Value, axis: int | None, as_weight: bool) -> TensorQuant:
         cfg = self.config
@@ -156,6 +163,10 @@ class _Planner:
         name = value.name or ""
         qtype = cfg.weight_type if as_weight else cfg.activation_type
         symmetric = cfg.weights_symmetric if as_weight else cfg.activation_symmetric
+        override = cfg.tensors.get(name)
+        if override is not None:
+            qtype = override.quant_type or qtype
+            symmetric = symmetric if override.symmetric is None else override.symmetric
         low, high = numerics.tensor_range(data, axis, name=name)
         scale, zp = numerics.compute_scale_zero_point(
             low, high, qtype, symmetric=symmetric, reduce_range=cfg.reduce_range and as_weight)
@@ -457,4 +468,16 @@ def build_plan(
             quantized.append((node, rule, decision))
         planner.plan.nodes[decision.name] = decision
     planner.plan_biases(quantized)
+    _warn_unknown_overrides(nodes, config)
     return planner.plan
+
+
+def _warn_unknown_overrides(nodes: list[ir.Node], config: StaticQuantConfig) -> None:
+    """Name the tensor overrides that match no tensor the selected nodes read or write."""
+    if not config.tensors:
+        return
+    known = {v.name for n in nodes for v in (*n.inputs, *n.outputs) if v is not None}
+    unknown = sorted(set(config.tensors) - known)
+    if unknown:
+        logger.warning("tensor overrides name tensors no selected node reads or writes: %s",
+                       ", ".join(f"'{n}'" for n in unknown[:10]))

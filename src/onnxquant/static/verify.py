@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,9 @@ def emit(model: ir.Model, plan: QuantPlan, qformat: QuantFormat) -> None:
 
 
 def emit_verified(model: ir.Model, plan: QuantPlan, calibration: CalibrationResult,
-                  config: StaticQuantConfig, *, annotated: set[int] | None = None
-                  ) -> tuple[ir.Model, QuantPlan]:
+                  config: StaticQuantConfig, *, annotated: set[int] | None = None,
+                  ranges: Mapping[str, tuple[float, float]] | None = None,
+                  keep_float: Mapping[str, str] | None = None) -> tuple[ir.Model, QuantPlan]:
     """Emit ``plan`` into ``model`` and check finiteness on ``calibration.feeds``.
 
     Args:
@@ -72,6 +73,8 @@ def emit_verified(model: ir.Model, plan: QuantPlan, calibration: CalibrationResu
         config: Settings (``verify_finite``, format, providers).
         annotated: Ids of values whose shapes are kept when saving; extended with the values
             of the model that is returned when it is a new one.
+        ranges: The ranges ``plan`` was made with (default: ``calibration.ranges``).
+        keep_float: The nodes ``plan`` was told to keep float (kept float again).
 
     Returns:
         The quantized model — ``model`` itself, or a new one planned again with some nodes
@@ -93,12 +96,13 @@ def emit_verified(model: ir.Model, plan: QuantPlan, calibration: CalibrationResu
             return model, plan
         logger.warning("the quantized model gives NaN/Inf where the float model does not (%s); "
                        "keeping the nodes that cause it float", _describe(bad))
-        forced: dict[str, str] = {}
+        forced: dict[str, str] = dict(keep_float or {})
         for depth in DEPTHS:
             culprits = checker.culprits(model, bad)
             forced.update(_to_float(pristine, plan, culprits, depth))
             model = clone_model(pristine)
-            plan = build_plan(select_nodes(model, config), calibration.ranges, config,
+            plan = build_plan(select_nodes(model, config),
+                              calibration.ranges if ranges is None else ranges, config,
                               keep_float=forced)
             emit(model, plan, config.format)
             bad = checker.bad_outputs(model)

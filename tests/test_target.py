@@ -5,45 +5,25 @@ score as documented, and a callable metric receives the documented structure."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+import target_models as tm
 
 import onnxquant
 from onnxquant.core.errors import QuantizationError
+from onnxquant.target import candidates, search
+from onnxquant.target.moves import Move
 from onnxquant.target.scoring import score
 
-DIM = 16
-
-
-def _outlier_chain(seed: int = 0) -> onnx.ModelProto:
-    """x → MatMul(W1) → h → MatMul(W2) → y → MatMul(W3) → z; h's channel 0 is 500x the others
-    (W1's column scaled up, W2's row scaled down: the float model is unchanged), so a per-tensor
-    grid for h wipes out its other channels."""
-    rng = np.random.default_rng(seed)
-    w1 = rng.normal(0, 0.3, (DIM, DIM)).astype(np.float32)
-    w2 = rng.normal(0, 0.3, (DIM, DIM)).astype(np.float32)
-    w3 = rng.normal(0, 0.3, (DIM, DIM)).astype(np.float32)
-    w1[:, 0] *= 500.0
-    w2[0, :] /= 500.0
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-         helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"),
-         helper.make_node("MatMul", ["y", "w3"], ["z"], name="mm3")],
-        "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIM])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", DIM])],
-        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+DIM = tm.DIM
 
 
 def _feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.normal(size=(4, DIM)).astype(np.float32)} for _ in range(count)]
+    return tm.feeds(count, seed)
 
 
 def _cosine(float_path: Path, quant_path: Path, feeds: list[dict]) -> float:
@@ -60,32 +40,58 @@ def _cosine(float_path: Path, quant_path: Path, feeds: list[dict]) -> float:
 @pytest.fixture(scope="module")
 def outlier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("target") / "outlier.onnx"
-    onnx.save(_outlier_chain(), path)
+    onnx.save(tm.hidden_outlier(), path)
     return path
 
 
-def test_defaults_fail_on_the_planted_outlier(outlier: Path, tmp_path: Path) -> None:
-    out = tmp_path / "q.onnx"
-    onnxquant.quantize_static(outlier, out, _feeds(16, 1), eval_data=_feeds(8, 2))
-    assert _cosine(outlier, out, _feeds(8, 3)) < 0.99
+PLANTED = {  # model, feeds, config, what the search must find
+    "activation outlier": (tm.input_outlier, tm.outlier_feeds, {}, "float: mm1"),
+    "badly scaled weight": (tm.badly_scaled_weight, tm.feeds,
+                            {"per_channel_fallback_db": None}, "per-channel weights"),
+    "outlier channels": (tm.hidden_outlier, tm.feeds, {}, "SmoothQuant"),
+    "unequal channels": (tm.unequal_cnn, tm.image_feeds, {"per_channel_fallback_db": None},
+                         "cross-layer equalization"),
+}
 
 
-def test_search_keeps_the_outlier_tensor_float(outlier: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", PLANTED)
+def test_search_finds_and_fixes_the_planted_difficulty(case: str, tmp_path: Path) -> None:
+    build, feeds, options, fix = PLANTED[case]
+    path = tmp_path / "float.onnx"
+    onnx.save(build(), path)
+    config = onnxquant.StaticQuantConfig(**options)
+    default = tmp_path / "default.onnx"
+    onnxquant.quantize_static(path, default, feeds(16, 1), config, eval_data=feeds(8, 2))
+    assert _cosine(path, default, feeds(8, 3)) < 0.99  # the planted difficulty is real
     out = tmp_path / "q.onnx"
-    target = onnxquant.AccuracyTarget("cosine", 0.999, eval_data=_feeds(8, 2))
-    result = onnxquant.quantize_static(outlier, out, _feeds(16, 1), target=target)
-    found = result.target
+    target = onnxquant.AccuracyTarget("cosine", 0.999, eval_data=feeds(8, 2))
+    found = onnxquant.quantize_static(path, out, feeds(16, 1), config, target=target).target
     assert found.met and found.score >= 0.999
-    # The planted tensor h (written by mm1, read by mm2) is out of quantization; mm3 is not.
-    assert {"mm1", "mm2"} <= set(found.kept_float) and "mm3" not in found.kept_float
-    assert result.plan.nodes["mm3"].action == "quantize"
-    # On samples the search never saw.
-    assert _cosine(outlier, out, _feeds(8, 3)) >= 0.999
-    assert found.steps[0].move == "defaults" and found.steps[0].score < 0.999
-    assert len(found.steps) <= 24 + 4
-    # Trimming tried to undo the float tensor once the target was met, and had to keep it.
-    undo = [s for s in found.steps if s.move == "undo: float tensor h"]
-    assert len(undo) == 1 and not undo[0].kept and undo[0].score < 0.999
+    assert _cosine(path, out, feeds(8, 3)) >= 0.995  # on samples the search never saw
+    if fix.startswith("float: "):  # exactly the planted layer, nothing else
+        assert set(found.kept_float) == {fix[len("float: "):]} and not found.wide_tensors
+    else:  # a whole-model change, no node kept at higher precision
+        assert fix in found.changes and not found.kept_float and not found.wide_tensors
+    assert found.steps[0].move == "defaults" and found.steps[0].score < 0.99
+    assert all(s.latency is not None and s.latency > 0 for s in found.steps)
+    frontier = found.frontier()
+    assert [s.bytes for s in frontier] == sorted(s.bytes for s in frontier)
+    assert [s.score for s in frontier] == sorted(s.score for s in frontier)
+    assert fix in "\n".join(found.lines())
+
+
+def test_a_16_bit_tensor_move_is_tried_before_float(tmp_path: Path) -> None:
+    """On the graph-input outlier, widening the input comes first and gains; trimming then
+    finds that the float layer alone suffices and undoes the rest."""
+    path = tmp_path / "float.onnx"
+    onnx.save(tm.input_outlier(), path)
+    target = onnxquant.AccuracyTarget("cosine", 0.999, eval_data=tm.outlier_feeds(8, 2))
+    found = onnxquant.quantize_static(path, tmp_path / "q.onnx", tm.outlier_feeds(16, 1),
+                                      target=target).target
+    moves = {s.move: s for s in found.steps}
+    assert moves["16-bit tensor x"].kept
+    assert moves["16-bit tensor x"].score > found.steps[0].score + 0.5
+    assert moves["undo: 16-bit tensor x"].kept
 
 
 def test_unreachable_target_returns_the_best_model(outlier: Path, tmp_path: Path) -> None:
@@ -155,7 +161,7 @@ def test_cli_target(outlier: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "target:       cosine >= 0.999 met" in proc.stdout
-    assert "float: mm1" in proc.stdout and "float: mm2" in proc.stdout
+    assert "whole model: SmoothQuant" in proc.stdout and "size/accuracy frontier" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "onnxquant", "static", str(outlier), "-o",
                           str(tmp_path / "r.onnx"), "--target", "top5:1"],
                          capture_output=True, text=True, timeout=120, check=False)
@@ -185,16 +191,14 @@ def test_calibrates_once(outlier: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_a_failing_move_is_skipped(outlier: Path, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxquant.target import search
+    original = candidates.Candidates.build
 
-    original = search._Candidates.build
-
-    def build(self, keep, config=None):  # type: ignore[no-untyped-def]
-        if config is not None and config.per_channel:
+    def build(self, state):  # type: ignore[no-untyped-def]
+        if state.config.per_channel:
             raise QuantizationError("planted failure")
-        return original(self, keep, config)
+        return original(self, state)
 
-    monkeypatch.setattr(search._Candidates, "build", build)
+    monkeypatch.setattr(candidates.Candidates, "build", build)
     target = onnxquant.AccuracyTarget("cosine", 0.999, eval_data=_feeds(8, 2))
     result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
                                        target=target)
@@ -203,33 +207,65 @@ def test_a_failing_move_is_skipped(outlier: Path, tmp_path: Path,
     assert result.target.met
 
 
-def test_trimming_undoes_an_unneeded_costly_move(outlier: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the target is met, 16-bit activations kept on the way are undone when the model
-    still meets it without them, and a float move that is still needed stays (scripted scores:
-    defaults 0.5, uint16 0.8, first node move 1.0, undo uint16 1.0, undo node move 0.5)."""
-    from onnxquant.target import search
-
-    scores = iter([0.5, 0.8, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5])
-    original = search._Candidates.evaluate
+def _scripted(monkeypatch: pytest.MonkeyPatch, scores: list[float], moves: list[Move]) -> None:
+    """Scores come from ``scores`` in order; the node moves are ``moves``; no other moves."""
+    values = iter(scores)
+    original = candidates.Candidates.evaluate
 
     def evaluate(self, model):  # type: ignore[no-untyped-def]
-        _, size = original(self, model)
-        return next(scores), size
+        _, size, latency = original(self, model)
+        return next(values), size, latency
 
-    def moves(config):  # type: ignore[no-untyped-def]
-        return [("uint16 activations", functools.partial(
-            dataclasses.replace, activation_type=onnxquant.UINT16))]
+    monkeypatch.setattr(candidates.Candidates, "evaluate", evaluate)
+    monkeypatch.setattr(search, "config_moves", lambda state: [])
+    monkeypatch.setattr(search, "correction_moves", lambda state, applicable: [])
+    monkeypatch.setattr(search, "node_moves", lambda report, model, plan, state: moves)
+    monkeypatch.setattr(search, "last_resort", lambda state: [])
 
-    monkeypatch.setattr(search._Candidates, "evaluate", evaluate)
-    monkeypatch.setattr(search, "_config_moves", moves)
+
+def _float(node: str) -> Move:
+    return Move(f"float layer {node}", lambda s: dataclasses.replace(
+        s, keep_float={**s.keep_float, node: "test"}))
+
+
+def test_trimming_undoes_an_unneeded_costly_move(outlier: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the target is met, 16-bit activations everywhere are undone when the model still
+    meets it without them, and a float move that is still needed stays (scripted scores)."""
+    _scripted(monkeypatch, [0.5, 0.6, 0.6, 0.6, 1.0, 1.0, 0.5],
+              [_float("mm1"), _float("mm2"), _float("mm3")])
+    monkeypatch.setattr(search, "MAX_RERANKS", 0)
+    widen = Move("uint16 activations everywhere", lambda s: dataclasses.replace(
+        s, config=dataclasses.replace(s.config, activation_type=onnxquant.UINT16)))
+    monkeypatch.setattr(search, "last_resort", lambda state: [widen])
     target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2))
     result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
                                        target=target)
     steps = [(s.move, s.kept) for s in result.target.steps]
-    assert steps[:2] == [("defaults", True), ("uint16 activations", True)]
-    assert steps[3] == ("undo: uint8 activations", True)
-    assert steps[4][0].startswith("undo: float") and not steps[4][1]
-    assert result.target.met and result.target.kept_float
+    assert steps == [("defaults", True), ("float layer mm1", True), ("float layer mm2", False),
+                     ("float layer mm3", False), ("uint16 activations everywhere", True),
+                     ("undo: uint16 activations everywhere", True),
+                     ("undo: float layer mm1", False)]
+    assert result.target.met and set(result.target.kept_float) == {"mm1"}
     activations = [tq for tq in result.plan.tensors.values() if tq.role != "weight"]
     assert activations and all(tq.quant_type.bits == 8 for tq in activations)
+
+
+def test_the_ranking_is_made_again_when_moves_disappoint(
+        outlier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a kept move, two disappointing moves in a row send the search back to the report
+    (on the new best model); moves already tried are not tried again."""
+    _scripted(monkeypatch, [0.1, 0.2, 0.15, 0.15, 0.3, 0.25, 0.25],
+              [_float("mm1"), _float("mm2"), _float("mm3"), _float("relu"), _float("x")])
+    reports = []
+    monkeypatch.setattr(search._Search, "_report", lambda self: reports.append(
+        self.best.score) or None)
+    target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2),
+                                      max_evaluations=7)
+    result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
+                                       target=target)
+    moves = [s.move for s in result.target.steps]
+    assert moves == ["defaults", "float layer mm1", "float layer mm2", "float layer mm3",
+                     "float layer relu", "float layer x"]
+    assert reports == [0.1, 0.2]  # ranked again after mm2 and mm3 disappointed
+    assert not result.target.met and "every move was tried" in result.target.reason

@@ -50,6 +50,8 @@ def run_model(name: str, min_score: float, work: Path) -> dict:
     row["target"] = ce.fidelity(name, reference, ce.run_model(str(out), unseen))
     row["target_size"] = result.quantized_bytes / result.float_bytes
     row["kept_float"] = len(result.target.kept_float)
+    row["wide"] = len(result.target.wide_tensors)
+    row["seconds_per_evaluation"] = row["minutes"] * 60 / max(row["evaluations"], 1)
     row["moves"] = [s.move for s in result.target.steps if s.kept][1:]
     feed = unseen[0]
     row["default_latency"] = measure_latency(ce.model_path(name), default, feed, runs=12).ratio
@@ -74,8 +76,8 @@ def main() -> int:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print("| model | measure | default (unseen) | target search (unseen) | met on eval_data |"
           " size vs float: default / search | latency vs float: default / search |"
-          " evaluations | minutes | moves kept |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          " evaluations (s each) | minutes | float nodes / 16-bit tensors | moves kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['model']} | error: {r['error']} |")
@@ -83,8 +85,9 @@ def main() -> int:
         print(f"| {r['model']} | {r['measure']} | {ce.format_fidelity(r['model'], r['default'])}"
               f" | {ce.format_fidelity(r['model'], r['target'])} | {r['met_on_seen']} | "
               f"{r['default_size']:.2f} / {r['target_size']:.2f} | "
-              f"{r['default_latency']:.2f} / {r['target_latency']:.2f} | {r['evaluations']} | "
-              f"{r['minutes']:.1f} | {'; '.join(r['moves']) or '–'} |")
+              f"{r['default_latency']:.2f} / {r['target_latency']:.2f} | {r['evaluations']} "
+              f"({r['seconds_per_evaluation']:.0f}) | {r['minutes']:.1f} | "
+              f"{r['kept_float']} / {r['wide']} | {'; '.join(r['moves']) or '–'} |")
     return 0
 
 

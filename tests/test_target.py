@@ -162,6 +162,13 @@ def test_cli_target(outlier: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "target:       cosine >= 0.999 met" in proc.stdout
     assert "whole model: SmoothQuant" in proc.stdout and "size/accuracy frontier" in proc.stdout
+    capped = subprocess.run(
+        [sys.executable, "-m", "onnxquant", "static", str(outlier), "-o",
+         str(tmp_path / "c.onnx"), "--calib", str(tmp_path / "calib"), "--eval",
+         str(tmp_path / "eval"), "--target", "sqnr:500", "--target-evaluations", "2"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert capped.returncode == 0, capped.stderr
+    assert "NOT met" in capped.stdout and "after 2 evaluations" in capped.stdout
     bad = subprocess.run([sys.executable, "-m", "onnxquant", "static", str(outlier), "-o",
                           str(tmp_path / "r.onnx"), "--target", "top5:1"],
                          capture_output=True, text=True, timeout=120, check=False)
@@ -230,25 +237,39 @@ def _float(node: str) -> Move:
 
 def test_trimming_undoes_an_unneeded_costly_move(outlier: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the target is met, 16-bit activations everywhere are undone when the model still
-    meets it without them, and a float move that is still needed stays (scripted scores)."""
-    _scripted(monkeypatch, [0.5, 0.6, 0.6, 0.6, 1.0, 1.0, 0.5],
-              [_float("mm1"), _float("mm2"), _float("mm3")])
-    monkeypatch.setattr(search, "MAX_RERANKS", 0)
-    widen = Move("uint16 activations everywhere", lambda s: dataclasses.replace(
-        s, config=dataclasses.replace(s.config, activation_type=onnxquant.UINT16)))
-    monkeypatch.setattr(search, "last_resort", lambda state: [widen])
+    """Once the target is met, float moves are undone latest first while the model still
+    meets it: the later move is needed, the earlier one is not (scripted scores)."""
+    _scripted(monkeypatch, [0.5, 0.7, 1.0, 0.5, 1.0],
+              [_float("mm1"), _float("mm2")])
+    monkeypatch.setattr(search._Search, "_probe_and_narrow", lambda self: None)
     target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2))
     result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
                                        target=target)
     steps = [(s.move, s.kept) for s in result.target.steps]
-    assert steps == [("defaults", True), ("float layer mm1", True), ("float layer mm2", False),
-                     ("float layer mm3", False), ("uint16 activations everywhere", True),
-                     ("undo: uint16 activations everywhere", True),
-                     ("undo: float layer mm1", False)]
-    assert result.target.met and set(result.target.kept_float) == {"mm1"}
-    activations = [tq for tq in result.plan.tensors.values() if tq.role != "weight"]
-    assert activations and all(tq.quant_type.bits == 8 for tq in activations)
+    assert steps == [("defaults", True), ("float layer mm1", True), ("float layer mm2", True),
+                     ("undo: float layer mm2", False), ("undo: float layer mm1", True)]
+    assert result.target.met and set(result.target.kept_float) == {"mm2"}
+    assert result.plan.nodes["mm1"].action == "quantize"
+
+
+def test_a_16_bit_probe_is_bisected_to_the_fewest_activations(
+        outlier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 bits everywhere meets the target; bisection over the activations (worst own error
+    first) finds that the 2 worst suffice and the rest go back to 8 bits (scripted scores)."""
+    _scripted(monkeypatch, [0.5, 1.0, 1.0, 0.5], [])
+    target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2))
+    result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
+                                       target=target)
+    steps = [(s.move, s.kept) for s in result.target.steps]
+    assert steps == [("defaults", True), ("16-bit activations everywhere", True),
+                     ("16-bit for the 2 worst activations", True),
+                     ("16-bit for the 1 worst activations", False)]
+    wide = [t for t, tq in result.plan.tensors.items() if tq.qtype == "uint16"]
+    assert sorted(wide) == sorted(result.target.wide_tensors) and len(wide) == 2
+    narrow = [t for t, tq in result.plan.tensors.items()
+              if tq.role == "activation" and tq.qtype == "uint8"]
+    assert len(narrow) == 2  # x, h, y, z: the other two
+    assert "h" in wide  # the planted outlier channel has the worst own error
 
 
 def test_the_ranking_is_made_again_when_moves_disappoint(
@@ -258,6 +279,7 @@ def test_the_ranking_is_made_again_when_moves_disappoint(
     _scripted(monkeypatch, [0.1, 0.2, 0.15, 0.15, 0.3, 0.25, 0.25],
               [_float("mm1"), _float("mm2"), _float("mm3"), _float("relu"), _float("x")])
     reports = []
+    monkeypatch.setattr(search._Search, "_probe_and_narrow", lambda self: None)
     monkeypatch.setattr(search._Search, "_report", lambda self: reports.append(
         self.best.score) or None)
     target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2),

@@ -57,7 +57,10 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", type=_target_spec, metavar="METRIC:SCORE",
                    help="search for a model that meets this accuracy on --eval (or held-back "
                         "calibration feeds): cosine:0.99, argmax:0.99 or sqnr:30 (dB); the "
-                        "summary shows every candidate and the nodes kept float")
+                        "summary shows every candidate, the size/accuracy frontier and what "
+                        "stays at higher precision")
+    p.add_argument("--target-evaluations", type=positive_int, metavar="N",
+                   help="with --target: evaluate at most N candidate models (default 24)")
     calib = p.add_argument_group("calibration")
     calib.add_argument("--method", choices=[m.value for m in CalibrationMethod],
                        default="minmax", help="how activation ranges are found (default minmax)")
@@ -167,7 +170,8 @@ def _run_static(args: argparse.Namespace) -> int:
     check_data(args.calib, args.eval)  # a bad path fails before the model loads
     target = None
     if args.target is not None:
-        target = AccuracyTarget(args.target[0], args.target[1])
+        target = AccuracyTarget(args.target[0], args.target[1],
+                                max_evaluations=args.target_evaluations)
     result = quantize_static(args.model, args.output, args.calib, config, eval_data=args.eval,
                              target=target)
     if args.plan_json is not None:

@@ -25,6 +25,12 @@ from onnxquant.calibration.settings import CalibrationMethod, tensor_range
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.static.config import StaticQuantConfig
+from onnxquant.static.corrections.equalization import equalize_layers
+from onnxquant.static.corrections.pipeline import (
+    correct_float_model,
+    correct_planned_biases,
+    corrected_calibration,
+)
 from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibrate
 from onnxquant.static.result import QuantizationResult
 from onnxquant.static.verify import emit_verified
@@ -60,6 +66,8 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     settings = config.calibration_settings()
     cache = config.calibration_cache
     keep = config.verify_feeds if config.verify_finite and for_check else 0
+    if config.needs_correction_feeds and for_check:
+        keep = max(keep, config.correction_feeds)
     if cache is not None and Path(cache).exists():
         statistics, samples = load_cache(cache, settings, names)
         logger.info("calibration statistics loaded from '%s'", cache)
@@ -186,12 +194,20 @@ def quantize_static(
     model = entry.model
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
+    if config.equalize_layers:  # data-free: calibrate the equalized model
+        equalize_layers(model)
     nodes = select_nodes(model, config)
     hold_back = HoldBack() if config.evaluate and eval_data is None else None
     calibration = _calibrate(model, nodes, calibration_data, config, hold_back=hold_back)
+    settings = config.calibration_settings()
+    calibration = corrected_calibration(calibration, correct_float_model(
+        model, config, calibration.feeds, settings, equalize=False), settings)
     ranges = plan_ranges(calibration, config)
     plan = build_plan(nodes, ranges, config)
-    model, plan = emit_verified(model, plan, calibration, config, annotated=annotated,
+    if correct_planned_biases(model, plan, config, calibration.feeds):
+        plan = build_plan(nodes, ranges, config)
+    checked = dataclasses.replace(calibration, feeds=calibration.feeds[:config.verify_feeds])
+    model, plan = emit_verified(model, plan, checked, config, annotated=annotated,
                                 ranges=ranges)
     preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)

@@ -112,6 +112,19 @@ class StaticQuantConfig:
             are unaffected.
         tensors: Per-tensor overrides by tensor name (:class:`TensorOverride`): mixed
             precision (16-bit activations where 8 bits lose too much), fixed ranges, symmetry.
+        smooth_quant: SmoothQuant (:mod:`onnxquant.static.corrections.smoothquant`): divide
+            the input channels of MatMul/Gemm activations by ``s`` in the node that produces
+            them and multiply the weights' rows by ``s`` (an exact rewrite of the float model),
+            so that outlier channels no longer stretch the activation grid. Per-channel maxima
+            come from ``correction_feeds`` calibration feeds, and so do the ranges of the
+            tensors it changes.
+        smooth_quant_alpha: SmoothQuant's migration strength (0: none, 1: all into weights).
+        equalize_layers: Cross-layer equalization of consecutive Conv/MatMul/Gemm layers
+            (data-free, exact; :mod:`onnxquant.static.corrections.equalization`).
+        bias_correction: Subtract the mean output shift that weight rounding causes from the
+            biases of Conv/Gemm/MatMul(+Add) layers, from the per-channel input means of
+            ``correction_feeds`` calibration feeds.
+        correction_feeds: Calibration feeds kept for the statistics of the corrections.
     """
 
     activation_type: QuantType = UINT8
@@ -151,8 +164,18 @@ class StaticQuantConfig:
     float_depthwise_multiple: int | None = 16
     float_conv_depth: int | None = 32
     tensors: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
+    smooth_quant: bool = False
+    smooth_quant_alpha: float = 0.5
+    equalize_layers: bool = False
+    bias_correction: bool = False
+    correction_feeds: int = 32
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.smooth_quant_alpha <= 1.0:
+            raise QuantizationError(
+                f"smooth_quant_alpha must be in [0, 1], got {self.smooth_quant_alpha}")
+        if self.correction_feeds < 1:
+            raise QuantizationError("correction_feeds must be at least 1")
         for name, override in self.tensors.items():
             if (override.rmin is not None and override.rmax is not None
                     and not override.rmin <= override.rmax):
@@ -165,6 +188,11 @@ class StaticQuantConfig:
                     f"tensor override '{name}': a {override.quant_type} tensor next to "
                     f"{self.activation_type} ones needs the QDQ format (QOperator kernels take "
                     "one element type); use format=QuantFormat.QDQ")
+
+    @property
+    def needs_correction_feeds(self) -> bool:
+        """Whether calibration keeps feeds for the corrections' statistics."""
+        return self.smooth_quant or self.bias_correction
 
     @property
     def weights_symmetric(self) -> bool:

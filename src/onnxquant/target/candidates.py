@@ -4,9 +4,9 @@
 Statistics are collected once: the calibration's histograms give every method's ranges; the
 corrections that change float activations (SmoothQuant, cross-layer equalization) re-observe
 only the tensors they change, on the calibration feeds kept for this
-(:data:`CORRECTION_FEEDS`), once per combination; bias correction reads per-channel input
-means from the same feeds. A candidate then costs one emission and one pass over the
-evaluation samples.
+(``StaticQuantConfig.correction_feeds``), once per combination; bias correction reads
+per-channel input means from the same feeds. A candidate then costs one emission and one pass
+over the evaluation samples.
 """
 
 from __future__ import annotations
@@ -23,33 +23,21 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxquant import preprocess
-from onnxquant.calibration.runner import calibrate_ranges, ranges_from_statistics
+from onnxquant.calibration.runner import ranges_from_statistics
 from onnxquant.calibration.session import make_session
 from onnxquant.core import model_io
 from onnxquant.core.model_io import clone_model
 from onnxquant.core.qtypes import INT16, UINT16, QuantType
 from onnxquant.static.api import plan_ranges
 from onnxquant.static.config import StaticQuantConfig, TensorOverride
-from onnxquant.static.corrections import (
-    bias_correction_tensors,
-    channel_statistics,
-    correct_biases,
-    equalize_layers,
-    smooth_quant,
-    smoothing_tensors,
-)
+from onnxquant.static.corrections import equalize_layers, smoothing_tensors
+from onnxquant.static.corrections.pipeline import correct_float_model, correct_planned_biases
 from onnxquant.static.planner import build_plan, select_nodes
 from onnxquant.static.verify import emit_verified
 from onnxquant.target.scoring import score
 
-__all__ = ["State", "Candidates", "CORRECTION_FEEDS", "SMOOTHQUANT", "EQUALIZATION",
-           "BIAS_CORRECTION", "wide_type"]
+__all__ = ["State", "Candidates", "wide_type"]
 
-CORRECTION_FEEDS = 32
-"""Calibration feeds kept for the statistics of the corrections."""
-SMOOTHQUANT = "SmoothQuant"
-EQUALIZATION = "cross-layer equalization"
-BIAS_CORRECTION = "bias correction"
 TIMING_RUNS = 3
 """Extra timed runs of the first evaluation feed, for the latency estimate."""
 
@@ -62,13 +50,11 @@ class State:
         config: The static config (calibration method, per-channel, activation type).
         keep_float: Node name -> why it stays float.
         wide: Activation name -> why it gets 16 bits.
-        corrections: Corrections applied, in order (:data:`SMOOTHQUANT`, ...).
     """
 
     config: StaticQuantConfig
     keep_float: Mapping[str, str] = dataclasses.field(default_factory=dict)
     wide: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    corrections: tuple[str, ...] = ()
 
     def planning_config(self) -> StaticQuantConfig:
         """The config with the 16-bit tensors as overrides."""
@@ -98,42 +84,29 @@ class Candidates:
         self.feeds = feeds
         self.workdir = workdir
         self.providers = providers
-        self._observed: dict[tuple[str, ...], tuple[ir.Model, dict[str, Any]]] = {}
+        self._observed: dict[tuple[bool, float, bool], tuple[ir.Model, dict[str, Any]]] = {}
         session = make_session(pristine, providers, workdir)
         self.names = [o.name for o in session.get_outputs()]
         self.reference, self.float_seconds = self._run(session)
 
     # -- corrections ------------------------------------------------------------------------
-    def corrected(self, corrections: tuple[str, ...], config: StaticQuantConfig
-                  ) -> tuple[ir.Model, dict[str, Any]]:
-        """A copy of the model with the float-changing corrections applied, and the
-        statistics of the tensors they changed (re-observed on the kept feeds)."""
-        key = tuple(c for c in corrections if c != BIAS_CORRECTION)
+    def corrected(self, config: StaticQuantConfig) -> tuple[ir.Model, dict[str, Any]]:
+        """A copy of the model with ``config``'s float-changing corrections applied, and the
+        statistics of the tensors they changed (re-observed once per combination)."""
+        key = (config.smooth_quant, config.smooth_quant_alpha, config.equalize_layers)
         if key not in self._observed:
             model = clone_model(self.pristine)
-            changed: set[str] = set()
-            for name in key:
-                if name == SMOOTHQUANT:
-                    stats = channel_statistics(model, smoothing_tensors(model),
-                                               self.correction_feeds, self.providers)
-                    changed.update(smooth_quant(model, stats))
-                elif name == EQUALIZATION:
-                    changed.update(equalize_layers(model))
-            observed: dict[str, Any] = {}
-            if changed:
-                result = calibrate_ranges(model, sorted(changed), self.correction_feeds,
-                                          settings=config.calibration_settings(),
-                                          providers=self.providers)
-                observed = result.statistics
+            observed = correct_float_model(model, config, self.correction_feeds,
+                                           self.calibration.settings)
             self._observed[key] = (model, observed)
         model, observed = self._observed[key]
         return clone_model(model), observed
 
-    def changes_anything(self, correction: str, config: StaticQuantConfig) -> bool:
-        """Whether ``correction`` finds anything to change in this model."""
-        if correction == SMOOTHQUANT:
+    def changes_anything(self, correction: str) -> bool:
+        """Whether the correction ``correction`` (a config field) finds anything to change."""
+        if correction == "smooth_quant":
             return bool(smoothing_tensors(self.pristine))
-        if correction == EQUALIZATION:
+        if correction == "equalize_layers":
             return bool(equalize_layers(clone_model(self.pristine), iterations=1))
         return True
 
@@ -141,24 +114,21 @@ class Candidates:
     def build(self, state: State) -> tuple[ir.Model, Any]:
         """Plan and emit ``state``; returns the quantized model and its plan."""
         config = state.planning_config()
-        model, observed = self.corrected(state.corrections, config)
+        model, observed = self.corrected(config)
         if model_io.default_opset(model) < config.required_opset():  # 16-bit Q/DQ: opset 21
             model = model_io.convert_opset(model, config.required_opset())
+        settings = config.calibration_settings()
         statistics_ = {**self.calibration.statistics, **observed}
-        derived = ranges_from_statistics(statistics_, self.calibration.samples,
-                                         config.calibration_settings())
+        derived = ranges_from_statistics(statistics_, self.calibration.samples, settings)
         calibration = dataclasses.replace(
             self.calibration, ranges=derived.ranges, statistics=statistics_,
             feeds=self.correction_feeds[:config.verify_feeds])
         ranges = plan_ranges(calibration, config)
         plan = build_plan(select_nodes(model, config), ranges, config,
                           keep_float=state.keep_float)
-        if BIAS_CORRECTION in state.corrections:
-            means = channel_statistics(model, bias_correction_tensors(model, plan),
-                                       self.correction_feeds, self.providers)
-            if correct_biases(model, plan, means):
-                plan = build_plan(select_nodes(model, config), ranges, config,
-                                  keep_float=state.keep_float)
+        if correct_planned_biases(model, plan, config, self.correction_feeds):
+            plan = build_plan(select_nodes(model, config), ranges, config,
+                              keep_float=state.keep_float)
         model, plan = emit_verified(model, plan, calibration, config, ranges=ranges,
                                     keep_float=state.keep_float)
         preprocess.drop_inferred_shapes(model, {  # ids of this copy's declared values

@@ -12,7 +12,9 @@
   layers of the sensitivity ranking: 16-bit inputs first (weights stay 8-bit, so the size
   barely changes), then float, then float with the quantized layers that write its inputs
   (left out alone, a layer still reads quantized inputs);
-- the last resort: 16-bit activations everywhere.
+- 16-bit activations everywhere as a probe (QDQ: every activation overridden); when that meets
+  the target, the fewest activations (worst own error first) that still meet it are found by
+  bisection — the rest go back to 8 bits and their integer kernels.
 """
 
 from __future__ import annotations
@@ -26,16 +28,10 @@ import onnx_ir as ir
 from onnxquant.core.plan import QuantPlan
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.static.config import CalibrationMethod
-from onnxquant.target.candidates import (
-    BIAS_CORRECTION,
-    EQUALIZATION,
-    SMOOTHQUANT,
-    State,
-    wide_type,
-)
+from onnxquant.target.candidates import State, wide_type
 
 __all__ = ["Move", "config_moves", "correction_moves", "node_moves", "last_resort",
-           "TENSOR_MOVES", "LAYER_MOVES", "GROUP_MARGIN_DB"]
+           "widening_order", "widen_worst", "TENSOR_MOVES", "LAYER_MOVES", "GROUP_MARGIN_DB"]
 
 TENSOR_MOVES = 3
 """Activations (worst own quantization SQNR first) tried as tensor moves."""
@@ -68,20 +64,46 @@ def config_moves(state: State) -> list[Move]:
     return moves
 
 
+CORRECTIONS = {"smooth_quant": "SmoothQuant", "equalize_layers": "cross-layer equalization",
+               "bias_correction": "bias correction"}
+"""Config fields of the corrections, with the name a move shows."""
+
+
 def correction_moves(state: State, applicable: Callable[[str], bool]) -> list[Move]:
     """The corrections that find something to change in the model."""
-    return [Move(name, _with_correction(name))
-            for name in (SMOOTHQUANT, EQUALIZATION, BIAS_CORRECTION)
-            if name not in state.corrections and applicable(name)]
+    return [Move(name, _with_config(**{field: True}))
+            for field, name in CORRECTIONS.items()
+            if not getattr(state.config, field) and applicable(field)]
 
 
 def last_resort(state: State) -> list[Move]:
-    """16-bit activations everywhere (slow: onnxruntime runs them in float)."""
+    """16-bit activations everywhere, for formats that cannot mix widths (QOperator): slow,
+    onnxruntime runs them in float."""
     narrow = state.config.activation_type
-    if narrow.bits >= 16 or narrow.is_float:
+    if narrow.bits >= 16 or narrow.is_float or state.config.format is QuantFormat.QDQ:
         return []
     wide = wide_type(narrow)
     return [Move(f"{wide.name} activations everywhere", _with_config(activation_type=wide))]
+
+
+def widening_order(report: Any, plan: QuantPlan) -> list[str]:
+    """The activations ``plan`` quantizes on its own grid, worst own quantization SQNR first
+    (those the report could not measure last)."""
+    own = [name for name, t in plan.tensors.items()
+           if t.role == "activation" and not t.source.startswith("shared:")]
+    measured = {name: a.quantization_sqnr_db for name, a in report.activations.items()
+                if a.quantization_sqnr_db is not None}
+    return sorted(own, key=lambda n: (n not in measured, measured.get(n, 0.0)))
+
+
+def widen_worst(order: list[str], count: int) -> Move:
+    """16 bits for the first ``count`` activations of ``order`` (QDQ)."""
+    every = count == len(order)
+    description = "16-bit activations everywhere" if every else \
+        f"16-bit for the {count} worst activations"
+    reason = "accuracy target (16-bit probe)" if every else \
+        f"accuracy target (among the {count} activations with the worst own error)"
+    return Move(description, _widening(set(order[:count]), reason))
 
 
 def node_moves(report: Any, model: ir.Model, plan: QuantPlan, state: State) -> list[Move]:
@@ -174,10 +196,6 @@ def _activations(plan: QuantPlan, nodes: set[str], outputs: bool = True) -> set[
 
 def _with_config(**changes: Any) -> Callable[[State], State]:
     return lambda s: dataclasses.replace(s, config=dataclasses.replace(s.config, **changes))
-
-
-def _with_correction(name: str) -> Callable[[State], State]:
-    return lambda s: dataclasses.replace(s, corrections=(*s.corrections, name))
 
 
 def _floating(nodes: dict[str, str]) -> Callable[[State], State]:

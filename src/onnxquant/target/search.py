@@ -38,18 +38,21 @@ from onnxquant.calibration.session import input_specs
 from onnxquant.core import front_door, model_io, tempdirs
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.model_io import clone_model
+from onnxquant.core.qtypes import QuantFormat
 from onnxquant.debug.compare import compare
 from onnxquant.static.api import calibrate_prepared
 from onnxquant.static.config import CalibrationMethod, StaticQuantConfig
 from onnxquant.static.planner import select_nodes
 from onnxquant.static.result import QuantizationResult
-from onnxquant.target.candidates import CORRECTION_FEEDS, Candidates, State
+from onnxquant.target.candidates import Candidates, State
 from onnxquant.target.moves import (
     Move,
     config_moves,
     correction_moves,
     last_resort,
     node_moves,
+    widen_worst,
+    widening_order,
 )
 from onnxquant.target.result import Step, TargetResult
 
@@ -69,9 +72,9 @@ MAX_RERANKS = 3
 def _with_histograms(config: StaticQuantConfig) -> StaticQuantConfig:
     """``config`` collecting histograms, from which every calibration method's ranges derive
     (MinMax collects only extremes; a moving-average MinMax keeps its own statistics), and
-    keeping :data:`CORRECTION_FEEDS` feeds for the corrections' statistics."""
+    keeping ``correction_feeds`` feeds for the corrections' statistics."""
     keep = dataclasses.replace(config, verify_finite=True,
-                               verify_feeds=max(config.verify_feeds, CORRECTION_FEEDS))
+                               verify_feeds=max(config.verify_feeds, config.correction_feeds))
     if config.calibration_method is CalibrationMethod.MINMAX and not config.moving_average:
         return dataclasses.replace(keep, calibration_method=CalibrationMethod.MSE)
     return keep
@@ -144,6 +147,7 @@ class _Search:
         self.steps: list[Step] = []
         self.result: TargetResult | None = None
         self.best: _Best | None = None
+        self._reported: tuple[_Best, Any] | None = None
 
     # -- the phases -------------------------------------------------------------------------
     def run(self) -> tuple[ir.Model, Any]:
@@ -151,12 +155,12 @@ class _Search:
         value, size, latency = self.candidates.evaluate(model)
         self.steps.append(Step("defaults", value, size, True, latency))
         self.best = _Best(self.initial, value, model, plan)
-        config = self.initial.config
         for move in config_moves(self.initial) + correction_moves(
-                self.initial, lambda name: self.candidates.changes_anything(name, config)):
+                self.initial, self.candidates.changes_anything):
             if self._done():
                 break
             self._attempt(move)
+        self._probe_and_narrow()
         self._node_moves()
         for move in last_resort(self.best.state):
             if not self._done():
@@ -170,6 +174,33 @@ class _Search:
             changes=[m.description for m in best.moves if _whole_model(m)],
             reason="" if self._met() else self._why_not())
         return best.model, best.plan
+
+    def _probe_and_narrow(self) -> None:
+        """QDQ: probe 16-bit activations everywhere; when that meets the target, bisect for
+        the fewest activations (worst own error first) that still meet it."""
+        assert self.best is not None
+        config = self.best.state.config
+        if self._done() or config.format is not QuantFormat.QDQ or \
+                config.activation_type.bits >= 16 or config.activation_type.is_float:
+            return
+        base = self.best
+        order = widening_order(self._report(), base.plan)
+        if not order:
+            return
+        minimum = self.target.min_score
+        meets: Callable[[float], bool] = lambda value: value >= minimum  # noqa: E731
+        if not self._attempt(widen_worst(order, len(order)), accept=meets):
+            return  # node moves go on from the 8-bit model
+        low, high = 0, len(order)
+        while high - low > 1 and len(self.steps) < self.target.evaluations:
+            middle = (low + high) // 2
+            move = widen_worst(order, middle)
+            state = move.apply(base.state)
+            if self._attempt(Move(move.description, functools.partial(_replaced, state)),
+                             accept=meets, moves=[*base.moves, move]):
+                high = middle
+            else:
+                low = middle
 
     def _node_moves(self) -> None:
         """Node moves from the report of the best model; made again when moves keep
@@ -249,13 +280,18 @@ class _Search:
                 "try other calibration data, or a lower target")
 
     def _report(self) -> Any:
+        """The debugging report of the best model (made once per best model)."""
         assert self.best is not None
+        if self._reported is not None and self._reported[0] is self.best:
+            return self._reported[1]
         path = self.workdir / "best.onnx"
         ir.save(self.best.model, path)
         float_path = self.workdir / "float.onnx"
         if not float_path.exists():
             ir.save(self.candidates.pristine, float_path)
-        return compare(float_path, path, self.candidates.feeds, sensitivity_layers=4)
+        report = compare(float_path, path, self.candidates.feeds, sensitivity_layers=4)
+        self._reported = (self.best, report)
+        return report
 
 
 def _replaced(state: State, _old: State) -> State:
@@ -270,6 +306,8 @@ def _trim_rank(move: Move) -> int:
     """0: 16-bit everywhere, 1: float nodes, 2: 16-bit tensors, 3: free (config and
     corrections: not undone)."""
     text = move.description
+    if text.startswith("16-bit for the"):
+        return 3  # bisected: already the fewest
     if text.endswith("activations everywhere"):
         return 0
     if text.startswith("float "):

@@ -496,7 +496,7 @@ def test_extra_options_accepted_quietly(caplog, options):
 
 @pytest.mark.parametrize("options", [
     {"TensorQuantOverrides": {"x": [{"quant_type": ortq.QuantType.QUInt16}]}},
-    {"BlockSize": 32}, {"SmoothQuant": True}, {"AddQDQPairToWeight": True},
+    {"BlockSize": 32}, {"AddQDQPairToWeight": True},
     {"ActivationRestrictedAsymmetric": True},
 ])
 def test_extra_options_that_raise(tmp_path, options):
@@ -505,6 +505,13 @@ def test_extra_options_that_raise(tmp_path, options):
         oqq.quantize_static(model, tmp_path / "q.onnx", iter(zoo.random_feeds(model, 2)),
                             extra_options=options)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_smooth_quant_option_maps_to_the_native_correction():
+    config = _to_native_config(extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.7})
+    assert config.smooth_quant and config.smooth_quant_alpha == 0.7
+    with pytest.raises(QuantizationError, match="SmoothQuantAlpha"):
+        _to_native_config(extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 2})
 
 
 def test_unknown_option_warns_and_still_quantizes(tmp_path, caplog):

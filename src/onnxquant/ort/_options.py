@@ -27,8 +27,11 @@
     ``QDQDisableWeightAdjustForInt32Bias``, ``UseQDQContribOps``), or
   - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
     another kind than the user relies on (explicit per-tensor types/scales, block-wise weights,
-    float weights with Q/DQ, restricted zero points, SmoothQuant): ``TensorQuantOverrides``,
-    ``BlockSize``, ``AddQDQPairToWeight``, ``ActivationRestrictedAsymmetric``, ``SmoothQuant``.
+    float weights with Q/DQ, restricted zero points): ``TensorQuantOverrides``,
+    ``BlockSize``, ``AddQDQPairToWeight``, ``ActivationRestrictedAsymmetric``.
+* ``SmoothQuant`` / ``SmoothQuantAlpha`` run onnxquant's own SmoothQuant
+  (``StaticQuantConfig.smooth_quant``; no neural-compressor), which always folds the scales into
+  the producing node (``SmoothQuantFolding`` has no effect).
 * **Unknown keys** log one WARNING each (with the closest known key, for typos) and are ignored.
 
 Calibration methods map one to one (``MinMax``, ``Entropy``, ``Percentile``, ``Distribution``);
@@ -96,6 +99,10 @@ def _fraction(key: str, value: Any) -> float:
     return _real(key, value, "a number in (0, 1]", lambda x: 0 < x <= 1)
 
 
+def _alpha(key: str, value: Any) -> float:
+    return _real(key, value, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+
+
 def _percentile(key: str, value: Any) -> float:
     return _real(key, value, "a number in (0, 100]", lambda x: 0 < x <= 100)
 
@@ -119,6 +126,8 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "CalibMovingAverageConstant": ("averaging_constant", _fraction),
     "CalibTensorRangeSymmetric": ("symmetric_ranges", _bool),
     "CalibPercentile": ("percentile", _percentile),
+    "SmoothQuant": ("smooth_quant", _bool),
+    "SmoothQuantAlpha": ("smooth_quant_alpha", _alpha),
 }
 
 # extra_options key -> why it has no effect here
@@ -131,8 +140,9 @@ _NO_EFFECT: dict[str, str] = {
     "grow with the number of feeds",
     "CalibStridedMinMax": "calibration streams one feed at a time, so memory does not grow with "
     "the number of feeds",
-    "SmoothQuantAlpha": "it applies only with SmoothQuant=True",
-    "SmoothQuantFolding": "it applies only with SmoothQuant=True",
+    "SmoothQuantFolding": "onnxquant always folds the smoothing scales into the node that "
+    "produces the activation (a LayerNorm or linear layer) and leaves activations it cannot "
+    "fold into unsmoothed",
     "extra.Sigmoid.nnapi": "QLinearSigmoid outputs use their calibrated range (NNAPI's fixed "
     "1/256 scale is for Android NNAPI only)",
     "DefaultTensorType": "element types come from onnxquant's own shape inference",
@@ -158,7 +168,6 @@ _OFF_ONLY: dict[str, tuple[bool, str]] = {
                            "their DequantizeLinear"),
     "ActivationRestrictedAsymmetric": (True, "remove the key, or use "
                                        "ActivationSymmetric=True for fixed zero points"),
-    "SmoothQuant": (True, "remove the key to quantize without SmoothQuant"),
 }
 
 _KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY)

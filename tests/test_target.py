@@ -80,18 +80,19 @@ def test_search_finds_and_fixes_the_planted_difficulty(case: str, tmp_path: Path
     assert fix in "\n".join(found.lines())
 
 
-def test_a_16_bit_tensor_move_is_tried_before_float(tmp_path: Path) -> None:
-    """On the graph-input outlier, widening the input comes first and gains; trimming then
-    finds that the float layer alone suffices and undoes the rest."""
+def test_a_gaining_16_bit_probe_is_kept_and_trimming_splits_groups(tmp_path: Path) -> None:
+    """On the graph-input outlier, 16 bits everywhere gains without meeting the target and is
+    kept; a group move then meets it, and trimming finds that one of its two layers suffices."""
     path = tmp_path / "float.onnx"
     onnx.save(tm.input_outlier(), path)
     target = onnxquant.AccuracyTarget("cosine", 0.999, eval_data=tm.outlier_feeds(8, 2))
     found = onnxquant.quantize_static(path, tmp_path / "q.onnx", tm.outlier_feeds(16, 1),
                                       target=target).target
     moves = {s.move: s for s in found.steps}
-    assert moves["16-bit tensor x"].kept
-    assert moves["16-bit tensor x"].score > found.steps[0].score + 0.5
-    assert moves["undo: 16-bit tensor x"].kept
+    probe = moves["16-bit activations everywhere"]
+    assert probe.kept and probe.score > found.steps[0].score + 0.5
+    assert moves["float every MatMul except mm2"].kept
+    assert set(found.kept_float) == {"mm1"}
 
 
 def test_unreachable_target_returns_the_best_model(outlier: Path, tmp_path: Path) -> None:
@@ -241,7 +242,7 @@ def test_trimming_undoes_an_unneeded_costly_move(outlier: Path, tmp_path: Path,
     meets it: the later move is needed, the earlier one is not (scripted scores)."""
     _scripted(monkeypatch, [0.5, 0.7, 1.0, 0.5, 1.0],
               [_float("mm1"), _float("mm2")])
-    monkeypatch.setattr(search._Search, "_probe_and_narrow", lambda self: None)
+    monkeypatch.setattr(search._Search, "_probe", lambda self: None)
     target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2))
     result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
                                        target=target)
@@ -256,14 +257,15 @@ def test_a_16_bit_probe_is_bisected_to_the_fewest_activations(
         outlier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """16 bits everywhere meets the target; bisection over the activations (worst own error
     first) finds that the 2 worst suffice and the rest go back to 8 bits (scripted scores)."""
-    _scripted(monkeypatch, [0.5, 1.0, 1.0, 0.5], [])
+    _scripted(monkeypatch, [0.5, 1.0, 1.0, 0.5, 0.5], [])
     target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2))
     result = onnxquant.quantize_static(outlier, tmp_path / "q.onnx", _feeds(16, 1),
                                        target=target)
     steps = [(s.move, s.kept) for s in result.target.steps]
     assert steps == [("defaults", True), ("16-bit activations everywhere", True),
                      ("16-bit for the 2 worst activations", True),
-                     ("16-bit for the 1 worst activations", False)]
+                     ("16-bit for the 1 worst activations", False),
+                     ("undo: 16-bit for the 2 worst activations", False)]
     wide = [t for t, tq in result.plan.tensors.items() if tq.qtype == "uint16"]
     assert sorted(wide) == sorted(result.target.wide_tensors) and len(wide) == 2
     narrow = [t for t, tq in result.plan.tensors.items()
@@ -279,7 +281,7 @@ def test_the_ranking_is_made_again_when_moves_disappoint(
     _scripted(monkeypatch, [0.1, 0.2, 0.15, 0.15, 0.3, 0.25, 0.25],
               [_float("mm1"), _float("mm2"), _float("mm3"), _float("relu"), _float("x")])
     reports = []
-    monkeypatch.setattr(search._Search, "_probe_and_narrow", lambda self: None)
+    monkeypatch.setattr(search._Search, "_probe", lambda self: None)
     monkeypatch.setattr(search._Search, "_report", lambda self: reports.append(
         self.best.score) or None)
     target = onnxquant.AccuracyTarget("cosine", 0.99, eval_data=_feeds(8, 2),

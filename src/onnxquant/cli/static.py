@@ -60,7 +60,7 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
                         "summary shows every candidate, the size/accuracy frontier and what "
                         "stays at higher precision")
     p.add_argument("--target-evaluations", type=positive_int, metavar="N",
-                   help="with --target: evaluate at most N candidate models (default 24)")
+                   help="with --target: evaluate at most N candidate models (default 40)")
     calib = p.add_argument_group("calibration")
     calib.add_argument("--method", choices=[m.value for m in CalibrationMethod],
                        default="minmax", help="how activation ranges are found (default minmax)")

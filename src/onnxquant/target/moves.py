@@ -31,8 +31,11 @@ from onnxquant.static.config import CalibrationMethod
 from onnxquant.target.candidates import State, wide_type
 
 __all__ = ["Move", "config_moves", "correction_moves", "node_moves", "last_resort",
-           "widening_order", "widen_worst", "TENSOR_MOVES", "LAYER_MOVES", "GROUP_MARGIN_DB"]
+           "widening_order", "widen_worst", "EVERYWHERE", "TENSOR_MOVES", "LAYER_MOVES",
+           "GROUP_MARGIN_DB"]
 
+EVERYWHERE = "16-bit activations everywhere"
+"""The description of the 16-bit probe."""
 TENSOR_MOVES = 3
 """Activations (worst own quantization SQNR first) tried as tensor moves."""
 GROUP_MARGIN_DB = 3.0
@@ -99,7 +102,7 @@ def widening_order(report: Any, plan: QuantPlan) -> list[str]:
 def widen_worst(order: list[str], count: int) -> Move:
     """16 bits for the first ``count`` activations of ``order`` (QDQ)."""
     every = count == len(order)
-    description = "16-bit activations everywhere" if every else \
+    description = EVERYWHERE if every else \
         f"16-bit for the {count} worst activations"
     reason = "accuracy target (16-bit probe)" if every else \
         f"accuracy target (among the {count} activations with the worst own error)"
@@ -112,8 +115,8 @@ def node_moves(report: Any, model: ir.Model, plan: QuantPlan, state: State) -> l
     widen = state.config.format is QuantFormat.QDQ and state.config.activation_type.bits < 16
     nodes = {n.name: n for n in model.graph if n.name}
     planned = {name for name, d in plan.nodes.items() if d.action == "quantize"}
-    moves = _tensor_moves(report, model, planned, plan, widen)
-    moves += _group_moves(report, nodes, planned, plan, widen)
+    moves = _tensor_moves(report, model, planned, plan, widen, state)
+    moves += _group_moves(report, nodes, planned, plan, widen, state)
     for layer in report.ranked_layers()[:LAYER_MOVES]:
         name = layer.quantized_node if layer.quantized_node in planned else layer.node
         if name not in planned:
@@ -121,7 +124,7 @@ def node_moves(report: Any, model: ir.Model, plan: QuantPlan, state: State) -> l
         gain = f"{layer.sensitivity_db:+.1f} dB" if layer.sensitivity_db is not None \
             else f"isolated {layer.isolated_sqnr_db:.1f} dB"
         reason = f"accuracy target (layer {gain})"
-        if widen and (tensors := _activations(plan, {name}, outputs=False)):
+        if widen and (tensors := _activations(plan, {name}, outputs=False) - set(state.wide)):
             moves.append(Move(f"16-bit inputs of {name}", _widening(tensors, reason)))
         moves.append(Move(f"float layer {name}", _floating({name: reason})))
         node = nodes.get(name)
@@ -134,7 +137,7 @@ def node_moves(report: Any, model: ir.Model, plan: QuantPlan, state: State) -> l
 
 
 def _tensor_moves(report: Any, model: ir.Model, planned: set[str], plan: QuantPlan,
-                  widen: bool) -> list[Move]:
+                  widen: bool, state: State) -> list[Move]:
     values = {v.name: v for n in model.graph for v in n.outputs if v.name}
     values.update({v.name: v for v in model.graph.inputs if v.name})
     moves = []
@@ -144,7 +147,8 @@ def _tensor_moves(report: Any, model: ir.Model, planned: set[str], plan: QuantPl
     for act in worst:
         why = f"own quantization SQNR {act.quantization_sqnr_db:.1f} dB"
         if widen and act.name in plan.tensors:
-            moves.append(Move(f"16-bit tensor {act.name}", _widening({act.name}, why)))
+            if act.name not in state.wide:
+                moves.append(Move(f"16-bit tensor {act.name}", _widening({act.name}, why)))
             continue
         value = values.get(act.name)
         if value is None:
@@ -160,7 +164,7 @@ def _tensor_moves(report: Any, model: ir.Model, planned: set[str], plan: QuantPl
 
 
 def _group_moves(report: Any, nodes: dict[str, ir.Node], planned: set[str], plan: QuantPlan,
-                 widen: bool) -> list[Move]:
+                 widen: bool, state: State) -> list[Move]:
     """Every layer of an op type, for the op types whose group gain clearly beats the best
     single layer's (the error is spread over that kind of layer)."""
     best_layer = max((x.sensitivity_db or 0.0 for x in report.layers), default=0.0)
@@ -170,7 +174,7 @@ def _group_moves(report: Any, nodes: dict[str, ir.Node], planned: set[str], plan
             break
         names = {n for n, node in nodes.items() if node.op_type == op and n in planned}
         reason = f"accuracy target (every {op}: {gain:+.1f} dB)"
-        if widen and (tensors := _activations(plan, names, outputs=False)):
+        if widen and (tensors := _activations(plan, names, outputs=False) - set(state.wide)):
             moves.append(Move(f"16-bit every {op}", _widening(tensors, reason)))
         if names:
             moves.append(Move(f"float every {op}", _floating(dict.fromkeys(names, reason))))

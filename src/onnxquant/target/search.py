@@ -46,6 +46,7 @@ from onnxquant.static.planner import select_nodes
 from onnxquant.static.result import QuantizationResult
 from onnxquant.target.candidates import Candidates, State
 from onnxquant.target.moves import (
+    EVERYWHERE,
     Move,
     config_moves,
     correction_moves,
@@ -60,7 +61,13 @@ __all__ = ["Step", "TargetResult", "quantize_to_target"]
 
 logger = logging.getLogger(__name__)
 
-TRIM_EVALUATIONS = 4
+TRIM_EVALUATIONS = 6
+"""Candidates the trimming pass may evaluate once the target is met (on top of the budget)."""
+NARROW_EVALUATIONS = 10
+"""Candidates the bisection of 16-bit activations may evaluate (on top of the budget)."""
+TRIM_GROUP = 4
+"""Moves that kept at most this many nodes float are undone node by node when they cannot be
+undone whole."""
 """Candidates the trimming pass may evaluate once the target is met (on top of the budget)."""
 RERANK_AFTER = 2
 """Consecutive disappointing node moves after which the report is made again (when the best
@@ -160,11 +167,13 @@ class _Search:
             if self._done():
                 break
             self._attempt(move)
-        self._probe_and_narrow()
+        order = self._probe()
         self._node_moves()
         for move in last_resort(self.best.state):
             if not self._done():
                 self._attempt(move)
+        if self._met() and order:
+            self._narrow(order)
         if self._met():
             self._trim()
         best = self.best
@@ -175,29 +184,45 @@ class _Search:
             reason="" if self._met() else self._why_not())
         return best.model, best.plan
 
-    def _probe_and_narrow(self) -> None:
-        """QDQ: probe 16-bit activations everywhere; when that meets the target, bisect for
-        the fewest activations (worst own error first) that still meet it."""
+    def _probe(self) -> list[str] | None:
+        """QDQ: probe 16-bit activations everywhere, kept when it beats the best model (with
+        per-channel weights tried on top when 8-bit weights then hold it back); returns the
+        activations in the order :meth:`_narrow` gives them back 8 bits, when it was kept."""
         assert self.best is not None
         config = self.best.state.config
         if self._done() or config.format is not QuantFormat.QDQ or \
                 config.activation_type.bits >= 16 or config.activation_type.is_float:
+            return None
+        order = widening_order(self._report(), self.best.plan)
+        if not order or not self._attempt(widen_worst(order, len(order))):
+            return None
+        if not self._done() and not self.best.state.config.per_channel:
+            self._attempt(Move("per-channel weights (with 16-bit activations)",
+                               _per_channel))
+        return order
+
+    def _narrow(self, order: list[str]) -> None:
+        """With the target met by 16-bit activations everywhere, bisect for the fewest
+        activations (worst own 8-bit error first) that still meet it; the rest go back to 8
+        bits and their integer kernels (evaluations on top of the budget)."""
+        assert self.best is not None
+        everything = [m for m in self.best.moves if m.description == EVERYWHERE]
+        if not everything:
             return
-        base = self.best
-        order = widening_order(self._report(), base.plan)
-        if not order:
-            return
+        others = [m for m in self.best.moves if m is not everything[0]]
+        base = self.initial
+        for m in others:
+            base = m.apply(base)
         minimum = self.target.min_score
-        meets: Callable[[float], bool] = lambda value: value >= minimum  # noqa: E731
-        if not self._attempt(widen_worst(order, len(order)), accept=meets):
-            return  # node moves go on from the 8-bit model
         low, high = 0, len(order)
-        while high - low > 1 and len(self.steps) < self.target.evaluations:
+        for _ in range(NARROW_EVALUATIONS):
+            if high - low <= 1:
+                break
             middle = (low + high) // 2
             move = widen_worst(order, middle)
-            state = move.apply(base.state)
+            state = move.apply(base)
             if self._attempt(Move(move.description, functools.partial(_replaced, state)),
-                             accept=meets, moves=[*base.moves, move]):
+                             accept=lambda v: v >= minimum, moves=[*others, move]):
                 high = middle
             else:
                 low = middle
@@ -228,18 +253,40 @@ class _Search:
     def _trim(self) -> None:
         """Undo the costly moves that turn out not to be needed (at most
         :data:`TRIM_EVALUATIONS` candidates): 16-bit everywhere (slow), float nodes (large),
-        16-bit tensors (slower), latest first within each kind."""
+        16-bit tensors (slower), latest first within each kind. A move that kept a few nodes
+        float and cannot be undone whole is undone node by node."""
         assert self.best is not None
-        minimum = self.target.min_score
         ranked = sorted(enumerate(self.best.moves), key=lambda im: (_trim_rank(im[1]), -im[0]))
         costly = [move for _, move in ranked if _trim_rank(move) < 3]
-        for move in costly[:TRIM_EVALUATIONS]:
-            kept = [m for m in self.best.moves if m is not move]
-            state = self.initial
-            for m in kept:
-                state = m.apply(state)
-            self._attempt(Move(f"undo: {move.description}", functools.partial(_replaced, state)),
-                          accept=lambda v: v >= minimum, moves=kept)
+        budget = len(self.steps) + TRIM_EVALUATIONS
+        for move in costly:
+            if len(self.steps) >= budget:
+                return
+            if self._undo(move, []):
+                continue
+            nodes = list(move.apply(State(self.initial.config)).keep_float)
+            if 1 < len(nodes) <= TRIM_GROUP:
+                for node in nodes[::-1]:
+                    if len(self.steps) >= budget or len(nodes) == 1:
+                        break
+                    rest = [n for n in nodes if n != node]
+                    if self._undo(move, [Move(f"{move.description} except {node}",
+                                              functools.partial(_floating_only, move, rest))]):
+                        move, nodes = self.best.moves[-1], rest
+
+    def _undo(self, move: Move, replacement: list[Move]) -> bool:
+        """Try the best model's moves with ``move`` replaced by ``replacement``; kept when the
+        target is still met."""
+        assert self.best is not None
+        moves = [m for m in self.best.moves if m is not move] + replacement
+        state = self.initial
+        for m in moves:
+            state = m.apply(state)
+        minimum = self.target.min_score
+        label = replacement[0].description if replacement else move.description
+        return self._attempt(Move(f"undo: {label}" if not replacement else label,
+                                  functools.partial(_replaced, state)),
+                             accept=lambda v: v >= minimum, moves=moves)
 
     # -- one candidate ----------------------------------------------------------------------
     def _attempt(self, move: Move, accept: Callable[[float], bool] | None = None,
@@ -298,16 +345,27 @@ def _replaced(state: State, _old: State) -> State:
     return state
 
 
+def _floating_only(move: Move, nodes: list[str], state: State) -> State:
+    """``move`` applied to ``state``, keeping only ``nodes`` of the nodes it keeps float."""
+    after = move.apply(state)
+    added = {n: why for n, why in after.keep_float.items()
+             if n not in state.keep_float and n in nodes}
+    return dataclasses.replace(after, keep_float={**state.keep_float, **added})
+
+
+def _per_channel(state: State) -> State:
+    return dataclasses.replace(state, config=dataclasses.replace(state.config,
+                                                                 per_channel=True))
+
+
 def _whole_model(move: Move) -> bool:
-    return _trim_rank(move) == 3
+    return _trim_rank(move) == 3 and not move.description.startswith("16-bit for the")
 
 
 def _trim_rank(move: Move) -> int:
     """0: 16-bit everywhere, 1: float nodes, 2: 16-bit tensors, 3: free (config and
     corrections: not undone)."""
     text = move.description
-    if text.startswith("16-bit for the"):
-        return 3  # bisected: already the fewest
     if text.endswith("activations everywhere"):
         return 0
     if text.startswith("float "):

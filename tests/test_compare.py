@@ -34,8 +34,9 @@ def cnn_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     feeds = zoo.random_feeds(model, 16, seed=1)
     files = {"float": float_path}
     for name, config in {
-        "qdq": onnxquant.StaticQuantConfig(),
-        "qop": onnxquant.StaticQuantConfig(format=onnxquant.QuantFormat.QOPERATOR),
+        "qdq": onnxquant.StaticQuantConfig(bias_correction=False),
+        "qop": onnxquant.StaticQuantConfig(format=onnxquant.QuantFormat.QOPERATOR,
+                                           bias_correction=False),
     }.items():
         files[name] = folder / f"cnn_{name}.onnx"
         onnxquant.quantize_static(float_path, files[name], feeds, config)

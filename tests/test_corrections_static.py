@@ -67,7 +67,7 @@ def test_bias_correction_option(tmp_path):
 
     base = {"evaluate": False, "per_channel_fallback_db": None}
     errors = []
-    for option in ({}, {"bias_correction": True}):
+    for option in ({"bias_correction": False}, {}):  # on by default
         out = tmp_path / f"{len(option)}.onnx"
         onnxquant.quantize_static(model, out, shifted(16, 1),
                                   onnxquant.StaticQuantConfig(**base, **option))
@@ -77,6 +77,42 @@ def test_bias_correction_option(tmp_path):
                                for f in shifted(8, 3)])
         errors.append(np.abs(diff.mean(axis=(0, 2, 3))).max())
     assert errors[1] < errors[0] / 5
+
+
+def test_debugging_leaves_corrected_biases_out_of_the_weight_error(tmp_path):
+    """The corrected bias differs from the float one on purpose: the model records it, the
+    report leaves it out of the weight SQNRs, and a bias the correction added is not
+    'unmatched'."""
+    import json
+
+    import onnx_ir as ir
+
+    from onnxquant.debug.matching import match_models
+
+    model = _coarse_conv()
+    no_bias = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "nobias",
+        list(model.graph.input), list(model.graph.output), [model.graph.initializer[0]]),
+        opset_imports=model.opset_import)
+
+    def shifted(count, seed):
+        return [{"x": f["x"] * 0.2 + 3.0} for f in tm.image_feeds(count, seed)]
+
+    for float_model, corrected in ((model, "b"), (no_bias, "conv.corrected_bias")):
+        out = tmp_path / "q.onnx"
+        onnxquant.quantize_static(float_model, out, shifted(16, 1), onnxquant.StaticQuantConfig(
+            evaluate=False, per_channel_fallback_db=None))
+        quantized = onnx.load(out)
+        meta = {p.key: p.value for p in quantized.metadata_props}
+        assert json.loads(meta["onnxquant.corrected_biases"]) == [corrected]
+        matching = match_models(ir.serde.deserialize_model(float_model),
+                                ir.serde.deserialize_model(quantized))
+        assert matching.unmatched_weights == []
+        assert "w" in matching.weights and not matching.weights["w"].corrected
+        if corrected == "b":
+            assert matching.weights["b"].corrected
+        report = onnxquant.compare(float_model, out, shifted(4, 2))
+        assert corrected not in report.weights and "w" in report.weights
 
 
 def test_bad_correction_settings_are_refused():

@@ -73,6 +73,7 @@ def qconfig(types: str = "u8s8", **fields: object) -> StaticQuantConfig:
     fields.setdefault("float_conv_depth", None)
     fields.setdefault("activation_type", act)
     fields.setdefault("weight_type", weight)
+    fields = {"bias_correction": False, **fields}  # structure, not bias correction
     return StaticQuantConfig(format=QuantFormat.QOPERATOR, **fields)  # type: ignore[arg-type]
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize", "add_initializer",
-           "STANDS_FOR", "record_stands_for"]
+           "STANDS_FOR", "record_stands_for", "CORRECTED_BIASES", "record_corrected_biases",
+           "corrected_biases"]
 
 STANDS_FOR = "onnxquant.stands_for"
 """Model metadata key: JSON ``{tensor: float-model tensor it now carries}``, written when a
@@ -25,6 +26,26 @@ def record_stands_for(model: ir.Model, tensor: str, float_tensor: str) -> None:
     table = json.loads(model.metadata_props.get(STANDS_FOR, "{}"))
     table[tensor] = table.get(float_tensor, float_tensor)
     model.metadata_props[STANDS_FOR] = json.dumps(table, sort_keys=True)
+
+
+CORRECTED_BIASES = "onnxquant.corrected_biases"
+"""Model metadata key: JSON list of the bias tensors that bias correction changed (their values
+differ from the float model's on purpose; debugging tools do not count that as error)."""
+
+
+def record_corrected_biases(model: ir.Model, names: list[str]) -> None:
+    """Record in ``model``'s metadata that bias correction changed ``names``."""
+    import json
+
+    recorded = corrected_biases(model)
+    model.metadata_props[CORRECTED_BIASES] = json.dumps(sorted(recorded | set(names)))
+
+
+def corrected_biases(model: ir.Model) -> set[str]:
+    """The bias tensors bias correction changed (:data:`CORRECTED_BIASES`)."""
+    import json
+
+    return set(json.loads(model.metadata_props.get(CORRECTED_BIASES, "[]")))
 
 
 def iter_nodes(model: ir.Model, *, subgraphs: bool = True) -> Iterator[ir.Node]:

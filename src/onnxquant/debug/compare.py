@@ -242,7 +242,8 @@ class _State:
                        key=lambda k: activations[k].quantization_sqnr_db)  # type: ignore[arg-type,return-value]
         return ComparisonReport(
             outputs=outputs, layers=layers,
-            weights={name: m.sqnr_db for name, m in self.matching.weights.items()},
+            weights={name: m.sqnr_db for name, m in self.matching.weights.items()
+                     if not m.corrected},
             activations=activations,
             histograms=[self.histograms[k].result(k) for k in worst[:histogram_count]],
             op_type_sensitivity=dict(sensitivity.op_types),

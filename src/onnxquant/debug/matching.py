@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.core.graph import STANDS_FOR
+from onnxquant.core.graph import STANDS_FOR, corrected_biases
 from onnxquant.core.metrics import sqnr_db
 from onnxquant.debug._params import QuantParams, constant_array
 from onnxquant.debug.quantized_graph import (
@@ -58,6 +58,8 @@ class WeightMatch:
             constant runs as a multiplication by its reciprocal, named ``<constant>_reciprocal``)
             or ``"value"`` (the evidence used).
         transposed: The quantized layout is the float one transposed (2-D).
+        corrected: A bias that bias correction changed on purpose (its difference from the
+            float original is not quantization error).
     """
 
     name: str
@@ -66,6 +68,7 @@ class WeightMatch:
     weight: QuantizedWeight
     how: str
     transposed: bool = False
+    corrected: bool = False
 
     @property
     def sqnr_db(self) -> float:
@@ -358,11 +361,14 @@ def match_models(float_model: ir.Model, quantized_model: ir.Model) -> Matching:
     graph = QuantizedGraph(quantized_model)
     weights: dict[str, WeightMatch] = {}
     unmatched_weights = []
+    corrected = corrected_biases(quantized_model)
     for weight in graph.weights:
         found = _weight_match(floats, weight)
         if found is None:
-            unmatched_weights.append(weight.stored)
+            if not any(weight.stored.startswith(name) for name in corrected):
+                unmatched_weights.append(weight.stored)  # else: a bias correction added
         elif found.name not in weights:
+            found.corrected = found.name in corrected
             weights[found.name] = found
     activations: dict[str, ActivationMatch] = {}
     by_tensor: dict[int, str] = {}

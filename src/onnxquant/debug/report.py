@@ -13,7 +13,8 @@ JSON contract (``REPORT.json``; numbers are floats, ``null`` where not measured 
   is left out of quantization, as ``--exclude-nodes`` leaves it out: its weights float, and its
   inputs float unless a quantized layer writes them (measured for the most suspicious layers,
   null elsewhere);
-- ``weights``: ``{name: sqnr_db}`` of each quantized weight against its float original;
+- ``weights``: ``{name: sqnr_db}`` of each quantized weight against its float original
+  (without the biases bias correction changed on purpose);
 - ``activations``: ``{name: {sqnr_db, quantization_sqnr_db, scheme, clip_min, clip_max}}``;
 - ``histograms``: the float values of the worst activations with the clip range chosen;
 - ``op_type_sensitivity``: ``{op_type: dB}``, the mean output SQNR gain of keeping every layer
@@ -159,7 +160,8 @@ class ComparisonReport:
     Attributes:
         outputs: Per model output.
         layers: Per quantized layer, in graph order.
-        weights: SQNR (dB) of each quantized weight against its float original.
+        weights: SQNR (dB) of each quantized weight against its float original (biases that
+            bias correction changed on purpose are left out).
         activations: Per quantized activation.
         histograms: Float values of the worst activations (worst first).
         op_type_sensitivity: Output SQNR gain (dB) of keeping every layer of an op type

@@ -298,7 +298,7 @@ def _to_native_config(
         nodes_to_exclude=_names(nodes_to_exclude, "nodes_to_exclude") or frozenset(),
         external_data=True if use_external_data_format else None,
         evaluate=False,  # onnxruntime calibrates on every sample and measures nothing
-        **fields,
+        **{"bias_correction": False, **fields},  # onnxruntime keeps biases as they are
     )
     if calibration_providers:
         native.providers = tuple(calibration_providers)

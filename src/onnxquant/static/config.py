@@ -123,7 +123,10 @@ class StaticQuantConfig:
             (data-free, exact; :mod:`onnxquant.static.corrections.equalization`).
         bias_correction: Subtract the mean output shift that weight rounding causes from the
             biases of Conv/Gemm/MatMul(+Add) layers, from the per-channel input means of
-            ``correction_feeds`` calibration feeds.
+            ``correction_feeds`` calibration feeds. On by default: it removes an error whose
+            expectation is known, and on the public corpus it never lowered task fidelity and
+            raised it up to 30 points (CTC text agreement 44 % -> 73 %,
+            ``benchmarks/bench_corrections.py``); it costs one float pass over those feeds.
         correction_feeds: Calibration feeds kept for the statistics of the corrections.
     """
 
@@ -167,8 +170,8 @@ class StaticQuantConfig:
     smooth_quant: bool = False
     smooth_quant_alpha: float = 0.5
     equalize_layers: bool = False
-    bias_correction: bool = False
-    correction_feeds: int = 32
+    bias_correction: bool = True
+    correction_feeds: int = 16
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.smooth_quant_alpha <= 1.0:

@@ -81,7 +81,13 @@ class TargetResult:
         lines += [_step_line(step, "") for step in self.frontier()]
         if self.changes:
             lines.append(f"  whole model: {', '.join(self.changes)}")
-        lines += [f"  16-bit: {t} ({why})" for t, why in self.wide_tensors.items()]
+        by_reason: dict[str, list[str]] = {}
+        for tensor, why in self.wide_tensors.items():
+            by_reason.setdefault(why, []).append(tensor)
+        for why, tensors in by_reason.items():
+            shown = ", ".join(tensors[:12]) + (f", ... ({len(tensors)} in all)"
+                                               if len(tensors) > 12 else "")
+            lines.append(f"  16-bit: {shown} ({why})")
         lines += [f"  float: {n} ({why})" for n, why in self.kept_float.items()]
         return lines
 

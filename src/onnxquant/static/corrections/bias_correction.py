@@ -194,13 +194,22 @@ def _write_bias(graph: ir.Graph, target: _Target, data: np.ndarray) -> str:
     return value.name or ""
 
 
+def _output_step(target: _Target, plan: QuantPlan) -> float:
+    """The largest step of the grid the biased output is quantized to (0 without one)."""
+    output = target.bias_node.outputs[0].name if target.bias_node.outputs else None
+    params = plan.tensors.get(output or "")
+    return float(np.max(params.scale_array())) if params is not None else 0.0
+
+
 def _correct(model: ir.Model, target: _Target, stats: ChannelStats,
-             min_shift_ratio: float) -> str | None:
+             min_shift_ratio: float, floor: float = 0.0) -> str | None:
     weight = constant(target.weight)
-    if weight is None:
-        return None
+    if weight is None or not np.all(np.isfinite(stats.mean)):
+        return None  # NaN/Inf in the calibration data: no trustworthy mean
     shift = _contract(target, weight_rounding_error(weight, target.params), stats.mean)
     if shift is None or not np.all(np.isfinite(shift)) or not np.any(shift):
+        return None
+    if np.max(np.abs(shift)) < floor:
         return None
     if min_shift_ratio > 0:
         bound = _contract(target, np.abs(weight.astype(np.float64)), stats.absmax)
@@ -211,7 +220,7 @@ def _correct(model: ir.Model, target: _Target, stats: ChannelStats,
 
 
 def correct_biases(model: ir.Model, plan: QuantPlan, stats: Mapping[str, ChannelStats],
-                   min_shift_ratio: float = 0.0) -> list[str]:
+                   min_shift_ratio: float = 0.0, *, grid_steps: float = 0.0) -> list[str]:
     """Subtract each quantized layer's expected output shift ``ΔW · E[x]`` from its bias.
 
     Args:
@@ -221,6 +230,9 @@ def correct_biases(model: ir.Model, plan: QuantPlan, stats: Mapping[str, Channel
             :func:`bias_correction_tensors` names; layers without them are skipped.
         min_shift_ratio: Leave a layer alone when its largest shift is below this fraction of
             its largest output bound ``Σ_i |W_oi| · max|x_i|`` (0 corrects every nonzero shift).
+        grid_steps: Leave a layer alone when its largest shift is below this many steps of
+            the grid its biased output is quantized to (a shift the grid cannot show);
+            layers whose output has no grid are corrected.
 
     Returns:
         Names of the bias tensors written (a Conv/Gemm without a bias gets a new one named
@@ -229,7 +241,9 @@ def correct_biases(model: ir.Model, plan: QuantPlan, stats: Mapping[str, Channel
     changed = []
     for target in _targets(model, plan):
         found = stats.get(target.activation)
-        name = _correct(model, target, found, min_shift_ratio) if found is not None else None
+        floor = grid_steps * _output_step(target, plan)
+        name = _correct(model, target, found, min_shift_ratio, floor) \
+            if found is not None else None
         if name is not None:
             changed.append(name)
     if changed:

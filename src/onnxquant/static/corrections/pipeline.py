@@ -22,6 +22,7 @@ from onnxquant.calibration.runner import (
     ranges_from_statistics,
 )
 from onnxquant.calibration.settings import CalibrationSettings
+from onnxquant.core.graph import record_corrected_biases
 from onnxquant.core.plan import QuantPlan
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.corrections.bias_correction import (
@@ -35,6 +36,10 @@ from onnxquant.static.corrections.smoothquant import smooth_quant, smoothing_ten
 __all__ = ["correct_float_model", "corrected_calibration", "correct_planned_biases"]
 
 Feeds = Sequence[dict[str, np.ndarray]]
+
+SHIFT_GRID_STEPS = 0.5
+"""Bias correction leaves a layer alone when its expected output shift is below half a step of
+its output's grid: the grid would round most of it away, and the bias is then kept as it was."""
 
 
 def correct_float_model(model: ir.Model, config: StaticQuantConfig, feeds: Feeds,
@@ -69,9 +74,13 @@ def corrected_calibration(calibration: CalibrationResult, observed: dict[str, An
 def correct_planned_biases(model: ir.Model, plan: QuantPlan, config: StaticQuantConfig,
                            feeds: Feeds) -> bool:
     """Bias correction for ``plan``'s weight grids, from the per-channel input means on
-    ``feeds``; whether any bias changed (the caller plans again)."""
+    ``feeds``, for the layers whose expected shift reaches half a step of their output grid
+    (:data:`SHIFT_GRID_STEPS`); whether any bias changed (the caller plans again)."""
     tensors = bias_correction_tensors(model, plan)
     if not config.bias_correction or not tensors or not feeds:
         return False
     means = channel_statistics(model, tensors, feeds, config.providers)
-    return bool(correct_biases(model, plan, means))
+    changed = correct_biases(model, plan, means, grid_steps=SHIFT_GRID_STEPS)
+    if changed:
+        record_corrected_biases(model, changed)
+    return bool(changed)

@@ -100,8 +100,10 @@ def test_debugging_leaves_corrected_biases_out_of_the_weight_error(tmp_path):
 
     for float_model, corrected in ((model, "b"), (no_bias, "conv.corrected_bias")):
         out = tmp_path / "q.onnx"
-        onnxquant.quantize_static(float_model, out, shifted(16, 1), onnxquant.StaticQuantConfig(
-            evaluate=False, per_channel_fallback_db=None))
+        result = onnxquant.quantize_static(float_model, out, shifted(16, 1),
+                                           onnxquant.StaticQuantConfig(
+                                               evaluate=False, per_channel_fallback_db=None))
+        assert "bias corrected" in result.plan.nodes["conv"].reason
         quantized = onnx.load(out)
         meta = {p.key: p.value for p in quantized.metadata_props}
         assert json.loads(meta["onnxquant.corrected_biases"]) == [corrected]

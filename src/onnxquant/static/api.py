@@ -30,6 +30,7 @@ from onnxquant.static.corrections.pipeline import (
     correct_float_model,
     correct_planned_biases,
     corrected_calibration,
+    note_corrected_biases,
 )
 from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibrate
 from onnxquant.static.result import QuantizationResult
@@ -206,6 +207,7 @@ def quantize_static(
     plan = build_plan(nodes, ranges, config)
     if correct_planned_biases(model, plan, config, calibration.feeds):
         plan = build_plan(nodes, ranges, config)
+        note_corrected_biases(model, plan)
     checked = dataclasses.replace(calibration, feeds=calibration.feeds[:config.verify_feeds])
     model, plan = emit_verified(model, plan, checked, config, annotated=annotated,
                                 ranges=ranges)

@@ -31,7 +31,11 @@ from onnxquant.core.qtypes import INT16, UINT16, QuantType
 from onnxquant.static.api import plan_ranges
 from onnxquant.static.config import StaticQuantConfig, TensorOverride
 from onnxquant.static.corrections import equalize_layers, smoothing_tensors
-from onnxquant.static.corrections.pipeline import correct_float_model, correct_planned_biases
+from onnxquant.static.corrections.pipeline import (
+    correct_float_model,
+    correct_planned_biases,
+    note_corrected_biases,
+)
 from onnxquant.static.planner import build_plan, select_nodes
 from onnxquant.static.verify import emit_verified
 from onnxquant.target.scoring import score
@@ -129,6 +133,7 @@ class Candidates:
         if correct_planned_biases(model, plan, config, self.correction_feeds):
             plan = build_plan(select_nodes(model, config), ranges, config,
                               keep_float=state.keep_float)
+            note_corrected_biases(model, plan)
         model, plan = emit_verified(model, plan, calibration, config, ranges=ranges,
                                     keep_float=state.keep_float)
         preprocess.drop_inferred_shapes(model, {  # ids of this copy's declared values

@@ -22,7 +22,7 @@ from onnxquant.calibration.runner import (
     ranges_from_statistics,
 )
 from onnxquant.calibration.settings import CalibrationSettings
-from onnxquant.core.graph import record_corrected_biases
+from onnxquant.core.graph import corrected_biases, record_corrected_biases
 from onnxquant.core.plan import QuantPlan
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.corrections.bias_correction import (
@@ -33,7 +33,8 @@ from onnxquant.static.corrections.channel_stats import channel_statistics
 from onnxquant.static.corrections.equalization import equalize_layers
 from onnxquant.static.corrections.smoothquant import smooth_quant, smoothing_tensors
 
-__all__ = ["correct_float_model", "corrected_calibration", "correct_planned_biases"]
+__all__ = ["correct_float_model", "corrected_calibration", "correct_planned_biases",
+           "note_corrected_biases"]
 
 Feeds = Sequence[dict[str, np.ndarray]]
 
@@ -84,3 +85,18 @@ def correct_planned_biases(model: ir.Model, plan: QuantPlan, config: StaticQuant
     if changed:
         record_corrected_biases(model, changed)
     return bool(changed)
+
+
+def note_corrected_biases(model: ir.Model, plan: QuantPlan) -> None:
+    """Say in the plan which nodes read a bias that bias correction changed (the reason next
+    to the node's decision)."""
+    changed = corrected_biases(model)
+    if not changed:
+        return
+    for node in model.graph:
+        decision = plan.nodes.get(node.name or "")
+        if decision is None or not any(v is not None and v.name in changed
+                                       for v in node.inputs):
+            continue
+        note = "bias corrected for the mean shift of weight rounding"
+        decision.reason = f"{decision.reason}; {note}" if decision.reason else note

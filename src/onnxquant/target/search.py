@@ -180,7 +180,7 @@ class _Search:
         self.result = TargetResult(
             self.target.describe(), self._met(), best.score, dict(best.state.keep_float),
             self.steps, len(self.candidates.feeds), wide_tensors=dict(best.state.wide),
-            changes=[m.description for m in best.moves if _whole_model(m)],
+            changes=_effective([m.description for m in best.moves if _whole_model(m)]),
             reason="" if self._met() else self._why_not())
         return best.model, best.plan
 
@@ -356,6 +356,12 @@ def _floating_only(move: Move, nodes: list[str], state: State) -> State:
 def _per_channel(state: State) -> State:
     return dataclasses.replace(state, config=dataclasses.replace(state.config,
                                                                  per_channel=True))
+
+
+def _effective(changes: list[str]) -> list[str]:
+    """Whole-model changes without the calibration methods a later one replaced."""
+    methods = [c for c in changes if c.startswith("calibration ")]
+    return [c for c in changes if not c.startswith("calibration ") or c == methods[-1]]
 
 
 def _whole_model(move: Move) -> bool:

@@ -171,7 +171,7 @@ class StaticQuantConfig:
     smooth_quant_alpha: float = 0.5
     equalize_layers: bool = False
     bias_correction: bool = True
-    correction_feeds: int = 16
+    correction_feeds: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.smooth_quant_alpha <= 1.0:

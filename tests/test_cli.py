@@ -270,7 +270,8 @@ def test_every_option_reaches_the_config():
         "--op-types", "Conv,MatMul", "--op-types", "Gemm", "--exclude-op-types", "Add",
         "--nodes", "a, b", "--exclude-nodes", "c", "--no-bias-quantization", "--keep-relu",
         "--no-fold-bn", "--no-subgraphs", "--upgrade-opset", "--external-data",
-        "--max-samples", "7", "--quiet",
+        "--max-samples", "7", "--quiet", "--no-bias-correction", "--smooth-quant", "0.7",
+        "--equalize-layers",
     ))
     assert config == StaticQuantConfig(
         activation_type=UINT8, weight_type=INT16, per_channel=True, reduce_range=True,
@@ -279,8 +280,10 @@ def test_every_option_reaches_the_config():
         nodes_to_quantize=("a", "b"), nodes_to_exclude=("c",),
         quantize_bias=False, keep_removable_activations=True, fold_batchnorm=False,
         subgraphs=False, upgrade_opset=True, external_data=True, max_calibration_samples=7,
-        progress=False,
+        progress=False, bias_correction=False, smooth_quant=True, smooth_quant_alpha=0.7,
+        equalize_layers=True,
     )
+    assert cli.static_config_from_args(_parse("--smooth-quant")).smooth_quant_alpha == 0.5
 
 
 @pytest.mark.parametrize("argv", [
@@ -288,6 +291,7 @@ def test_every_option_reaches_the_config():
     ["static", "m.onnx", "-o", "o.onnx", "--calib", "d", "--activation-type", "int4"],
     ["static", "m.onnx", "-o", "o.onnx", "--calib", "d", "--max-samples", "0"],
     ["static", "m.onnx", "-o", "o.onnx", "--calib", "d", "--op-types", "Conv,,MatMul"],
+    ["static", "m.onnx", "-o", "o.onnx", "--calib", "d", "--smooth-quant", "1.5"],
     ["frobnicate"],
 ])
 def test_bad_arguments_exit_2(argv, capsys):

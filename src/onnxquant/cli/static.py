@@ -100,6 +100,16 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     numerics.add_argument("--no-bias-quantization", action="store_true",
                           help="keep Conv/Gemm biases float instead of int32")
 
+    fix = p.add_argument_group("corrections")
+    fix.add_argument("--no-bias-correction", action="store_true",
+                     help="keep biases as they are (by default the mean output shift that "
+                          "weight rounding causes is taken out of them)")
+    fix.add_argument("--smooth-quant", type=_alpha, nargs="?", const=0.5, metavar="ALPHA",
+                     help="SmoothQuant: move activation outlier channels into the next "
+                          "MatMul/Gemm weights (ALPHA: migration strength, default 0.5)")
+    fix.add_argument("--equalize-layers", action="store_true",
+                     help="cross-layer equalization of consecutive Conv/MatMul layers")
+
     select = add_node_selection(p)
     select.add_argument("--keep-relu", action="store_true",
                         help="keep Relu/Clip even where the quantized range already clips")
@@ -113,6 +123,17 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
     add_speed_check(p)
     add_verbosity(p)
     p.set_defaults(run=_run_static)
+
+
+def _alpha(text: str) -> float:
+    """SmoothQuant's migration strength, in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value
 
 
 def _target_spec(text: str) -> tuple[str, float]:
@@ -159,6 +180,10 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         calibration_workers=args.workers,
         calibration_cache=args.calib_cache,
         evaluate=not args.no_eval,
+        bias_correction=not args.no_bias_correction,
+        smooth_quant=args.smooth_quant is not None,
+        smooth_quant_alpha=0.5 if args.smooth_quant is None else args.smooth_quant,
+        equalize_layers=args.equalize_layers,
     )
 
 

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxquant.core.graph import add_initializer, record_stands_for
+from onnxquant.preprocess.contrib_types import infer_contrib_types
 from onnxquant.preprocess.conv_add import fold_conv_add
 
 BATCHNORM_FOLDED = "onnxquant.batchnorm_folded"
@@ -91,14 +92,28 @@ def lift_constants(model: ir.Model) -> bool:
 
 
 def infer_types(model: ir.Model) -> bool:
-    """Fill in element types and shapes with ONNX shape inference (best effort)."""
-    try:
-        return ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(
-            model
-        ).modified
-    except Exception as err:  # shape inference failing must not stop quantization
-        logger.warning("ONNX shape inference failed (%s); element types come from the model", err)
-        return False
+    """Fill in element types and shapes with ONNX shape inference (best effort), through
+    onnxruntime's contrib ops too (:mod:`onnxquant.preprocess.contrib_types`: ONNX has no
+    schema for them, so the types after a fused SkipLayerNormalization would stay unknown)."""
+    modified = False
+    for _ in range(CONTRIB_ROUNDS):
+        try:
+            modified |= ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(
+                model
+            ).modified
+        except Exception as err:  # shape inference failing must not stop quantization
+            logger.warning("ONNX shape inference failed (%s); element types come from the model",
+                           err)
+            return modified
+        if not infer_contrib_types(model):
+            break
+        modified = True
+    return modified
+
+
+CONTRIB_ROUNDS = 4
+"""Rounds of ONNX shape inference and contrib-op typing (each round carries the types past one
+more layer of contrib ops whose inputs were untyped before)."""
 
 
 def _const_array(value: ir.Value | None) -> np.ndarray | None:

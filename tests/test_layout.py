@@ -81,6 +81,7 @@ def test_no_import_cycle_between_modules() -> None:
 
 
 PUBLIC = [
+    "preprocess", "PreprocessConfig", "PreprocessResult",
     "quantize_static", "quantize_dynamic", "quantize_weights", "compare", "ComparisonReport",
     "AccuracyTarget",
     "DynamicQuantConfig",

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from static_helpers import Q, Quantized, activation_qs, const, dequantizer, qcache
 
-from onnxquant import preprocess
 from onnxquant.core import qtypes
+from onnxquant.preprocess import passes as preprocess
 
 __all__ = ["qcache"]  # the fixture, imported for pytest
 

@@ -3,8 +3,10 @@
 The native API is typed: ``quantize_static(model_in, model_out, calibration_data, config)`` with
 a :class:`StaticQuantConfig`, ``quantize_dynamic(model_in, model_out, config)`` with a
 :class:`DynamicQuantConfig`, and ``quantize_weights(model_in, model_out, config)`` (block-wise
-2/4/8-bit weight-only) with a :class:`WeightOnlyConfig`. Code written for
-``onnxruntime.quantization`` runs unchanged with ``onnxquant.ort``.
+2/4/8-bit weight-only) with a :class:`WeightOnlyConfig`. ``preprocess(model_in, model_out,
+config)`` with a :class:`PreprocessConfig` prepares a float model first (shapes inferred, graph
+optimized). Code written for ``onnxruntime.quantization`` runs unchanged with
+``onnxquant.ort``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from onnxquant.core.qtypes import (
 from onnxquant.debug import ComparisonReport, compare
 from onnxquant.dynamic.api import DynamicQuantizationResult, quantize_dynamic
 from onnxquant.dynamic.config import DynamicQuantConfig
+
+# ``onnxquant.preprocess`` is the function; the subpackage of the same name stays importable
+# by module path (``from onnxquant.preprocess.passes import ...``), never as an attribute.
+from onnxquant.preprocess.api import preprocess
+from onnxquant.preprocess.config import PreprocessConfig
+from onnxquant.preprocess.result import PreprocessResult
 from onnxquant.static.api import QuantizationResult, calibrate, quantize_static
 from onnxquant.static.config import (
     CalibrationMethod,
@@ -56,6 +64,9 @@ from onnxquant.weight_only.config import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "preprocess",
+    "PreprocessConfig",
+    "PreprocessResult",
     "quantize_static",
     "quantize_dynamic",
     "quantize_weights",

@@ -1,5 +1,5 @@
-"""The command line: ``onnxquant static|dynamic|weights``, one module per subcommand, thin over
-the API."""
+"""The command line: ``onnxquant preprocess|static|dynamic|weights|report``, one module per
+subcommand, thin over the API."""
 
 from onnxquant.cli.main import build_parser, main
 from onnxquant.cli.static import static_config_from_args

@@ -5,8 +5,10 @@
 data; :mod:`onnxquant.cli.dynamic`) and ``onnxquant weights MODEL -o OUT`` block-wise
 weight-only (:mod:`onnxquant.cli.weights`); each prints a summary. ``onnxquant report FLOAT QUANT
 --data DATA -o REPORT.html`` compares a quantized model with its float model layer by layer
-(:mod:`onnxquant.cli.report`). Arguments are turned into a
-:class:`~onnxquant.static.config.StaticQuantConfig` in one place, :func:`static_config_from_args`.
+(:mod:`onnxquant.cli.report`). ``onnxquant preprocess MODEL -o OUT`` prepares a float model for
+quantization: shapes inferred, graph optimized (:mod:`onnxquant.cli.preprocess`). Arguments are
+turned into a :class:`~onnxquant.static.config.StaticQuantConfig` in one place,
+:func:`static_config_from_args`.
 
 Exit codes: 0 on success, 2 for usage errors and for any
 :class:`~onnxquant.core.errors.QuantizationError` (printed as ``error: <message>``, with a traceback
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from onnxquant import __version__
 from onnxquant.cli.dynamic import add_dynamic_parser
+from onnxquant.cli.preprocess import add_preprocess_parser
 from onnxquant.cli.report import add_report_parser
 from onnxquant.cli.static import add_static_parser
 from onnxquant.cli.weights import add_weights_parser
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"onnxquant {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_preprocess_parser(subparsers)
     add_static_parser(subparsers)
     add_dynamic_parser(subparsers)
     add_weights_parser(subparsers)

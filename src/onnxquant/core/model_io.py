@@ -26,6 +26,7 @@ __all__ = [
     "save_model",
     "model_size_bytes",
     "clone_model",
+    "load_external_tensors",
     "convert_opset",
     "structure_proto",
     "default_opset",
@@ -169,6 +170,19 @@ def _all_initializer_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                 yield value.const_value
 
 
+def load_external_tensors(model: ir.Model) -> int:
+    """Read every external initializer of ``model`` (subgraphs too) into memory, so that the
+    model no longer depends on its data files; returns how many were read."""
+    count = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                count += 1
+    return count
+
+
 def model_size_bytes(model: ir.Model) -> int:
     """Total bytes of all initializers (main graph and subgraphs)."""
     return sum(t.nbytes for t in _all_initializer_tensors(model))
@@ -183,6 +197,8 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
+    data_name: str | None = None,
+    size_threshold: int = 1024,
 ) -> list[Path]:
     """Save ``model`` atomically and return the paths written.
 
@@ -196,20 +212,24 @@ def save_model(
         path: Destination ``.onnx`` path; its folder must exist.
         external_data: True: write all large tensors to ``<name>.data`` next to the model;
             False: one protobuf file; None: external data only when the model exceeds 2 GB.
+        data_name: The external-data file name (in the model's folder) instead of
+            ``<name>.data``.
+        size_threshold: With external data, tensors of at least this many bytes go there.
 
     Raises:
         OutputPathError: The destination cannot be written (folder missing or read-only, disk
             full, ...); nothing is left behind.
     """
     dest = Path(path).absolute()
-    data_name = dest.name + DATA_SUFFIX
+    data_name = data_name or dest.name + DATA_SUFFIX
     if external_data is None:
         external_data = model_size_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
     try:
         with tempdirs.private_dir(dest.parent, TEMP_PREFIX) as tmpdir:
             tmp_model = tmpdir / dest.name
             if external_data:
-                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+                ir.save(model, tmp_model, external_data=data_name,
+                        size_threshold_bytes=size_threshold)
             else:
                 ir.save(model, tmp_model)
             written = []

@@ -12,7 +12,6 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxquant import preprocess
 from onnxquant.calibration.evaluation import evaluate_quantized
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import UnsupportedModelError
@@ -24,6 +23,7 @@ from onnxquant.dynamic._weights import WeightStore
 from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.result import DynamicQuantizationResult
 from onnxquant.dynamic.runtime import assume_everything, probe_runtime
+from onnxquant.preprocess import passes as preprocess
 
 __all__ = ["DynamicQuantizationResult", "Decision", "quantize_dynamic"]
 

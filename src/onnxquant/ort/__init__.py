@@ -3,7 +3,9 @@
 ``from onnxquant.ort import quantize_static, QuantFormat, QuantType, CalibrationMethod,
 CalibrationDataReader`` gives onnxruntime's names, signatures, enum values and ``extra_options``
 keys, backed by onnxquant's static QDQ quantizer. Module paths mirror onnxruntime's:
-:mod:`onnxquant.ort.quantize`, :mod:`onnxquant.ort.quant_utils`, :mod:`onnxquant.ort.calibrate`.
+:mod:`onnxquant.ort.quantize`, :mod:`onnxquant.ort.quant_utils`, :mod:`onnxquant.ort.calibrate`,
+:mod:`onnxquant.ort.shape_inference` (``quant_pre_process``; its command line is
+``python -m onnxquant.ort.preprocess``).
 
 What is supported, what differs on purpose and how each ``extra_options`` key is handled is
 listed in :mod:`onnxquant.ort.quantize` and :mod:`onnxquant.ort._options`. This package never
@@ -22,6 +24,7 @@ from onnxquant.ort.quantize import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxquant.ort.shape_inference import quant_pre_process
 
 __all__ = [
     "quantize_static",
@@ -35,4 +38,5 @@ __all__ = [
     "QuantizationMode",
     "CalibrationMethod",
     "CalibrationDataReader",
+    "quant_pre_process",
 ]

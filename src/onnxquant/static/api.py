@@ -12,7 +12,6 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxquant import preprocess
 from onnxquant.calibration.cache import load_cache, save_cache
 from onnxquant.calibration.evaluation import HoldBack, evaluate_quantized
 from onnxquant.calibration.runner import (
@@ -24,6 +23,7 @@ from onnxquant.calibration.runner import (
 from onnxquant.calibration.settings import CalibrationMethod, tensor_range
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
+from onnxquant.preprocess import passes as preprocess
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.corrections.equalization import equalize_layers
 from onnxquant.static.corrections.pipeline import (

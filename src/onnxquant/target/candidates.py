@@ -22,12 +22,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxquant import preprocess
 from onnxquant.calibration.runner import ranges_from_statistics
 from onnxquant.calibration.session import make_session
 from onnxquant.core import model_io
 from onnxquant.core.model_io import clone_model
 from onnxquant.core.qtypes import INT16, UINT16, QuantType
+from onnxquant.preprocess import passes as preprocess
 from onnxquant.static.api import plan_ranges
 from onnxquant.static.config import StaticQuantConfig, TensorOverride
 from onnxquant.static.corrections import equalize_layers, smoothing_tensors

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant import preprocess
 from onnxquant.calibration.evaluation import HoldBack
 from onnxquant.calibration.fidelity import measure_fidelity
 from onnxquant.calibration.readers import iter_feeds, validate_feed
@@ -40,6 +39,7 @@ from onnxquant.core.errors import CalibrationError
 from onnxquant.core.model_io import clone_model
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.debug.compare import compare
+from onnxquant.preprocess import passes as preprocess
 from onnxquant.static.api import calibrate_prepared
 from onnxquant.static.config import CalibrationMethod, StaticQuantConfig
 from onnxquant.static.planner import select_nodes

@@ -95,3 +95,35 @@ def test_dynamic_quantization_after_fusion_gives_qattention(tmp_path):
 def test_an_unknown_model_type_is_refused():
     with pytest.raises(QuantizationError, match="unknown model type 'bret'.*bert"):
         fuse_transformer(_bert_layer(), "bret")
+
+
+def test_preprocess_with_a_model_type_fuses(tmp_path):
+    source = tmp_path / "layer.onnx"
+    onnx.save(_bert_layer(reshape_heads=-1), source)
+    result = onnxquant.preprocess(source, tmp_path / "fused.onnx",
+                                  onnxquant.PreprocessConfig(model_type="bert"))
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node)
+    assert ops["Attention"] == 1 and ops["Softmax"] == 0
+    assert "1 Attention" in result.summary()
+    x = np.random.default_rng(2).normal(size=(1, 7, HIDDEN)).astype(np.float32)
+    np.testing.assert_allclose(_run(onnx.load(tmp_path / "fused.onnx"), x),
+                               _run(_bert_layer(), x), rtol=1e-3, atol=1e-4)
+
+
+def test_preprocess_cli_model_type(tmp_path):
+    import subprocess
+    import sys
+
+    source = tmp_path / "layer.onnx"
+    onnx.save(_bert_layer(), source)
+    run = subprocess.run([sys.executable, "-m", "onnxquant", "preprocess", str(source), "-o",
+                          str(tmp_path / "fused.onnx"), "--model-type", "bert"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "Attention" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "onnxquant", "preprocess", str(source), "-o",
+                          str(tmp_path / "x.onnx"), "--model-type", "bret"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "bert" in bad.stderr
+    with pytest.raises(QuantizationError, match="unknown model type"):
+        onnxquant.PreprocessConfig(model_type="bret")

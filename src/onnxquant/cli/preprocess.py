@@ -13,6 +13,7 @@ from onnxquant.cli.args import add_verbosity, positive_int
 from onnxquant.cli.common import print_warnings
 from onnxquant.preprocess.api import preprocess
 from onnxquant.preprocess.config import PreprocessConfig
+from onnxquant.preprocess.transformers import MODEL_TYPES
 
 __all__ = ["add_preprocess_parser", "preprocess_config_from_args", "run_preprocess"]
 
@@ -40,6 +41,15 @@ def add_preprocess_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
                        help="skip graph optimization")
     steps.add_argument("--no-onnx-shapes", action="store_true",
                        help="skip ONNX shape inference")
+    fusion = p.add_argument_group("transformer fusion")
+    fusion.add_argument("--model-type", choices=MODEL_TYPES, metavar="TYPE",
+                        help="fuse a transformer with onnxruntime's transformer optimizer "
+                             f"({', '.join(MODEL_TYPES)}): Attention, LayerNorm and Gelu "
+                             "fusions that dynamic quantization turns into QAttention")
+    fusion.add_argument("--num-heads", type=positive_int, default=0, metavar="N",
+                        help="attention heads (default: read from the graph)")
+    fusion.add_argument("--hidden-size", type=positive_int, default=0, metavar="N",
+                        help="hidden size (default: read from the graph)")
     shapes = p.add_argument_group("symbolic shape inference")
     shapes.add_argument("--auto-merge", action="store_true",
                         help="merge symbolic dimensions that conflict (a guess) instead of "
@@ -70,6 +80,9 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         int_max=args.int_max,
         external_data=True if args.external_data else None,
         upgrade_opset=args.upgrade_opset,
+        model_type=args.model_type,
+        num_heads=args.num_heads,
+        hidden_size=args.hidden_size,
     )
 
 

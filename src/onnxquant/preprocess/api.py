@@ -23,6 +23,7 @@ from onnxquant.preprocess.optimize import optimize_graph
 from onnxquant.preprocess.report import StepReport, explain_unknown, op_counts, shape_census
 from onnxquant.preprocess.result import PreprocessResult
 from onnxquant.preprocess.symbolic_shapes import infer_symbolic_shapes
+from onnxquant.preprocess.transformers import fuse_transformer_model
 
 __all__ = ["preprocess", "PREPROCESSED_KEY"]
 
@@ -68,6 +69,10 @@ def preprocess(
             steps.append(infer_symbolic_shapes(
                 model, auto_merge=config.auto_merge, int_max=config.int_max,
                 guess_output_rank=config.guess_output_rank))
+        if config.model_type is not None:  # on the exporter's graph, before optimization
+            model, fused = fuse_transformer_model(model, config.model_type, config.num_heads,
+                                                  config.hidden_size)
+            steps.append(fused)
         if config.optimize:
             optimized = optimize_graph(model, workdir=workdir)
             model = optimized.model

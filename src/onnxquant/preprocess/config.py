@@ -33,6 +33,12 @@ class PreprocessConfig:
             ``<output name>.data``).
         external_data_threshold: Bytes from which a tensor goes to the external-data file.
         upgrade_opset: Convert models below opset 10 to opset 13 instead of refusing them.
+        model_type: Fuse a transformer with onnxruntime's transformer optimizer for this model
+            type (``bert``, ``gpt2``, ``vit``, ...; :mod:`onnxquant.preprocess.transformers`):
+            Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu — which
+            dynamic quantization turns into QAttention and integer MatMuls. None: no fusion.
+        num_heads: Attention heads for the fusion (0: read from the graph).
+        hidden_size: Hidden size for the fusion (0: read from the graph).
     """
 
     symbolic_shapes: bool = True
@@ -45,8 +51,21 @@ class PreprocessConfig:
     external_data_name: str | None = None
     external_data_threshold: int = 1024
     upgrade_opset: bool = False
+    model_type: str | None = None
+    num_heads: int = 0
+    hidden_size: int = 0
 
     def __post_init__(self) -> None:
+        if self.num_heads < 0 or self.hidden_size < 0:
+            raise QuantizationError("num_heads and hidden_size must be 0 (read from the graph) "
+                                    "or positive")
+        if self.model_type is not None:
+            from onnxquant.preprocess.transformers import MODEL_TYPES
+
+            if self.model_type not in MODEL_TYPES:
+                raise QuantizationError(
+                    f"unknown model type '{self.model_type}'; onnxruntime's transformer "
+                    f"optimizer knows {', '.join(MODEL_TYPES)}")
         if self.int_max < 1:
             raise QuantizationError(f"int_max must be a positive integer, got {self.int_max}")
         if self.external_data_threshold < 0:

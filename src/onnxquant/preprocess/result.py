@@ -74,8 +74,9 @@ class PreprocessResult:
                      f"{sum(self.ops_after.values())}")
         changes = sorted({*self.removed, *self.added},
                          key=lambda op: (-abs(self.ops_after[op] - self.ops_before[op]), op))
+        width = max((len(op) for op in changes[:_MAX_OPS]), default=0) + 2
         for op in changes[:_MAX_OPS]:
-            lines.append(f"  {op:<28}{self.ops_before[op]:>6} -> {self.ops_after[op]}")
+            lines.append(f"  {op:<{width}}{self.ops_before[op]:>6} -> {self.ops_after[op]}")
         if len(changes) > _MAX_OPS:
             lines.append(f"  ... {len(changes) - _MAX_OPS} more op types changed")
         lines.append(f"value shapes: before: {self.shapes_before.describe()}")

@@ -22,11 +22,14 @@ import logging
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxquant.core.errors import QuantizationError
+from onnxquant.preprocess.report import StepReport
 
-__all__ = ["MODEL_TYPES", "detect_attention_shape", "fuse_transformer"]
+__all__ = ["MODEL_TYPES", "detect_attention_shape", "fuse_transformer",
+           "fuse_transformer_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ def _model_types() -> tuple[str, ...]:
 
 MODEL_TYPES: tuple[str, ...] = _model_types()
 """The model types onnxruntime's transformer optimizer knows (``bert``, ``gpt2``, ``vit``, ...)."""
+ATTENTION_TYPES = frozenset({"bert", "bert_tf", "bert_keras", "tnlr", "vit", "swin"})
+"""Model types whose fusion should give Attention nodes."""
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, Any]:
@@ -130,3 +135,30 @@ def fuse_transformer(model: onnx.ModelProto, model_type: str, *, num_heads: int 
     counts = collections.Counter(n.op_type for n in proto.graph.node
                                  if n.domain == "com.microsoft")
     return proto, dict(counts)
+
+
+def fuse_transformer_model(model: ir.Model, model_type: str, num_heads: int = 0,
+                           hidden_size: int = 0) -> tuple[ir.Model, StepReport]:
+    """:func:`fuse_transformer` as a pre-processing step on an ``onnx_ir`` model: the fused
+    model and what the step did. A model the optimizer cannot handle comes back unchanged,
+    with the reason in the report."""
+    proto = ir.serde.serialize_model(model)
+    before = collections.Counter(n.op_type for n in proto.graph.node
+                                 if n.domain == "com.microsoft")
+    try:
+        fused, counts = fuse_transformer(proto, model_type, num_heads=num_heads,
+                                         hidden_size=hidden_size)
+    except QuantizationError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a fusion failure leaves the model as it was
+        return model, StepReport(f"{model_type} fusion", False,
+                                 problem=f"onnxruntime's transformer optimizer failed: {err}")
+    new = {op: count - before.get(op, 0) for op, count in counts.items()
+           if count > before.get(op, 0)}
+    details = tuple(f"{count} {op}" for op, count in sorted(new.items()))
+    problem = None
+    if "Attention" not in counts and model_type in ATTENTION_TYPES:
+        problem = ("no attention block was fused; give num_heads and hidden_size if the "
+                   "graph does not show them")
+    return ir.serde.deserialize_model(fused), StepReport(
+        f"{model_type} fusion", bool(new), details or ("nothing fused",), problem)

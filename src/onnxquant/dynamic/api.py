@@ -24,6 +24,7 @@ from onnxquant.dynamic.config import DynamicQuantConfig
 from onnxquant.dynamic.result import DynamicQuantizationResult
 from onnxquant.dynamic.runtime import assume_everything, probe_runtime
 from onnxquant.preprocess import passes as preprocess
+from onnxquant.preprocess.hints import preprocessing_hints
 
 __all__ = ["DynamicQuantizationResult", "Decision", "quantize_dynamic"]
 
@@ -122,6 +123,7 @@ def quantize_dynamic(
     model = entry.model
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
+    hints = preprocessing_hints(model)
     names = Names(model)
     ctx = Context(
         model=model, config=config, names=names,
@@ -144,6 +146,7 @@ def quantize_dynamic(
         seconds=time.perf_counter() - start,
         format=config.format,
         fidelity=fidelity,
+        hints=hints,
     )
     logger.info("dynamic quantization: %d of %d candidate nodes quantized",
                 len(result.quantized), len(decisions))

@@ -46,6 +46,8 @@ class DynamicQuantizationResult:
         format: The representation written (QOperator or QDQ).
         fidelity: How close the quantized outputs stay to the float ones, and on which
             samples; None when not measured.
+        hints: What ``onnxquant preprocess`` would improve in this model (empty when it was
+            pre-processed or nothing suggests it).
     """
 
     decisions: list[Decision]
@@ -56,6 +58,7 @@ class DynamicQuantizationResult:
     seconds: float
     format: QuantFormat
     fidelity: Fidelity | None = None
+    hints: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def quantized(self) -> list[Decision]:
@@ -110,6 +113,7 @@ def format_dynamic_summary(result: DynamicQuantizationResult, advice: Sequence[s
     lines += accuracy_lines(result.fidelity)
     lines.append(size_line(result.float_bytes, result.quantized_bytes))
     lines.append(f"time:         {result.seconds:.2f} s")
+    lines += [f"pre-process:  {hint}" for hint in result.hints]
     lines += speed_lines([*result.warnings(), *advice], latency)
     lines += files_lines(result.output_files)
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from onnxquant.calibration.settings import CalibrationMethod, tensor_range
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.preprocess import passes as preprocess
+from onnxquant.preprocess.hints import preprocessing_hints
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.corrections.equalization import equalize_layers
 from onnxquant.static.corrections.pipeline import (
@@ -195,6 +196,7 @@ def quantize_static(
     model = entry.model
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
+    hints = preprocessing_hints(model)
     if config.equalize_layers:  # data-free: calibrate the equalized model
         equalize_layers(model)
     nodes = select_nodes(model, config)
@@ -229,4 +231,5 @@ def quantize_static(
         seconds=time.perf_counter() - start,
         unobserved=calibration.unobserved,
         fidelity=fidelity,
+        hints=hints,
     )

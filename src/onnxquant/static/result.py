@@ -64,6 +64,8 @@ class QuantizationResult:
             samples; None when not measured.
         target: With ``quantize_static(..., target=...)``: the search's outcome
             (:class:`onnxquant.target.TargetResult`: met, score, kept float, every step).
+        hints: What ``onnxquant preprocess`` would improve in this model (empty when it was
+            pre-processed or nothing suggests it).
     """
 
     plan: QuantPlan
@@ -75,6 +77,7 @@ class QuantizationResult:
     unobserved: list[str]
     fidelity: Fidelity | None = None
     target: Any = None
+    hints: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self, advice: Sequence[str] = (), latency: Latency | None = None) -> str:
         """The plain-text summary ``onnxquant static`` prints (see :func:`format_summary`).
@@ -185,6 +188,7 @@ def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
         lines.append(f"unobserved:   {len(result.unobserved)} tensors never computed by the "
                      f"calibration data stay float ({names}{more})")
     lines.append(f"time:         {result.seconds:.2f} s")
+    lines += [f"pre-process:  {hint}" for hint in result.hints]
     lines += speed_lines([*result.warnings(), *advice], latency)
     lines += files_lines(result.output_files)
     return "\n".join(lines)

@@ -92,3 +92,31 @@ def test_convert_opset_keeps_large_tensors_without_copying() -> None:
     assert all(v.const_value is before[n] for n, v in model.graph.initializers.items())
     proto = ir.serde.serialize_model(converted)
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_a_one_file_output_does_not_point_at_the_inputs_data_file(tmp_path):
+    """A float tensor left as it was (a node kept float) is written into the output, not left
+    as a reference to the input's external-data file (which the output's folder lacks)."""
+    import onnxruntime as ort
+    import target_models as tm
+
+    import onnxquant
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(tm.unequal_cnn(), tmp_path / "in" / "m.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    for name, quantize in (
+            ("static.onnx", lambda out: onnxquant.quantize_static(
+                tmp_path / "in" / "m.onnx", out, tm.image_feeds(4, 1),
+                onnxquant.StaticQuantConfig(evaluate=False, nodes_to_exclude=["conv3"]))),
+            ("dynamic.onnx", lambda out: onnxquant.quantize_dynamic(
+                tmp_path / "in" / "m.onnx", out,
+                onnxquant.DynamicQuantConfig(nodes_to_exclude=["conv3"])))):
+        out = tmp_path / "out" / name
+        quantize(out)
+        written = onnx.load(out, load_external_data=False)
+        assert not [t.name for t in written.graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL]
+        ort.InferenceSession(str(out)).run(None, tm.image_feeds(1, 2)[0])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dynamic.onnx", "static.onnx"]

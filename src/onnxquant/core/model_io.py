@@ -230,7 +230,8 @@ def save_model(
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name,
                         size_threshold_bytes=size_threshold)
-            else:
+            else:  # one file: tensors still in the input's data file are read in first
+                load_external_tensors(model)
                 ir.save(model, tmp_model)
             written = []
             if (tmpdir / data_name).exists():

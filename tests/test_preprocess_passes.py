@@ -354,3 +354,51 @@ def test_onnx_shapes_follow_shape_computations_with_data_propagation() -> None:
     report = infer_onnx_shapes(model)
     assert report.changed
     assert _dims(_value(model, "y")) == ["N", 12]
+
+
+def test_a_constant_folded_in_two_bodies_is_stored_once(tmp_path):
+    """onnxruntime folds Transpose(W) in each If branch separately; the result keeps one
+    copy, read from the outer scope, and computes the same function."""
+    import onnxquant
+
+    w = np.arange(256, dtype=np.float32).reshape(16, 16) / 256
+    def branch(op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Transpose", ["w"], [f"wt_{op}"], perm=[1, 0]),
+             helper.make_node(op, ["x", f"wt_{op}"], [f"out_{op}"])],
+            f"{op}_branch", [], [helper.make_tensor_value_info(f"out_{op}", TensorProto.FLOAT,
+                                                               [16, 16])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("Add"),
+                          else_branch=branch("Sub"))],
+        "two_bodies",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 16])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnxquant.preprocess(model, tmp_path / "pre.onnx")
+    pre = onnx.load(tmp_path / "pre.onnx")
+    stored = [numpy_helper.to_array(t) for g in _all_graphs(pre.graph) for t in g.initializer
+              if t.data_type == TensorProto.FLOAT]
+    assert sum(a.size for a in stored) == w.size  # one copy of W or of its transpose
+    x = np.ones((16, 16), np.float32)
+    for cond in (True, False):
+        feed = {"cond": np.array(cond), "x": x}
+        np.testing.assert_array_equal(_run_proto(pre, feed), _run_proto(model, feed))
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += _all_graphs(attr.g)
+    return found
+
+
+def _run_proto(model: onnx.ModelProto, feed: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feed)[0]

@@ -418,3 +418,13 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2], sys.argv[3]))
     sys.exit("usage: _bench_util.py --worker module:function JOB.json (started by the benchmarks)")
+
+
+def median_ms(session, feed, runs: int) -> float:
+    """Median wall time of ``runs`` runs of ``session`` on ``feed``, in milliseconds."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

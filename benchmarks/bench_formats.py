@@ -33,7 +33,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,15 +96,6 @@ def _session(path: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(session, feed, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def worker_latency(job: dict) -> dict:
     """Float and quantized model on one feed, 1 thread, interleaved rounds; medians in ms."""
     feed = bu.load_pickle(job["feeds"])[0]
@@ -117,7 +107,7 @@ def worker_latency(job: dict) -> dict:
     samples = {key: [] for key in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
-            samples[key].append(_median_ms(session, feed, per_round))
+            samples[key].append(bu.median_ms(session, feed, per_round))
     float_ms, quant_ms = (statistics.median(samples[k]) for k in ("float", "quant"))
     return {"ok": True, "float_ms": float_ms, "quant_ms": quant_ms,
             "latency_ratio": quant_ms / float_ms, "latency_runs": rounds * per_round}

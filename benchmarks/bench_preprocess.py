@@ -189,15 +189,6 @@ def worker_ort_fused(job: dict) -> dict:
     return rec
 
 
-def _median_ms(session, feed, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def worker_latency(job: dict) -> dict:
     """Every model in job["models"] on one feed, 1 intra-op thread, interleaved rounds; the
     median of the round medians, in ms."""
@@ -218,7 +209,7 @@ def worker_latency(job: dict) -> dict:
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
-            samples[key].append(_median_ms(session, feed, per_round))
+            samples[key].append(bu.median_ms(session, feed, per_round))
     return {"ok": True, "ms": {k: statistics.median(v) for k, v in samples.items()},
             "runs": rounds * per_round,
             "feed_shapes": {k: list(v.shape) for k, v in feed.items()}}

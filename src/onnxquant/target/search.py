@@ -4,18 +4,23 @@ re-plan and re-emit candidates (:mod:`onnxquant.target.candidates`) — each cos
 and one pass over the evaluation samples — until one meets the target.
 
 The moves (:mod:`onnxquant.target.moves`) are tried greedily, each kept when it raises the
-score: whole-model config moves and corrections first, then node moves ranked by the debugging
-report of the best model so far. When moves keep disappointing after the best model changed,
-the report is made again on the new best model and the ranking starts over (at most
-:data:`MAX_RERANKS` times). 16-bit activations everywhere come last.
+score, in this order:
+
+1. whole-model config moves (calibration method, per-channel weights) and the corrections;
+2. a probe of 16-bit activations everywhere (QDQ), kept when it gains (per-channel weights are
+   tried again on top: with 16-bit activations the weights' error dominates);
+3. node moves ranked by the debugging report of the best model so far; when moves keep
+   disappointing after the best model changed, the report is made again on the new best
+   model and the ranking starts over (at most :data:`MAX_RERANKS` times).
 
 The search stops at the first candidate that meets the target or after ``max_evaluations``
-candidates; when it met the target, a trimming pass undoes the costly moves that are not
-needed after all (16-bit everywhere, then float nodes, then 16-bit tensors, latest first).
-The best candidate is written either way, and the result says whether the target was met
-and, if not, why.
+candidates. Once met: if the probe was kept, bisection finds the fewest activations (worst
+own 8-bit error first) that still need 16 bits (at most :data:`NARROW_EVALUATIONS` more
+candidates); then a trimming pass undoes the costly moves that are not needed after all (16-bit
+everywhere, float nodes — small groups node by node —, 16-bit tensors; latest first). The best
+candidate is written either way, and the result says whether the target was met and, if not,
+why.
 """
-
 from __future__ import annotations
 
 import dataclasses

@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from onnxquant import __version__
+from onnxquant.cli.calibrate import add_calibrate_parser
 from onnxquant.cli.dynamic import add_dynamic_parser
 from onnxquant.cli.preprocess import add_preprocess_parser
 from onnxquant.cli.report import add_report_parser
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_preprocess_parser(subparsers)
     add_static_parser(subparsers)
+    add_calibrate_parser(subparsers)
     add_dynamic_parser(subparsers)
     add_weights_parser(subparsers)
     add_report_parser(subparsers)

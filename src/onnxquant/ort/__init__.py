@@ -14,8 +14,21 @@ imports ``onnxruntime.quantization``.
 
 from __future__ import annotations
 
-from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
-from onnxquant.ort.quant_utils import QuantFormat, QuantizationMode, QuantType
+from onnxquant.ort.calibrate import (
+    CalibraterBase,
+    CalibrationDataReader,
+    CalibrationMethod,
+    EntropyCalibrater,
+    MinMaxCalibrater,
+    PercentileCalibrater,
+    create_calibrator,
+)
+from onnxquant.ort.quant_utils import (
+    QuantFormat,
+    QuantizationMode,
+    QuantType,
+    write_calibration_table,
+)
 from onnxquant.ort.quantize import (
     DynamicQuantConfig,
     QuantConfig,
@@ -39,4 +52,10 @@ __all__ = [
     "CalibrationMethod",
     "CalibrationDataReader",
     "quant_pre_process",
+    "CalibraterBase",
+    "MinMaxCalibrater",
+    "EntropyCalibrater",
+    "PercentileCalibrater",
+    "create_calibrator",
+    "write_calibration_table",
 ]

@@ -1,4 +1,6 @@
-"""Enums of ``onnxruntime.quantization.quant_utils``: same member names and integer values.
+"""Names of ``onnxruntime.quantization.quant_utils``: enums with the same member names and integer
+values, the numeric helpers (:mod:`onnxquant.ort._quant_numerics`) and
+:func:`write_calibration_table` (:mod:`onnxquant.ort._trt_table`).
 
 Each enum prints as its member name and has ``from_string`` (exact member name first, then
 case-insensitive, so ``"QUInt8"`` and the CLI spelling ``"quint8"`` both work).
@@ -16,8 +18,37 @@ from onnx import TensorProto
 
 from onnxquant.core import qtypes
 from onnxquant.ort._errors import InvalidOptionError
+from onnxquant.ort._quant_numerics import (
+    FLOAT8_TYPES,
+    MODEL_SIZE_THRESHOLD,
+    ONNX_TYPE_TO_NP_TYPE,
+    compute_scale_zp,
+    compute_scale_zp_float8,
+    get_qmin_qmax_for_qType,
+    get_qrange_for_qType,
+    pack_bytes_to_4bit,
+    quantize_data,
+    quantize_nparray,
+)
+from onnxquant.ort._trt_table import write_calibration_table
 
-__all__ = ["QuantType", "QuantFormat", "QuantizationMode", "load_model_with_shape_infer"]
+__all__ = [
+    "QuantType",
+    "QuantFormat",
+    "QuantizationMode",
+    "load_model_with_shape_infer",
+    "write_calibration_table",
+    "FLOAT8_TYPES",
+    "MODEL_SIZE_THRESHOLD",
+    "ONNX_TYPE_TO_NP_TYPE",
+    "compute_scale_zp",
+    "compute_scale_zp_float8",
+    "get_qmin_qmax_for_qType",
+    "get_qrange_for_qType",
+    "pack_bytes_to_4bit",
+    "quantize_data",
+    "quantize_nparray",
+]
 
 
 def _member(cls: type[enum.Enum], text: str) -> enum.Enum:

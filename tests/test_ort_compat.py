@@ -495,7 +495,6 @@ def test_extra_options_accepted_quietly(caplog, options):
 
 
 @pytest.mark.parametrize("options", [
-    {"TensorQuantOverrides": {"x": [{"quant_type": ortq.QuantType.QUInt16}]}},
     {"BlockSize": 32}, {"AddQDQPairToWeight": True},
     {"ActivationRestrictedAsymmetric": True},
 ])

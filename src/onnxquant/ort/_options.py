@@ -26,9 +26,16 @@
     ``OpTypesToExcludeOutputQuantization``, ``QDQOpTypePerChannelSupportToAxis``,
     ``QDQDisableWeightAdjustForInt32Bias``, ``UseQDQContribOps``), or
   - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
-    another kind than the user relies on (explicit per-tensor types/scales, block-wise weights,
-    float weights with Q/DQ, restricted zero points): ``TensorQuantOverrides``,
-    ``BlockSize``, ``AddQDQPairToWeight``, ``ActivationRestrictedAsymmetric``.
+    another kind than the user relies on (block-wise weights, float weights with Q/DQ,
+    restricted zero points): ``BlockSize``, ``AddQDQPairToWeight``,
+    ``ActivationRestrictedAsymmetric``.
+* ``TensorQuantOverrides`` becomes ``StaticQuantConfig.tensors``
+  (:func:`onnxquant.ort.tensor_quant_overrides.to_tensor_overrides`): every entry is checked
+  (an invalid one raises :class:`~onnxquant.ort._errors.InvalidOptionError`, listing all of
+  them); ``convert`` is not supported yet and raises. Checks that need the model (an activation
+  with ``reduce_range`` or per-channel overrides, a per-channel count that does not match) raise
+  :class:`~onnxquant.QuantizationError` while planning; a name that is not in the model is
+  logged as a WARNING (onnxruntime raises).
 * ``SmoothQuant`` / ``SmoothQuantAlpha`` run onnxquant's own SmoothQuant
   (``StaticQuantConfig.smooth_quant``; no neural-compressor), which always folds the scales into
   the producing node (``SmoothQuantFolding`` has no effect).
@@ -60,6 +67,7 @@ from onnxquant.core.errors import QuantizationError
 from onnxquant.ort._errors import InvalidOptionError
 from onnxquant.ort.calibrate import CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
+from onnxquant.ort.tensor_quant_overrides import to_tensor_overrides
 from onnxquant.static.config import CalibrationMethod as NativeCalibrationMethod
 from onnxquant.static.config import QuantFormat as NativeQuantFormat
 from onnxquant.static.config import StaticQuantConfig as NativeStaticQuantConfig
@@ -160,9 +168,6 @@ _OFF_ONLY: dict[str, tuple[bool, str]] = {
     "QDQDisableWeightAdjustForInt32Bias": (False, "weight scales are handled as by default"),
     "UseQDQContribOps": (False, "Q/DQ nodes use the standard ONNX domain (opset 21 for "
                          "16-bit and 4-bit types)"),
-    "TensorQuantOverrides": (True, "remove the key to quantize every tensor with the "
-                             "global settings, or use nodes_to_exclude for tensors that "
-                             "must stay float"),
     "BlockSize": (True, "remove the key (or set 0) for per-tensor/per-channel weights"),
     "AddQDQPairToWeight": (True, "remove the key to store weights pre-quantized before "
                            "their DequantizeLinear"),
@@ -170,7 +175,7 @@ _OFF_ONLY: dict[str, tuple[bool, str]] = {
                                        "ActivationSymmetric=True for fixed zero points"),
 }
 
-_KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY)
+_KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY, "TensorQuantOverrides")
 
 
 def _enum(value: Any, cls: type[_E], arg: str) -> _E:
@@ -210,6 +215,8 @@ def _extra_fields(extra_options: Mapping[str, Any]) -> dict[str, Any]:
         if key in _MAPPED:
             field, parse = _MAPPED[key]
             fields[field] = parse(key, value)
+        elif key == "TensorQuantOverrides":
+            fields["tensors"] = to_tensor_overrides(value)
         elif key in _NO_EFFECT:
             logger.info("extra_options[%r] has no effect: %s.", key, _NO_EFFECT[key])
         elif key in _OFF_ONLY:

@@ -8,8 +8,10 @@ place.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
 from onnxquant.core.errors import QuantizationError
@@ -22,20 +24,117 @@ __all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig", "TensorOverr
 class TensorOverride:
     """What one tensor gets instead of the config's defaults (``StaticQuantConfig.tensors``).
 
+    Values left None follow the config. ``scale``, ``zero_point``, ``rmin`` and ``rmax`` may be
+    sequences with one value per channel when ``axis`` is given (constant tensors only); a
+    single value with ``axis`` applies to every channel.
+
     Attributes:
         quant_type: Its element type (e.g. ``UINT16`` for a sensitive activation next to 8-bit
-            ones; QDQ format only when it differs from the config's type). A 16-bit activation
+            ones; QDQ format only when it differs from the config's types). A 16-bit activation
             takes its calibrated min/max range: histogram methods choose clip ranges for the
             config's 8-bit grid, which a 65536-level grid does not need.
-        rmin: Lower end of its range instead of the calibrated one.
-        rmax: Upper end of its range instead of the calibrated one.
-        symmetric: Symmetric parameters (zero point at the midpoint) or not.
+        rmin: Lower end of its range instead of the calibrated (or the weight's) one.
+        rmax: Upper end of its range instead of the calibrated (or the weight's) one.
+        symmetric: Symmetric parameters (zero point at the midpoint) or not. A weight whose
+            ``quant_type`` differs from the config's weight type defaults to symmetric when
+            that type is signed (unless ``StaticQuantConfig.weight_symmetric`` is set).
+        scale: Its quantization scale (> 0), given together with ``zero_point``: the range
+            (calibrated or the weight's) is then not used, and a constant without ``axis`` is
+            quantized per tensor.
+        zero_point: Its zero point, an integer of ``quant_type``'s grid; with ``scale``.
+        reduce_range: Constant tensors: one bit less (7-bit int8/uint8) instead of
+            ``StaticQuantConfig.reduce_range``.
+        axis: Constant tensors: one scale per slice along this axis (per channel), whatever
+            ``StaticQuantConfig.per_channel`` says.
+        per_channel: Constant tensors: True quantizes a weight per channel along its op's
+            output-channel axis, False per tensor (no SQNR fallback to per channel); None
+            follows the config. ``axis`` implies True.
     """
 
     quant_type: QuantType | None = None
-    rmin: float | None = None
-    rmax: float | None = None
+    rmin: float | Sequence[float] | None = None
+    rmax: float | Sequence[float] | None = None
     symmetric: bool | None = None
+    scale: float | Sequence[float] | None = None
+    zero_point: int | Sequence[int] | None = None
+    reduce_range: bool | None = None
+    axis: int | None = None
+    per_channel: bool | None = None
+
+    @property
+    def fixes_params(self) -> bool:
+        """Whether the override alone determines the parameters (no calibrated range needed)."""
+        return self.scale is not None or (self.rmin is not None and self.rmax is not None)
+
+    @property
+    def decides_granularity(self) -> bool:
+        """Whether the override, not the config, chooses per tensor or per channel."""
+        return self.axis is not None or self.per_channel is not None or self.scale is not None
+
+    def problems(self) -> list[str]:
+        """What is wrong with this override on its own (empty when it is valid)."""
+        found: list[str] = []
+        if self.quant_type is not None and not isinstance(self.quant_type, QuantType):
+            found.append(f"quant_type must be an onnxquant QuantType (INT8, UINT16, ...), "
+                         f"got {self.quant_type!r}")
+        for key in ("symmetric", "reduce_range", "per_channel"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, bool):
+                found.append(f"{key} must be True, False or None, got {value!r}")
+        if self.axis is not None and (isinstance(self.axis, bool)
+                                      or not isinstance(self.axis, int)):
+            found.append(f"axis must be an int, got {self.axis!r}")
+        if self.axis is not None and self.per_channel is False:
+            found.append("axis asks for per-channel parameters but per_channel is False")
+        if (self.scale is None) != (self.zero_point is None):
+            found.append("scale and zero_point must be given together")
+        if self.scale is not None:
+            clash = [k for k in ("rmin", "rmax", "symmetric", "reduce_range")
+                     if getattr(self, k) is not None]
+            if clash:
+                found.append(f"scale/zero_point fix the parameters, so {', '.join(clash)} "
+                             "cannot be given with them; remove one or the other")
+        for key, kind in (("scale", "number"), ("zero_point", "int"), ("rmin", "number"),
+                          ("rmax", "number")):
+            found.extend(self._value_problems(key, kind))
+        if not found:
+            low, high = _values(self.rmin), _values(self.rmax)
+            if low is not None and high is not None:
+                low, high = low * (len(high) if len(low) == 1 else 1), high * (
+                    len(low) if len(high) == 1 else 1)
+            if low is not None and high is not None and len(low) == len(high) and any(
+                    lo > hi for lo, hi in zip(low, high, strict=True)):
+                found.append(f"rmin {self.rmin} is above rmax {self.rmax}")
+        return found
+
+    def _value_problems(self, key: str, kind: str) -> list[str]:
+        value = getattr(self, key)
+        if value is None:
+            return []
+        many = isinstance(value, Sequence) and not isinstance(value, str)
+        if many and self.axis is None:
+            return [f"{key} has one value per channel, which needs an axis"]
+        items = list(value) if many else [value]
+        if many and not items:
+            return [f"{key} is empty"]
+        for item in items:
+            if kind == "int":
+                if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                    return [f"zero_point must be an integer, got {item!r}"]
+            elif (isinstance(item, bool) or not isinstance(item, numbers.Real)
+                  or not math.isfinite(float(item))):
+                return [f"{key} must be a finite number, got {item!r}"]
+            elif key == "scale" and not float(item) > 0:
+                return [f"scale must be > 0, got {item!r}"]
+        return []
+
+
+def _values(value: object) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, Sequence):
+        return [float(v) for v in value]
+    return [float(value)]  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
@@ -180,13 +279,15 @@ class StaticQuantConfig:
         if self.correction_feeds < 1:
             raise QuantizationError("correction_feeds must be at least 1")
         for name, override in self.tensors.items():
-            if (override.rmin is not None and override.rmax is not None
-                    and not override.rmin <= override.rmax):
+            if not isinstance(override, TensorOverride):
                 raise QuantizationError(
-                    f"tensor override '{name}': rmin {override.rmin} is above rmax "
-                    f"{override.rmax}")
+                    f"tensor override '{name}' must be a TensorOverride, got "
+                    f"{type(override).__name__}")
+            found = override.problems()
+            if found:
+                raise QuantizationError(f"tensor override '{name}': " + "; ".join(found))
             if (self.format is QuantFormat.QOPERATOR and override.quant_type is not None
-                    and override.quant_type != self.activation_type):
+                    and override.quant_type not in (self.activation_type, self.weight_type)):
                 raise QuantizationError(
                     f"tensor override '{name}': a {override.quant_type} tensor next to "
                     f"{self.activation_type} ones needs the QDQ format (QOperator kernels take "

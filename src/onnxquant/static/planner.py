@@ -13,6 +13,7 @@ from onnxquant.core.graph import from_dequantize, is_constant, is_float, iter_no
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import QuantType
 from onnxquant.preprocess import BATCHNORM_FOLDED
+from onnxquant.static import _overrides
 from onnxquant.static._extremes import check_constants
 from onnxquant.static._singular import grid_keeping_nodes, singular_reach
 from onnxquant.static.config import QuantFormat, StaticQuantConfig
@@ -148,11 +149,7 @@ class _Planner:
         qtype, symmetric = cfg.activation_type, cfg.activation_symmetric
         override = cfg.tensors.get(name)
         if override is not None:
-            qtype = override.quant_type or qtype
-            symmetric = symmetric if override.symmetric is None else override.symmetric
-            rng = (rng[0] if override.rmin is None else override.rmin,
-                   rng[1] if override.rmax is None else override.rmax)
-            source = f"{source} (override)"
+            return _overrides.activation(name, rng, override, cfg, source)
         scale, zp = numerics.compute_scale_zero_point(
             rng[0], rng[1], qtype, symmetric=symmetric, min_real_range=cfg.min_real_range)
         return _tensor(name, "activation", qtype, scale, zp, None, source, rng)
@@ -161,12 +158,11 @@ class _Planner:
         cfg = self.config
         data = value.const_value.numpy()  # type: ignore[union-attr]
         name = value.name or ""
-        qtype = cfg.weight_type if as_weight else cfg.activation_type
-        symmetric = cfg.weights_symmetric if as_weight else cfg.activation_symmetric
         override = cfg.tensors.get(name)
         if override is not None:
-            qtype = override.quant_type or qtype
-            symmetric = symmetric if override.symmetric is None else override.symmetric
+            return _overrides.constant(name, data, axis, as_weight, override, cfg)
+        qtype = cfg.weight_type if as_weight else cfg.activation_type
+        symmetric = cfg.weights_symmetric if as_weight else cfg.activation_symmetric
         low, high = numerics.tensor_range(data, axis, name=name)
         scale, zp = numerics.compute_scale_zero_point(
             low, high, qtype, symmetric=symmetric, reduce_range=cfg.reduce_range and as_weight)
@@ -198,6 +194,12 @@ class _Planner:
         if is_constant(value):
             rank = len(value.const_value.shape)  # type: ignore[union-attr]
             as_weight = index in rule.weights
+            override = self.config.tensors.get(name)
+            if override is not None and override.decides_granularity:
+                default = weight_axis(node, index, rank) if as_weight else None
+                axis = _overrides.constant_axis(name, override, rank, default, node.name or "")
+                self.plan.tensors[name] = self.constant(value, axis, as_weight)
+                return None
             forced = self.per_channel_weights.get(name) if as_weight else None
             per_channel = as_weight and (self.config.per_channel or forced is not None)
             axis = weight_axis(node, index, rank) if per_channel else None
@@ -210,10 +212,19 @@ class _Planner:
                 params = self._per_channel_fallback(node, index, value, params)
             self.plan.tensors[name] = params
             return None
-        if name not in self.ranges:
+        rng = self._range(name)
+        if rng is None:
             return f"input '{name}' has no calibrated range"
-        self.plan.tensors[name] = self.activation(name, self.ranges[name], "calibrated")
+        self.plan.tensors[name] = self.activation(name, rng, "calibrated")
         return None
+
+    def _range(self, name: str) -> tuple[float, float] | None:
+        """The calibrated range of an activation; (0, 0) when it has none but its override
+        fixes its parameters (scale/zero point, or both rmin and rmax)."""
+        if name in self.ranges:
+            return self.ranges[name]
+        override = self.config.tensors.get(name)
+        return (0.0, 0.0) if override is not None and override.fixes_params else None
 
     def decide(self, node: ir.Node, rule: OpRule) -> NodeDecision:
         decision = NodeDecision(node.name or "", node.op_type, "float")
@@ -276,8 +287,8 @@ class _Planner:
                     continue  # a per-channel weight cannot be shared with an activation
             elif rule.output is OutputMode.FIXED:
                 params = self.fixed(node, name, rule)
-            elif name in self.ranges:
-                params = self.activation(name, self.ranges[name], "calibrated")
+            elif (rng := self._range(name)) is not None:
+                params = self.activation(name, rng, "calibrated")
             else:
                 continue
             self.plan.tensors.setdefault(name, params)
@@ -311,6 +322,10 @@ class _Planner:
         data = bias.const_value.numpy()  # type: ignore[union-attr]
         if data.ndim != 1 or (weight.axis is not None and len(weight.scale) != data.size):
             return None
+        w_value = node.inputs[1]
+        if weight.axis is not None and (w_value is None or w_value.shape is None or weight.axis
+                                        != weight_axis(node, 1, len(w_value.shape))):
+            return None  # per-channel along another axis than the output channels
         return bias, data, act, weight
 
     def plan_biases(self, items: list[tuple[ir.Node, OpRule, NodeDecision]]) -> None:
@@ -322,14 +337,24 @@ class _Planner:
             found = self._bias_operands(node, rule, decision)
             if found is not None:
                 operands.append((rule.bias, decision, *found))
-        for _, _, bias, data, act, weight in operands:
+        kept = []
+        for item in operands:
+            _, _, bias, data, act, weight = item
             w_scale = weight.scale_array()
             adjusted = numerics.weight_scale_for_bias(data, act.scale_array(), w_scale)
-            if not np.array_equal(adjusted, w_scale):
-                logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
-                            weight.name, bias.name)
-                weight.scale = [float(x) for x in np.atleast_1d(adjusted)]
-        for index, decision, bias, _, act, weight in operands:
+            if np.array_equal(adjusted, w_scale):
+                kept.append(item)
+                continue
+            override = self.config.tensors.get(weight.name)
+            if override is not None and override.scale is not None:
+                logger.warning("bias '%s' stays float: it does not fit in int32 with the scale "
+                               "that the override of weight '%s' fixes", bias.name, weight.name)
+                continue
+            logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
+                        weight.name, bias.name)
+            weight.scale = [float(x) for x in np.atleast_1d(adjusted)]
+            kept.append(item)
+        for index, decision, bias, _, act, weight in kept:
             scale = numerics.bias_scale(act.scale_array(), weight.scale_array())
             decision.bias = BiasQuant(index, bias.name or "",
                                       [float(x) for x in np.atleast_1d(scale)],

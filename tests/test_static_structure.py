@@ -428,3 +428,20 @@ def test_plan_json_round_trip(qcache, tmp_path, name) -> None:
     plan.to_json(path)
     assert QuantPlan.from_json(path) == plan
     assert QuantPlan.from_json(str(path)) == plan
+
+
+def test_a_lone_elementwise_node_says_why_it_stays_float(tmp_path):
+    """An Add of two graph inputs has no quantized neighbour: calibration leaves its inputs
+    out, and the plan gives that reason, not a missing range."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["a", "b"], ["c"], name="add")], "lone",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 4])
+         for n in ("a", "b")],
+        [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2, 4])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feeds = [{n: rng.normal(size=(2, 4)).astype(np.float32) for n in ("a", "b")}
+             for _ in range(4)]
+    result = quantize(model, tmp_path / "q.onnx", feeds=feeds)
+    decision = result.result.plan.nodes["add"]
+    assert decision.action == "float" and decision.reason.startswith("no quantized neighbour")

@@ -75,6 +75,9 @@ def params_from_producer(value: ir.Value, qformat: QuantFormat = QuantFormat.QDQ
     return rule is not None and rule.output in (OutputMode.SHARED, OutputMode.FIXED)
 
 
+NO_NEIGHBOUR = "no quantized neighbour (it would only add Q/DQ to float code)"
+
+
 def _is_follower(rule: OpRule) -> bool:
     return not rule.anchor
 
@@ -102,7 +105,7 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
             kept = {**slow_depthwise(nodes, float_depthwise_multiple), **kept}
         if float_conv_depth is not None:
             kept = {**shallow_convs(nodes, float_conv_depth, kept), **kept}
-    followers = []
+    followers, unranged = [], []
     for node in nodes:
         rule = rule_for(node, qformat)
         assert rule is not None
@@ -116,6 +119,8 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
         if missing and rule.anchor and _has_constant_weight(node, rule):
             chosen.weight_only.add(node)
             chosen.reasons[node] = missing
+        elif missing and _is_follower(rule):
+            unranged.append((node, missing))
         elif missing:
             chosen.reasons[node] = missing
         elif _is_follower(rule):
@@ -123,6 +128,9 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
         else:
             chosen.nodes.add(node)
     _grow(chosen, followers, qformat)
+    for node, missing in unranged:  # calibration leaves out followers it would not choose
+        chosen.reasons[node] = missing if _has_quantized_neighbour(node, chosen, qformat) \
+            else NO_NEIGHBOUR
     return chosen
 
 
@@ -137,7 +145,7 @@ def _grow(chosen: Chosen, followers: list[ir.Node], qformat: QuantFormat) -> Non
                 pending.remove(node)
                 changed = True
     for node in pending:
-        chosen.reasons[node] = "no quantized neighbour (it would only add Q/DQ to float code)"
+        chosen.reasons[node] = NO_NEIGHBOUR
 
 
 def _has_quantized_neighbour(node: ir.Node, chosen: Chosen, qformat: QuantFormat) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from onnxquant.calibration.readers import CalibrationDataReader
+from onnxquant.ort._calib_cache import entropy, load_tensors_data, rel_entr, save_tensors_data
 from onnxquant.ort._calib_enum import CalibrationMethod
 from onnxquant.ort._calibrators import CalibraterBase, MinMaxCalibrater
 from onnxquant.ort._errors import InvalidOptionError
@@ -40,6 +41,10 @@ __all__ = [
     "PercentileCalibrater",
     "DistributionCalibrater",
     "create_calibrator",
+    "save_tensors_data",
+    "load_tensors_data",
+    "entropy",
+    "rel_entr",
 ]
 
 # extra_options keys create_calibrator reads per method, with onnxruntime's defaults.

@@ -22,6 +22,8 @@ from onnxquant.ort.calibrate import (
     MinMaxCalibrater,
     PercentileCalibrater,
     create_calibrator,
+    load_tensors_data,
+    save_tensors_data,
 )
 from onnxquant.ort.quant_utils import (
     QuantFormat,
@@ -58,4 +60,6 @@ __all__ = [
     "PercentileCalibrater",
     "create_calibrator",
     "write_calibration_table",
+    "load_tensors_data",
+    "save_tensors_data",
 ]

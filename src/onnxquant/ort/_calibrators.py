@@ -142,7 +142,9 @@ class CalibraterBase:
                   location=path.name + ".data" if self.use_external_data_format else None)
 
     def _new_observer(self, kind: str) -> Any:
-        raise NotImplementedError
+        """The observer a subclass keeps per exposed tensor (abstract, as in onnxruntime)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its observers; "
+                                  "use MinMaxCalibrater or a histogram calibrator")
 
     def collect_data(self, data_reader: Any) -> None:
         """Run every feed of ``data_reader`` and fold its statistics in.
@@ -183,8 +185,10 @@ class CalibraterBase:
         self._observers = {}
 
     def compute_data(self) -> TensorsData:
-        """The calibrated statistics per tensor."""
-        raise NotImplementedError
+        """The calibrated statistics per tensor (abstract: each calibrator defines it, as in
+        onnxruntime's CalibraterBase)."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute ranges; use "
+                                  "MinMaxCalibrater or a histogram calibrator")
 
 
 class _BatchRanges:

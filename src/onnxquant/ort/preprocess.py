@@ -18,14 +18,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from onnxquant.core.errors import QuantizationError
+from onnxquant.ort._command import run_reported
 from onnxquant.ort.shape_inference import quant_pre_process
 
 __all__ = ["main", "build_parser", "parse_bool"]
 
-EXIT_OK = 0
-EXIT_OS_ERROR = 1
-EXIT_USAGE = 2
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
 
@@ -87,21 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--skip_symbolic_shape): nothing to do")
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = quant_pre_process(
-            args.input, args.output, args.skip_optimization, args.skip_onnx_shape,
-            args.skip_symbolic_shape, args.auto_merge, args.int_max, args.guess_output_rank,
-            args.verbose, args.save_as_external_data, args.all_tensors_to_one_file,
-            args.external_data_location, args.external_data_size_threshold)
-    except QuantizationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        where = f" ('{err.filename}')" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
-        return EXIT_OS_ERROR
-    print(result.summary())
-    return EXIT_OK
+    return run_reported(lambda: quant_pre_process(
+        args.input, args.output, args.skip_optimization, args.skip_onnx_shape,
+        args.skip_symbolic_shape, args.auto_merge, args.int_max, args.guess_output_rank,
+        args.verbose, args.save_as_external_data, args.all_tensors_to_one_file,
+        args.external_data_location, args.external_data_size_threshold))
 
 
 if __name__ == "__main__":

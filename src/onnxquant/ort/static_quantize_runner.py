@@ -60,7 +60,8 @@ import numpy as np
 
 from onnxquant.calibration.readers import CalibrationDataReader, load_feed_folder
 from onnxquant.calibration.session import model_input_specs
-from onnxquant.core.errors import FeedError, QuantizationError
+from onnxquant.core.errors import FeedError
+from onnxquant.ort._command import run_reported
 from onnxquant.ort._errors import InvalidOptionError
 from onnxquant.ort.calibrate import CalibrationMethod
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
@@ -70,9 +71,6 @@ from onnxquant.static.api import QuantizationResult
 __all__ = ["OnnxModelCalibrationDataReader", "build_parser", "parse_arguments",
            "get_extra_options", "main", "run"]
 
-EXIT_OK = 0
-EXIT_OS_ERROR = 1
-EXIT_USAGE = 2
 
 QUANT_TYPES: dict[str, QuantType] = {
     "qint8": QuantType.QInt8,
@@ -302,17 +300,7 @@ def main(argv: Sequence[str] | None = None) -> QuantizationResult:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The command: :func:`main`, with errors reported on stderr; returns the exit code."""
-    try:
-        result = main(argv)
-    except QuantizationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        where = f" ('{err.filename}')" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
-        return EXIT_OS_ERROR
-    print(result.summary())
-    return EXIT_OK
+    return run_reported(lambda: main(argv))
 
 
 if __name__ == "__main__":

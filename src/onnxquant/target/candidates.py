@@ -34,6 +34,7 @@ from onnxquant.static.corrections import equalize_layers, smoothing_tensors
 from onnxquant.static.corrections.pipeline import (
     correct_float_model,
     correct_planned_biases,
+    corrected_calibration,
     note_corrected_biases,
 )
 from onnxquant.static.planner import build_plan, select_nodes
@@ -89,6 +90,7 @@ class Candidates:
         self.workdir = workdir
         self.providers = providers
         self._observed: dict[tuple[bool, float, bool], tuple[ir.Model, dict[str, Any]]] = {}
+        self._ranges: dict[tuple[Any, tuple[bool, float, bool]], Any] = {}
         session = make_session(pristine, providers, workdir)
         self.names = [o.name for o in session.get_outputs()]
         self.reference, self.float_seconds = self._run(session)
@@ -97,7 +99,7 @@ class Candidates:
     def corrected(self, config: StaticQuantConfig) -> tuple[ir.Model, dict[str, Any]]:
         """A copy of the model with ``config``'s float-changing corrections applied, and the
         statistics of the tensors they changed (re-observed once per combination)."""
-        key = (config.smooth_quant, config.smooth_quant_alpha, config.equalize_layers)
+        key = self._correction_key(config)
         if key not in self._observed:
             model = clone_model(self.pristine)
             observed = correct_float_model(model, config, self.correction_feeds,
@@ -121,12 +123,8 @@ class Candidates:
         model, observed = self.corrected(config)
         if model_io.default_opset(model) < config.required_opset():  # 16-bit Q/DQ: opset 21
             model = model_io.convert_opset(model, config.required_opset())
-        settings = config.calibration_settings()
-        statistics_ = {**self.calibration.statistics, **observed}
-        derived = ranges_from_statistics(statistics_, self.calibration.samples, settings)
-        calibration = dataclasses.replace(
-            self.calibration, ranges=derived.ranges, statistics=statistics_,
-            feeds=self.correction_feeds[:config.verify_feeds])
+        calibration = dataclasses.replace(self._ranged(config, observed),
+                                          feeds=self.correction_feeds[:config.verify_feeds])
         ranges = plan_ranges(calibration, config)
         plan = build_plan(select_nodes(model, config), ranges, config,
                           keep_float=state.keep_float)
@@ -140,6 +138,22 @@ class Candidates:
             id(v) for n in ir.traversal.RecursiveGraphIterator(model.graph)
             for v in n.outputs if v.name in self.declared})
         return model, plan
+
+    def _ranged(self, config: StaticQuantConfig, observed: dict[str, Any]) -> Any:
+        """The calibration with ``config``'s method and the corrections' re-observed tensors
+        (derived once per combination: histogram methods search every tensor's range)."""
+        settings = config.calibration_settings()
+        key = (settings, self._correction_key(config))
+        if key not in self._ranges:
+            self._ranges[key] = corrected_calibration(
+                dataclasses.replace(self.calibration, ranges=ranges_from_statistics(
+                    self.calibration.statistics, self.calibration.samples, settings).ranges),
+                observed, settings)
+        return self._ranges[key]
+
+    @staticmethod
+    def _correction_key(config: StaticQuantConfig) -> tuple[bool, float, bool]:
+        return (config.smooth_quant, config.smooth_quant_alpha, config.equalize_layers)
 
     # -- scoring ----------------------------------------------------------------------------
     def evaluate(self, model: ir.Model) -> tuple[float, int, float]:

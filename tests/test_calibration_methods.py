@@ -160,14 +160,22 @@ def test_empty_reader_is_an_error(chain):
 def test_ort_spelling_selects_the_methods(tmp_path, chain):
     from onnxquant.ort import CalibrationMethod as OrtMethod
     from onnxquant.ort import quantize_static
+    from onnxquant.ort.calibrate import load_tensors_data
 
-    for method in (OrtMethod.Entropy, OrtMethod.Percentile, OrtMethod.Distribution):
+    native = {OrtMethod.Entropy: CalibrationMethod.ENTROPY,
+              OrtMethod.Percentile: CalibrationMethod.PERCENTILE,
+              OrtMethod.Distribution: CalibrationMethod.DISTRIBUTION}
+    for method, native_method in native.items():
         cache = tmp_path / f"{method.name}.json"
         quantize_static(chain, tmp_path / "q.onnx", iter(_gaussian_with_outliers(8)),
                         calibrate_method=method, calibration_cache_path=cache,
-                        extra_options={"CalibPercentile": 99.99})
-        settings = json.loads(cache.read_text())["settings"]
-        assert settings["method"] == method.name.lower()
-        assert settings["percentile"] == 99.99
+                        extra_options={"CalibPercentile": 99.9})
+        cached = load_tensors_data(cache)  # onnxruntime's cache: the ranges and the method
+        assert cached.calibration_method is method
+        if method is OrtMethod.Percentile:  # 99.9 % cuts the outliers, symmetrically
+            assert 3 < cached["x"].highest == -cached["x"].lowest < 4
         # onnxruntime's Percentile calibrator is symmetric unless told otherwise
-        assert settings["symmetric"] == (method is OrtMethod.Percentile)
+        config = StaticQuantConfig(calibration_method=native_method, percentile=99.9,
+                                   symmetric_ranges=method is OrtMethod.Percentile)
+        expected = onnxquant.calibrate(chain, _gaussian_with_outliers(8), config).ranges["x"]
+        np.testing.assert_allclose(cached["x"].range_value, expected, rtol=1e-6)

@@ -108,8 +108,9 @@ STATIC = {
 STATIC_MODELS = ("cnn", "transformer_block", "matmul_chain")
 STANDS_FOR = {
     "cnn": {"conv1_out": "relu1_out", "conv2_out": "clip1_out", "add_residual_out": "relu2_out",
-            "logits_before_qdq": "logits"},
-    "matmul_chain": {"add_0_out": "relu_0_out", "add_1_out": "relu_1_out", "y_before_qdq": "y"},
+            "logits_QuantizeLinear_Input": "logits"},
+    "matmul_chain": {"add_0_out": "relu_0_out", "add_1_out": "relu_1_out",
+                     "y_QuantizeLinear_Input": "y"},
     "transformer_block": {},
 }
 

@@ -470,9 +470,6 @@ def _ours(caplog) -> list[logging.LogRecord]:
 @pytest.mark.parametrize(("options", "needle"), [
     ({"ActivationSymetric": True}, "Did you mean 'ActivationSymmetric'"),
     ({"NoSuchOption": 1}, "NoSuchOption"),
-    ({"DedicatedQDQPair": True}, "DedicatedQDQPair"),
-    ({"OpTypesToExcludeOutputQuantization": ["Conv"]}, "nodes_to_exclude"),
-    ({"UseQDQContribOps": True}, "UseQDQContribOps"),
 ])
 def test_extra_options_that_warn(caplog, options, needle):
     with caplog.at_level(logging.INFO, logger="onnxquant"):

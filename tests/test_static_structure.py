@@ -55,14 +55,15 @@ EXPECTED_QDQ = {
     # plus 4 weights and 4 int32 biases.
     "cnn": {"cnn": (10, 18)},
     "conv_transpose": {"conv_transpose": (4, 6)},  # x, convt_out, sigmoid_out, y; W, B
-    "matmul_chain": {"matmul_chain": (8, 14)},  # x, 3x (matmul, add), y; 3 W + 3 Add biases
+    "matmul_chain": {"matmul_chain": (7, 13)},  # x, 3x (matmul, add); 3 W + 3 Add biases
     "model_with_shared_weight": {"model_with_shared_weight": (3, 6)},  # one DQ for shared_W
     "constant_weights_cnn": {"constant_weights_cnn": (6, 12)},
     "if_subgraph_model": {
         "if_subgraph_model": (1, 1),  # x, read by both branches
         "then_branch": (1, 3),  # then_conv W, B; then_conv_out (then_relu folded)
         "inner_then_branch": (1, 3),  # inner_conv W, B; inner_then_out
-        "else_branch": (2, 4),  # else_conv W, B; else_conv_out; else_out (branch output)
+        "else_branch": (1, 3),  # else_conv W, B; else_conv_out (else_relu folded: its output,
+        # the branch output, is the DequantizeLinear's)
     },
     "loop_model": {"loop_body": (2, 3)},  # state_in, body_W, body_matmul_out
     # 38 activations (LayerNorm outputs are quantized by their readers, so the graph output
@@ -74,8 +75,8 @@ EXPECTED_QDQ = {
 }
 FLOAT_OPS_LEFT = {
     "cnn": {"Conv": 3, "Gemm": 1, "Relu": 0, "Clip": 0, "BatchNormalization": 0},
-    "matmul_chain": {"MatMul": 3, "Relu": 1},  # the last Relu writes the graph output
-    "if_subgraph_model": {"Conv": 3, "Relu": 1, "If": 2},  # then_relu folded, else_relu kept
+    "matmul_chain": {"MatMul": 3, "Relu": 0},  # the last Relu, writing the graph output, folded
+    "if_subgraph_model": {"Conv": 3, "Relu": 0, "If": 2},  # then_relu and else_relu folded
     "loop_model": {"Loop": 1, "MatMul": 1, "Tanh": 1},
     "transformer_block": {"MatMul": 8, "Softmax": 1, "LayerNormalization": 3},
 }
@@ -220,14 +221,17 @@ def test_softmax_input_float_output_fixed(qcache, activation_type, zero_point) -
     assert q.result.plan.tensors["softmax_out"].source == "fixed"
 
 
-def test_sigmoid_output_fixed_range(qcache) -> None:
+def test_sigmoid_output_calibrated_range(qcache) -> None:
     q = qcache("conv_transpose", activation_type=qtypes.INT8)
     out_q = _output_q(q.node("sigmoid"))
-    assert const(out_q.inputs[1]) == BYTE_SCALE and int(const(out_q.inputs[2])) == -128
+    # The calibrated range lies inside (0, 1): widened to include 0, it starts the int8 grid
+    # at -128 with a step no wider than the fixed [0, 1] grid's.
+    scale = float(const(out_q.inputs[1]))
+    assert int(const(out_q.inputs[2])) == -128 and 0 < scale <= BYTE_SCALE * (1 + 1e-6)
     dequantizer(q.node("sigmoid").inputs[0])
-    # Resize only moves data: it shares Sigmoid's parameters.
+    # Resize only moves data: it shares Sigmoid's parameters (the same initializers).
     resize_q = _output_q(q.node("resize"))
-    assert const(resize_q.inputs[1]) == BYTE_SCALE and int(const(resize_q.inputs[2])) == -128
+    assert resize_q.inputs[1] is out_q.inputs[1] and resize_q.inputs[2] is out_q.inputs[2]
 
 
 def test_layernorm_reads_float_input(qcache) -> None:

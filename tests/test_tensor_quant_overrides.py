@@ -243,10 +243,10 @@ def test_every_invalid_entry_is_reported():
     with pytest.raises(ValueError, match="TensorQuantOverrides") as info:
         _to_native_config(extra_options={"TensorQuantOverrides": bad})
     message = str(info.value)
-    for needle in ("'a': 'scale' and 'zero_point' must be given together",
+    for needle in ("'a': Must provide both 'scale' and 'zero_point'",
                    "'b': quant_type must be a QuantType", "'c': unknown key 'colour'",
                    "'d' channel 1: quant_type", "'e': per-channel overrides need 'axis'",
-                   "'f': symmetric cannot be given with 'scale'"):
+                   "'f': option(s) [symmetric] are invalid with 'scale'"):
         assert needle in message
 
 

@@ -168,6 +168,38 @@ def test_unit_leading_dims_keep_the_output_shape(tmp_path, fmt, a_shape):
         assert _ops(q)[1] == ("Unsqueeze" if a_shape else "Add")
 
 
+_SHAPE_CHAIN = {"Shape": 2, "Gather": 1, "Max": 2, "Sub": 2, "Reshape": 3,
+                "ConstantOfShape": 1, "Slice": 1, "Concat": 1}
+
+
+@pytest.mark.parametrize("fmt", [QOP, QDQ])
+@pytest.mark.parametrize(("a_shape", "w_lead", "chain"), [
+    ([6, 32], (1,), True), ([32], (1, 1), True), (None, (1,), True), ([2, 6, 32], (1,), False)])
+def test_reshape_unit_dims_stores_2d_weights(tmp_path, fmt, a_shape, w_lead, chain):
+    """onnxruntime's layout: the weight is stored 2-D, MatMul's broadcast output shape comes
+    from a Shape/.../Reshape chain (none when A's rank covers B's); 1-D A is quantized too."""
+    w = _weight(32, 8).reshape(*w_lead, 32, 8)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [_vi("x", a_shape)], [_vi("y", None)], {"w": w})
+    x = np.random.default_rng(4).standard_normal(a_shape or [6, 32]).astype(np.float32)
+    (ref,) = _run(model, {"x": x})
+    q, result = _quantize(tmp_path, model, WeightOnlyConfig(block_size=16, format=fmt,
+                                                            reshape_unit_dims=True))
+    assert result.quantized[0].name == "mm"
+    ops = _ops(q)
+    assert ops.count("MatMulNBits" if fmt is QOP else "DequantizeLinear") == 1
+    assert {op: ops.count(op) for op in _SHAPE_CHAIN} == (
+        _SHAPE_CHAIN if chain else dict.fromkeys(_SHAPE_CHAIN, 0))
+    if fmt is QDQ:  # MatMulNBits' B is [N, blocks, bytes] either way
+        dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
+        data = next(t for t in q.graph.initializer if t.name == dq.input[0])
+        assert list(data.dims) == [32, 8] and _attrs(dq)["axis"] == 0
+    (y,) = _run(q, {"x": x})
+    assert y.shape == ref.shape
+    deq = quantize_rtn(w.reshape(32, 8), 4, 16, False).dequantize()
+    np.testing.assert_allclose(y, (x @ deq).reshape(ref.shape), rtol=1e-5, atol=1e-4)
+
+
 def test_channel_wise_blocks(tmp_path):
     w = _weight(40, 8)
     x = np.random.default_rng(5).standard_normal((6, 40)).astype(np.float32)

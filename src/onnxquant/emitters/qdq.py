@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -23,6 +25,8 @@ from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, QuantPlan, TensorQuant
 
 __all__ = ["emit_qdq"]
+
+MS_DOMAIN = "com.microsoft"
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,15 @@ class _QDQEmitter:
             self.values.update(graph.initializers)
             for node in graph:
                 self.values.update({v.name: v for v in node.outputs if v.name})
+        # Q/DQ in the com.microsoft domain (onnxruntime's contrib kernels: 16-bit and 4-bit
+        # types before opset 21).
+        self.domain = MS_DOMAIN if plan.settings.get("contrib_qdq_ops") else ""
+        # One Q/DQ pair per reader instead of one shared by all (onnxruntime's
+        # DedicatedQDQPair: some accelerators need a pair per consumer to fuse it).
+        self.dedicated = bool(plan.settings.get("dedicated_qdq_pairs"))
+        # Parameters emitted per (graph, tensor): an output that shares its input's grid
+        # (Reshape, MaxPool, ...) reuses the input's scale/zero-point initializers.
+        self.emitted_params: dict[tuple[int, str], list[ir.Value]] = {}
         self.readers: dict[str, list[tuple[ir.Node, int]]] = defaultdict(list)
         self.quantized_producers: set[str] = set()
         for decision in plan.quantized_nodes():
@@ -48,25 +61,46 @@ class _QDQEmitter:
             self.quantized_producers.update(decision.outputs)
 
     # -- building blocks ---------------------------------------------------------------------
-    def initializer(self, graph: ir.Graph, stem: str, array: np.ndarray) -> ir.Value:
+    def initializer(self, graph: ir.Graph, stem: str,
+                    array: np.ndarray | ir.TensorProtocol) -> ir.Value:
         return add_initializer(graph, self.names.new(stem), array)
 
     def node(self, graph: ir.Graph, op: str, inputs: list[ir.Value], stem: str,
-             axis: int | None, dtype: ir.DataType) -> ir.Value:
+             axis: int | None, dtype: ir.DataType, suffix: str = "") -> ir.Value:
+        """A Q or DQ node named as onnxruntime names them (``<tensor>_QuantizeLinear``, output
+        ``<tensor>_QuantizeLinear_Output``), so tools that find them by name keep working."""
         attrs = {"axis": axis} if axis is not None else None
-        node = ir.node(op, inputs, attributes=attrs, name=self.names.new(f"{stem}_{op}"))
+        node = ir.node(op, inputs, attributes=attrs,
+                       name=self.names.new(f"{stem}_{op}{suffix}"), domain=self.domain)
         graph.append(node)
         out = node.outputs[0]
-        out.name = self.names.new(f"{stem}_{'q' if op == 'QuantizeLinear' else 'dq'}")
+        out.name = self.names.new(f"{stem}_{op}_Output{suffix}")
         out.type = ir.TensorType(dtype)
         if inputs[0].shape is not None:
             out.shape = inputs[0].shape
         return out
 
     def params(self, graph: ir.Graph, tq: TensorQuant) -> list[ir.Value]:
-        scale = self.initializer(graph, f"{tq.name}_scale", tq.scale_array())
-        zero_point = self.initializer(graph, f"{tq.name}_zero_point", tq.zero_point_array())
-        return [scale, zero_point]
+        key = (id(graph), self.grid_owner(tq))
+        if key not in self.emitted_params:
+            zero_point = self.initializer(graph, f"{key[1]}_zero_point",
+                                          _typed_fields(tq.zero_point_array()))
+            scale = self.initializer(graph, f"{key[1]}_scale", _typed_fields(tq.scale_array()))
+            self.emitted_params[key] = [scale, zero_point]
+        return self.emitted_params[key]
+
+    def grid_owner(self, tq: TensorQuant) -> str:
+        """The tensor whose grid ``tq`` shares (following ``shared:`` sources with identical
+        parameters), or ``tq``'s own name."""
+        seen = {tq.name}
+        current = tq
+        while current.source.startswith("shared:"):
+            source = self.plan.tensors.get(current.source.removeprefix("shared:"))
+            if source is None or source.name in seen or not source.same_params(tq):
+                break
+            seen.add(source.name)
+            current = source
+        return current.name
 
     # -- tensors -----------------------------------------------------------------------------
     def weight(self, value: ir.Value, tq: TensorQuant) -> None:
@@ -75,10 +109,11 @@ class _QDQEmitter:
             return
         graph = value.graph
         assert graph is not None and value.const_value is not None
+        params = self.params(graph, tq)
         data = numerics.quantize(value.const_value.numpy(), tq.scale_array(),
                                  tq.zero_point_array(), tq.quant_type, axis=tq.axis)
         stored = self.initializer(graph, f"{tq.name}_quantized", data)
-        out = self.node(graph, "DequantizeLinear", [stored, *self.params(graph, tq)], tq.name,
+        out = self.node(graph, "DequantizeLinear", [stored, *params], tq.name,
                         tq.axis, value.dtype or ir.DataType.FLOAT)
         for node, index in readers:
             node.replace_input_with(index, out)
@@ -92,17 +127,30 @@ class _QDQEmitter:
         outputs = [i for i, out in enumerate(graph.outputs) if out is value]
         if not readers and not (quantized_producer and outputs):
             return
+        if self.dedicated and len(readers) + bool(quantized_producer and outputs) > 1:
+            for number, reader in enumerate(readers, start=1):
+                self.qdq_pair(graph, value, tq, [reader], f"_{number}", [])
+            if quantized_producer and outputs:
+                self.qdq_pair(graph, value, tq, [], f"_{len(readers) + 1}", outputs)
+            return
+        self.qdq_pair(graph, value, tq, readers, "", outputs if quantized_producer else [])
+
+    def qdq_pair(self, graph: ir.Graph, value: ir.Value, tq: TensorQuant,
+                 readers: Sequence[tuple[ir.Node, int]], suffix: str,
+                 outputs: list[int]) -> None:
+        """One Q→DQ pair on ``value`` read by ``readers`` (and by the graph outputs at the
+        positions ``outputs``; the DQ output then takes the graph output's name)."""
         scale, zero_point = self.params(graph, tq)
         q = self.node(graph, "QuantizeLinear", [value, scale, zero_point], tq.name, tq.axis,
-                      tq.quant_type.onnx_dtype)
+                      tq.quant_type.onnx_dtype, suffix)
         dq = self.node(graph, "DequantizeLinear", [q, scale, zero_point], tq.name, tq.axis,
-                       value.dtype or ir.DataType.FLOAT)
+                       value.dtype or ir.DataType.FLOAT, suffix)
         for node, index in readers:
             if node is not q.producer():
                 node.replace_input_with(index, dq)
-        if quantized_producer and outputs:
+        if outputs:
             original = value.name
-            value.name = self.names.new(f"{original}_before_qdq")
+            value.name = self.names.new(f"{original}_QuantizeLinear_Input")
             dq.name = original
             for i in outputs:
                 graph.outputs[i] = dq
@@ -116,9 +164,12 @@ class _QDQEmitter:
                                          name=bias.tensor)
         graph = node.graph
         stored = self.initializer(graph, f"{bias.tensor}_quantized", data.astype(np.int32))
-        scale_value = self.initializer(graph, f"{bias.tensor}_quantized_scale", scale)
-        out = self.node(graph, "DequantizeLinear", [stored, scale_value], bias.tensor, bias.axis,
-                        value.dtype or ir.DataType.FLOAT)
+        scale_value = self.initializer(graph, f"{bias.tensor}_quantized_scale",
+                                       _typed_fields(scale))
+        zero_point = self.initializer(graph, f"{bias.tensor}_quantized_zero_point",
+                                      _typed_fields(np.zeros(scale.shape, np.int32)))
+        out = self.node(graph, "DequantizeLinear", [stored, scale_value, zero_point],
+                        bias.tensor, bias.axis, value.dtype or ir.DataType.FLOAT)
         node.replace_input_with(bias.input, out)
 
     # -- the whole model ---------------------------------------------------------------------
@@ -129,8 +180,12 @@ class _QDQEmitter:
             node = self.nodes[decision.name]
             record_stands_for(self.model, node.inputs[0].name or "",  # type: ignore[union-attr]
                               node.outputs[0].name or "")
-            node.outputs[0].replace_all_uses_with(node.inputs[0])  # type: ignore[arg-type]
-            assert node.graph is not None
+            x, y = node.inputs[0], node.outputs[0]
+            assert x is not None and node.graph is not None
+            if y.is_graph_output():  # the producer's output takes the graph output's name
+                y_name, y.name = y.name, self.names.new(f"{y.name}_removed")
+                x.name = y_name
+            y.replace_all_uses_with(x, replace_graph_outputs=True)
             node.graph.remove(node, safe=True)
 
     def run(self) -> None:
@@ -148,10 +203,27 @@ class _QDQEmitter:
         for decision in self.plan.quantized_nodes():
             if decision.bias is not None:
                 self.bias(self.nodes[decision.name], decision.bias)
+        if self.domain:
+            self.model.opset_imports.setdefault(self.domain, 1)
         RemoveUnusedNodesPass()(self.model)
         for graph in (self.model.graph, *self.model.graph.subgraphs()):
             _remove_unused_initializers(graph)
             graph.sort()
+
+
+_FIELD_TYPES = frozenset({np.dtype(t) for t in (np.float32, np.int8, np.uint8, np.int16,
+                                                 np.uint16, np.int32)})
+
+
+def _typed_fields(array: np.ndarray) -> np.ndarray | ir.TensorProtocol:
+    """Scale and zero-point tensors stored in the typed fields of TensorProto (``float_data``,
+    ``int32_data``) rather than ``raw_data``, as onnxruntime writes them: code written for
+    onnxruntime's models reads those fields. Other element types stay raw."""
+    if array.dtype not in _FIELD_TYPES:
+        return array
+    proto = onnx.helper.make_tensor("", onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                    list(array.shape), array.flatten().tolist())
+    return ir.TensorProtoTensor(proto)
 
 
 def _remove_unused_initializers(graph: ir.Graph) -> None:

@@ -14,6 +14,7 @@ imports ``onnxruntime.quantization``.
 
 from __future__ import annotations
 
+from onnxquant.ort._qdq_config import get_qdq_config
 from onnxquant.ort.calibrate import (
     CalibraterBase,
     CalibrationDataReader,
@@ -25,6 +26,7 @@ from onnxquant.ort.calibrate import (
     load_tensors_data,
     save_tensors_data,
 )
+from onnxquant.ort.qdq_quantizer import QDQQuantizer
 from onnxquant.ort.quant_utils import (
     QuantFormat,
     QuantizationMode,
@@ -45,6 +47,8 @@ __all__ = [
     "quantize_static",
     "quantize_dynamic",
     "quantize",
+    "get_qdq_config",
+    "QDQQuantizer",
     "DynamicQuantConfig",
     "QuantConfig",
     "StaticQuantConfig",

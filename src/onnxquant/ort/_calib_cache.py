@@ -15,7 +15,7 @@ import numpy as np
 from onnxquant.ort._calib_enum import CalibrationMethod
 from onnxquant.ort._tensors_data import TensorData, TensorsData
 
-__all__ = ["save_tensors_data", "load_tensors_data", "entropy", "rel_entr"]
+__all__ = ["save_tensors_data", "load_tensors_data", "cached_smooth_quant", "entropy", "rel_entr"]
 
 
 def _encode(value: Any) -> Any:
@@ -49,6 +49,7 @@ def save_tensors_data(tensors_data: TensorsData, path: str | os.PathLike, *,
                       smooth_quant: bool = False) -> None:
     """Write ``tensors_data`` as onnxruntime's JSON calibration cache, atomically."""
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     payload = _encode(tensors_data)
     payload["smooth_quant"] = bool(smooth_quant)
     handle, temp = tempfile.mkstemp(prefix=".onnxquant-", suffix=".json", dir=target.parent)
@@ -62,12 +63,26 @@ def save_tensors_data(tensors_data: TensorsData, path: str | os.PathLike, *,
 
 
 def load_tensors_data(path: str | os.PathLike) -> TensorsData:
-    """Read a cache written by :func:`save_tensors_data` (or by onnxruntime)."""
+    """Read a cache written by :func:`save_tensors_data` (or by onnxruntime).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValueError: ``path`` is a folder, or the file holds no ``TensorsData``.
+    """
+    if Path(path).is_dir():
+        raise ValueError(f"Calibration cache path is not a file: {path}")
     with open(path) as stream:
         loaded = json.load(stream, object_hook=_decode)
     if not isinstance(loaded, TensorsData):
         raise ValueError(f"'{path}' is not a calibration cache (no TensorsData in it)")
     return loaded
+
+
+def cached_smooth_quant(path: str | os.PathLike) -> bool:
+    """The ``smooth_quant`` flag a cache was saved with (False when absent: older caches)."""
+    with open(path) as stream:
+        raw = json.load(stream)
+    return bool(raw.get("smooth_quant", False)) if isinstance(raw, dict) else False
 
 
 def rel_entr(x: Any, y: Any) -> np.ndarray:

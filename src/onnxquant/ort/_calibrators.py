@@ -1,10 +1,11 @@
 """onnxruntime's calibrator classes, over onnxquant's calibration machinery.
 
-The augmented model comes from :func:`onnxquant.calibration.augment.expose_tensors` (its extra
-outputs are onnxquant's, not onnxruntime's ``<t>_ReduceMin``/``<t>_ReduceMax``), feeds are read
-and validated by :func:`onnxquant.calibration.runner.calibration_feeds`, and statistics are kept
-in streaming observers, so memory does not grow with the number of batches of histogram methods
-(onnxruntime keeps every activation of a ``collect_data`` call in RAM).
+MinMax's augmented model has onnxruntime's ``<t>_ReduceMin``/``<t>_ReduceMax`` outputs
+(:mod:`onnxquant.ort._minmax_augment`); the histogram calibrators' augmented model comes from
+:func:`onnxquant.calibration.augment.expose_tensors`. Feeds are read and validated by
+:func:`onnxquant.calibration.runner.calibration_feeds`, and histogram statistics are kept in
+streaming observers, so memory does not grow with the number of batches (onnxruntime keeps every
+activation of a ``collect_data`` call in RAM).
 
 Differences from onnxruntime, on purpose:
 
@@ -36,6 +37,7 @@ from onnxquant.calibration.runner import calibration_feeds
 from onnxquant.calibration.session import input_specs, run_batch, update_observers
 from onnxquant.core.errors import CalibrationError
 from onnxquant.ort._calib_enum import CalibrationMethod
+from onnxquant.ort._minmax_augment import add_reduce_outputs
 from onnxquant.ort._tensors_data import TensorData, TensorsData
 
 __all__ = ["CalibraterBase", "MinMaxCalibrater"]
@@ -91,7 +93,7 @@ class CalibraterBase:
 
     def create_inference_session(self) -> None:
         """An onnxruntime session over the saved augmented model (graph optimizations off)."""
-        if not self._outputs:
+        if self.augment_model is None:
             raise CalibrationError("call augment_graph() before create_inference_session()")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -136,6 +138,11 @@ class CalibraterBase:
         augmented = ir.from_proto(self.model)
         self._outputs = expose_tensors(augmented, sorted(names), values=self._wants_values())
         self.augment_model = ir.to_proto(augmented)
+        self._save_augmented()
+
+    def _save_augmented(self) -> None:
+        """Write :attr:`augment_model` to ``augmented_model_path``."""
+        assert self.augment_model is not None
         path = Path(self.augmented_model_path)
         onnx.save(self.augment_model, str(path),
                   save_as_external_data=self.use_external_data_format,
@@ -156,20 +163,28 @@ class CalibraterBase:
         if self.infer_session is None:
             raise CalibrationError("call augment_graph() and create_inference_session() first")
         specs, optional = input_specs(self._ir_model)
-        keys = list(self._outputs)
-        names = [self._outputs[k][0] for k in keys]
+        names = self._fetched_outputs()
         batches = 0
         for index, feed in enumerate(calibration_feeds(data_reader, specs, optional, None)):
-            for key in keys:
-                if key not in self._observers:
-                    self._observers[key] = self._new_observer(self._outputs[key][1])
-            update_observers(self._observers, keys,
-                             run_batch(self.infer_session, names, feed, index))
+            results = run_batch(self.infer_session, names, feed, index)
+            self._update(dict(zip(names, results, strict=True)))
             batches += 1
             self._after_batch()
         if batches == 0 and not self._has_data():
             raise CalibrationError("No data is collected: the data reader gave no feeds.")
         self._end_collection()
+
+    def _fetched_outputs(self) -> list[str]:
+        """The augmented model's outputs that one batch fetches."""
+        return [self._outputs[key][0] for key in self._outputs]
+
+    def _update(self, results: dict[str, Any]) -> None:
+        """Fold one batch's fetched outputs (by output name) into the observers."""
+        keys = list(self._outputs)
+        for key in keys:
+            if key not in self._observers:
+                self._observers[key] = self._new_observer(self._outputs[key][1])
+        update_observers(self._observers, keys, [results[self._outputs[k][0]] for k in keys])
 
     def _after_batch(self) -> None:
         pass
@@ -192,28 +207,21 @@ class CalibraterBase:
 
 
 class _BatchRanges:
-    """(min, max) of each batch: a pair of scalars, or per-channel vectors over axis 1."""
+    """(min, max) of each batch: one value each, or one per channel (index of axis 1)."""
 
-    def __init__(self, per_channel: bool) -> None:
-        self.per_channel = per_channel
+    def __init__(self) -> None:
         self.lows: list[np.ndarray] = []
         self.highs: list[np.ndarray] = []
 
-    def update(self, array: np.ndarray) -> None:
-        array = np.asarray(array)
-        if self.per_channel and array.ndim >= 2:
-            axes = tuple(a for a in range(array.ndim) if a != 1)
-            low, high = np.min(array, axis=axes), np.max(array, axis=axes)
-        elif self.per_channel:
-            low, high = np.min(array, keepdims=True).ravel(), np.max(array, keepdims=True).ravel()
-        else:
-            pairs = array.reshape(-1, 2).astype(np.float32)
-            pairs = pairs[~((pairs[:, 0] == np.inf) & (pairs[:, 1] == -np.inf))]
-            if pairs.size == 0:
-                return
-            low, high = np.min(pairs[:, :1], axis=0), np.max(pairs[:, 1:], axis=0)
-        self.lows.append(np.asarray(low, np.float32).reshape(-1))
-        self.highs.append(np.asarray(high, np.float32).reshape(-1))
+    def update(self, low: np.ndarray, high: np.ndarray) -> None:
+        """Keep one batch's reduced min and max (an empty tensor's ``(+inf, -inf)`` is no
+        data)."""
+        low = np.asarray(low, np.float32).reshape(-1)
+        high = np.asarray(high, np.float32).reshape(-1)
+        if low.size == 0 or (np.all(low == np.inf) and np.all(high == -np.inf)):
+            return
+        self.lows.append(low)
+        self.highs.append(high)
 
 
 class MinMaxCalibrater(CalibraterBase):
@@ -242,13 +250,26 @@ class MinMaxCalibrater(CalibraterBase):
         self.averaging_constant = averaging_constant
         self.max_intermediate_outputs = max_intermediate_outputs
         self.calibrate_tensors_range: TensorsData | None = None
+        self._reduced: dict[str, tuple[str, str]] = {}
         self._pending = 0
 
-    def _wants_values(self) -> bool:
-        return self.per_channel
+    def augment_graph(self) -> None:
+        """Add ``<t>_ReduceMin``/``<t>_ReduceMax`` outputs for the selected tensors (as
+        onnxruntime names them); save the model to ``augmented_model_path``."""
+        names, value_infos = self.select_tensors_to_calibrate(self.model)
+        augmented = onnx.ModelProto()
+        augmented.CopyFrom(self.model)
+        self._reduced = add_reduce_outputs(augmented, sorted(names), value_infos,
+                                           per_channel=self.per_channel)
+        self.augment_model = augmented
+        self._save_augmented()
 
-    def _new_observer(self, kind: str) -> Any:
-        return _BatchRanges(self.per_channel and kind == "values")
+    def _fetched_outputs(self) -> list[str]:
+        return [output for pair in self._reduced.values() for output in pair]
+
+    def _update(self, results: dict[str, Any]) -> None:
+        for tensor, (low, high) in self._reduced.items():
+            self._observers.setdefault(tensor, _BatchRanges()).update(results[low], results[high])
 
     def _after_batch(self) -> None:
         self._pending += 1

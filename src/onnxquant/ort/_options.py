@@ -8,7 +8,8 @@
 * **Mapped** to a native field (see ``_MAPPED``): ``ActivationSymmetric``, ``WeightSymmetric``,
   ``QuantizeBias``, ``MinimumRealRange``, ``QDQKeepRemovableActivations``, ``EnableSubgraph``,
   ``CalibMovingAverage``, ``CalibMovingAverageConstant``, ``CalibTensorRangeSymmetric``,
-  ``CalibPercentile``. Values are type-checked: a bad value
+  ``CalibPercentile``, ``UseQDQContribOps``, ``DedicatedQDQPair``,
+  ``OpTypesToExcludeOutputQuantization``. Values are type-checked: a bad value
   raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
@@ -22,9 +23,7 @@
   means "off" (``False``, ``0``, ``{}``, ``[]``, ``None``) is what onnxquant does anyway and is
   accepted silently. Any other value either
   - logs one WARNING (the model is still of the kind asked for, numerics or layout differ a
-    little: ``DedicatedQDQPair``,
-    ``OpTypesToExcludeOutputQuantization``, ``QDQOpTypePerChannelSupportToAxis``,
-    ``QDQDisableWeightAdjustForInt32Bias``, ``UseQDQContribOps``), or
+    little: ``QDQOpTypePerChannelSupportToAxis``, ``QDQDisableWeightAdjustForInt32Bias``), or
   - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
     another kind than the user relies on (block-wise weights, float weights with Q/DQ,
     restricted zero points): ``BlockSize``, ``AddQDQPairToWeight``,
@@ -103,6 +102,14 @@ def _min_real_range(key: str, value: Any) -> float | None:
     return _real(key, value, "None or a finite number >= 0", lambda x: x >= 0)
 
 
+def _op_type_list(key: str, value: Any) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Collection) or not all(
+            isinstance(v, str) for v in value):
+        raise InvalidOptionError(f"extra_options[{key!r}] must be a list of op types, "
+                                 f"got {value!r}")
+    return frozenset(value)
+
+
 def _fraction(key: str, value: Any) -> float:
     return _real(key, value, "a number in (0, 1]", lambda x: 0 < x <= 1)
 
@@ -136,6 +143,9 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "CalibPercentile": ("percentile", _percentile),
     "SmoothQuant": ("smooth_quant", _bool),
     "SmoothQuantAlpha": ("smooth_quant_alpha", _alpha),
+    "UseQDQContribOps": ("contrib_qdq_ops", _bool),
+    "DedicatedQDQPair": ("dedicated_qdq_pairs", _bool),
+    "OpTypesToExcludeOutputQuantization": ("float_output_op_types", _op_type_list),
 }
 
 # extra_options key -> why it has no effect here
@@ -158,16 +168,9 @@ _NO_EFFECT: dict[str, str] = {
 
 # extra_options key -> (raise instead of warn, advice) for values other than "off"
 _OFF_ONLY: dict[str, tuple[bool, str]] = {
-    "DedicatedQDQPair": (False, "consumers of a tensor share one Q/DQ pair "
-                         "(numerically the same)"),
-    "OpTypesToExcludeOutputQuantization": (False, "outputs of those op types are quantized "
-                                           "when their consumers are; use nodes_to_exclude "
-                                           "to keep whole nodes float"),
     "QDQOpTypePerChannelSupportToAxis": (False, "per-channel weights use each op's output-"
                                          "channel axis"),
     "QDQDisableWeightAdjustForInt32Bias": (False, "weight scales are handled as by default"),
-    "UseQDQContribOps": (False, "Q/DQ nodes use the standard ONNX domain (opset 21 for "
-                         "16-bit and 4-bit types)"),
     "BlockSize": (True, "remove the key (or set 0) for per-tensor/per-channel weights"),
     "AddQDQPairToWeight": (True, "remove the key to store weights pre-quantized before "
                            "their DequantizeLinear"),
@@ -179,9 +182,18 @@ _KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY, "TensorQuantOverrides")
 
 
 def _enum(value: Any, cls: type[_E], arg: str) -> _E:
-    """Accepts our member, a member of onnxruntime's same-named enum, a name or the int value."""
+    """Accepts our member, a member of onnxruntime's same-named enum, a name or the int value
+    (for QuantType: an ONNX ``TensorProto`` element type, as onnxruntime reads ints)."""
     if isinstance(value, cls):
         return value
+    if cls is QuantType and isinstance(value, int) and not isinstance(value, bool):
+        # onnxruntime hands a plain int on as an ONNX element type (TensorProto.UINT8 = 2).
+        by_tensor_type = {member.tensor_type: member for member in QuantType}
+        if value in by_tensor_type:
+            return by_tensor_type[value]  # type: ignore[return-value]
+        raise InvalidOptionError(
+            f"{arg}={value!r} is not an ONNX element type onnxquant quantizes to; use a "
+            "QuantType member or TensorProto.INT8/UINT8/INT16/UINT16/INT4/UINT4/FLOAT8E4M3FN")
     if isinstance(value, enum.Enum) and value.name in cls.__members__:
         return cls[value.name]
     if isinstance(value, str):
@@ -289,6 +301,8 @@ def _to_native_config(
             f"calibration_providers must be a list, got the string {calibration_providers!r}"
         )
     fields = _extra_fields(extra_options or {})
+    if per_channel and "weight_symmetric" not in fields:
+        fields["weight_symmetric"] = True  # onnxruntime: per-channel weights are symmetric
     if method is CalibrationMethod.Percentile and "symmetric_ranges" not in fields:
         fields["symmetric_ranges"] = True  # onnxruntime's Percentile calibrator default
     native = NativeStaticQuantConfig(
@@ -303,6 +317,10 @@ def _to_native_config(
         op_types=_names(op_types_to_quantize, "op_types_to_quantize"),
         nodes_to_quantize=_names(nodes_to_quantize, "nodes_to_quantize"),
         nodes_to_exclude=_names(nodes_to_exclude, "nodes_to_exclude") or frozenset(),
+        # What the user names is quantized as onnxruntime would; onnxquant's own selection
+        # and speed rules decide only what was left open.
+        force_op_types=_names(op_types_to_quantize, "op_types_to_quantize") or frozenset(),
+        force_nodes=_names(nodes_to_quantize, "nodes_to_quantize") or frozenset(),
         external_data=True if use_external_data_format else None,
         evaluate=False,  # onnxruntime calibrates on every sample and measures nothing
         **{"bias_correction": False, **fields},  # onnxruntime keeps biases as they are

@@ -237,12 +237,15 @@ def native_config(
     config = WeightOnlyConfig(
         format=fmt, op_types=tuple(sorted(op_types)), quant_axes={"Gather": axes["Gather"]},
         nodes_to_include=include, nodes_to_exclude=tuple(nodes_to_exclude or ()) + tuple(excluded),
-        overrides=overrides, external_data=external_data, evaluate=False, **fields)
+        overrides=overrides, external_data=external_data, evaluate=False,
+        reshape_unit_dims=True, **fields)
     return config, data
 
 
 class _Model:
-    """The ``.model`` of a quantizer: ``.model`` (ModelProto) and ``save_model_to_file``."""
+    """The ``.model`` of a quantizer, like onnxruntime's ``ONNXModel``: ``.model``
+    (ModelProto), ``opset_import()``, ``graph()``, ``nodes()``, ``initializer()`` and
+    ``save_model_to_file``."""
 
     def __init__(self, model: ir.Model, source: front_door.ModelSource) -> None:
         self._ir = model
@@ -258,6 +261,22 @@ class _Model:
         if self._proto is None:
             self._proto = ir.serde.serialize_model(self._ir)
         return self._proto
+
+    def opset_import(self) -> Any:
+        """The model's opset imports (``ONNXModel.opset_import()``)."""
+        return self.model.opset_import
+
+    def graph(self) -> onnx.GraphProto:
+        """The main graph (``ONNXModel.graph()``)."""
+        return self.model.graph
+
+    def nodes(self) -> Any:
+        """The main graph's nodes (``ONNXModel.nodes()``)."""
+        return self.model.graph.node
+
+    def initializer(self) -> Any:
+        """The main graph's initializers (``ONNXModel.initializer()``)."""
+        return self.model.graph.initializer
 
     def save_model_to_file(self, output_path: str | os.PathLike,
                            use_external_data_format: bool = False) -> list[Path]:

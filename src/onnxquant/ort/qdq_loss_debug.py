@@ -48,6 +48,7 @@ __all__ = [
     "compute_weight_error",
     "compute_activation_error",
     "ActivationDict",
+    "QUANT_INPUT_SUFFIX",
 ]
 
 _TENSOR_SAVE_POSTFIX = "_ReshapedSavedOutput"
@@ -57,7 +58,9 @@ STANDS_FOR_KEY = "onnxquant.stands_for"
 """Metadata key onnxquant's quantizers write: JSON ``{tensor: float tensor it stands for}``
 (a Conv output that carries a folded BatchNormalization or a fused Relu)."""
 
-_QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"
+QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"
+"""Suffix onnxruntime gives the tensor before the QuantizeLinear of a graph output."""
+_QUANT_INPUT_SUFFIX = QUANT_INPUT_SUFFIX
 _DEQUANT_OUTPUT_SUFFIX = "_DequantizeLinear_Output"
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 

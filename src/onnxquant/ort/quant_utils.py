@@ -30,6 +30,17 @@ from onnxquant.ort._quant_numerics import (
     quantize_data,
     quantize_nparray,
 )
+from onnxquant.ort._quant_utils_extra import (
+    add_infer_metadata,
+    compute_scale_zp_blocked,
+    get_opset_version,
+    model_has_external_data,
+    model_has_infer_metadata,
+    ms_domain,
+    quantize_onnx_initializer,
+    snap_zero_point_to_uint8,
+    update_opset_version,
+)
 from onnxquant.ort._trt_table import write_calibration_table
 
 __all__ = [
@@ -48,6 +59,15 @@ __all__ = [
     "pack_bytes_to_4bit",
     "quantize_data",
     "quantize_nparray",
+    "add_infer_metadata",
+    "compute_scale_zp_blocked",
+    "get_opset_version",
+    "model_has_external_data",
+    "model_has_infer_metadata",
+    "ms_domain",
+    "quantize_onnx_initializer",
+    "snap_zero_point_to_uint8",
+    "update_opset_version",
 ]
 
 
@@ -159,7 +179,8 @@ def load_model_with_shape_infer(model_path: str | os.PathLike) -> onnx.ModelProt
     """Load a model with ONNX shape inference applied (external data loaded too).
 
     Inference runs file to file (``infer_shapes_path``), so models above 2 GB work; the
-    inferred copy lives in a private temporary folder that is always removed.
+    inferred copy lives in a private temporary folder that is always removed. The model is
+    marked as inferred in its metadata (:func:`model_has_infer_metadata`).
 
     Raises:
         onnxquant.core.errors.ModelLoadError: The file is missing, its external data lies outside
@@ -183,4 +204,5 @@ def load_model_with_shape_infer(model_path: str | os.PathLike) -> onnx.ModelProt
                 f"shape inference failed on '{path}': {err}; check the model with "
                 "onnx.checker.check_model") from err
     load_external_data_for_model(model, str(path.parent))
+    add_infer_metadata(model)
     return model

@@ -26,7 +26,8 @@ from onnxquant.dynamic.api import DynamicQuantizationResult
 from onnxquant.ort._dynamic import quantize_dynamic
 from onnxquant.ort._errors import UnsupportedConfigError
 from onnxquant.ort._options import _to_native_config
-from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod
+from onnxquant.ort._static_cache import check_calibration_source, quantize_with_cache
+from onnxquant.ort.calibrate import CalibrationDataReader, CalibrationMethod, _method
 from onnxquant.ort.quant_utils import QuantFormat, QuantType
 from onnxquant.static import api
 from onnxquant.weight_only.api import WeightOnlyResult
@@ -171,7 +172,9 @@ def quantize_static(
         calibrate_method: ``MinMax``, ``Entropy``, ``Percentile`` or ``Distribution``.
         calibration_providers: onnxruntime execution providers used for calibration.
         extra_options: onnxruntime's option keys, see :mod:`onnxquant.ort._options`.
-        calibration_cache_path: onnxquant's JSON statistics cache (reused if it exists).
+        calibration_cache_path: onnxruntime's JSON calibration cache: its ranges are used
+            when it exists and was made with the same ``SmoothQuant`` setting; otherwise
+            the ranges are calibrated and written there (see :mod:`onnxquant.ort._static_cache`).
 
     Returns:
         The :class:`onnxquant.QuantizationResult` of the run.
@@ -179,6 +182,8 @@ def quantize_static(
     Raises:
         onnxquant.core.errors.QuantizationError: Unsupported or invalid options (invalid ones are
             also ``ValueError``), or a failure while quantizing; nothing is written then.
+        CalibrationCacheError: (a ``ValueError``) No reader and no usable cache, or a cache
+            made with another ``calibrate_method``.
     """
     config = _to_native_config(
         quant_format=quant_format,
@@ -193,8 +198,11 @@ def quantize_static(
         calibrate_method=calibrate_method,
         calibration_providers=calibration_providers,
         extra_options=extra_options,
-        calibration_cache_path=calibration_cache_path,
     )
+    if calibration_cache_path is not None:
+        return quantize_with_cache(model_input, model_output, calibration_data_reader, config,
+                                   calibration_cache_path, _method(calibrate_method))
+    check_calibration_source(calibration_data_reader, smooth_quant=config.smooth_quant)
     return api.quantize_static(model_input, model_output, calibration_data_reader, config)
 
 

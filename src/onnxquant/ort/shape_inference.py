@@ -19,21 +19,39 @@ Differences from onnxruntime, on purpose:
   ``<output name>.data``).
 * ``verbose`` is accepted for compatibility; onnxquant logs through the ``onnxquant`` logger.
 * The output path may not be the input path.
+
+As in onnxruntime, a model at opset 10 or below is first converted to opset 11 with ONNX's version
+converter, its ``Upsample`` nodes becoming ``Resize``
+(:func:`onnxquant.preprocess.legacy_opset.upgrade_legacy_opset`; onnxquant's Resize keeps
+Upsample's ``asymmetric`` coordinates).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
+import onnx
+import onnx_ir as ir
+
+from onnxquant.core import front_door
 from onnxquant.core.errors import QuantizationError
 from onnxquant.core.model_io import ModelInput
 from onnxquant.ort._errors import InvalidOptionError
 from onnxquant.preprocess.api import preprocess
 from onnxquant.preprocess.config import PreprocessConfig
+from onnxquant.preprocess.legacy_opset import (
+    LEGACY_TARGET_OPSET,
+    default_opset,
+    upgrade_legacy_opset,
+)
 from onnxquant.preprocess.result import PreprocessResult
 
 __all__ = ["quant_pre_process", "pre_process_config"]
+
+logger = logging.getLogger(__name__)
 
 
 def pre_process_config(
@@ -128,4 +146,40 @@ def quant_pre_process(
             external_data_size_threshold=external_data_size_threshold)
     except QuantizationError as err:
         raise InvalidOptionError(str(err)) from err
-    return preprocess(input_model, output_model_path, config)
+    return preprocess(_at_opset_11(input_model, output_model_path), output_model_path, config)
+
+
+def _legacy_proto(model_input: ModelInput, model_output: str | os.PathLike
+                  ) -> onnx.ModelProto | None:
+    """The model as a ModelProto when it is below opset 11 (None otherwise)."""
+    if isinstance(model_input, ir.Model):
+        opset = model_input.opset_imports.get("", model_input.opset_imports.get("ai.onnx", 1))
+        return ir.serde.serialize_model(model_input) if opset < LEGACY_TARGET_OPSET else None
+    if isinstance(model_input, onnx.ModelProto):
+        return model_input if default_opset(model_input) < LEGACY_TARGET_OPSET else None
+    try:
+        proto = onnx.load(str(model_input), load_external_data=False)
+    except Exception:  # noqa: BLE001 - missing or not ONNX: the front door says so properly
+        return None
+    if default_opset(proto) >= LEGACY_TARGET_OPSET:
+        return None
+    front_door.check_output(model_input, model_output)  # the proto no longer names the file
+    onnx.load_external_data_for_model(proto, str(Path(model_input).absolute().parent))
+    return proto
+
+
+def _at_opset_11(model_input: ModelInput, model_output: str | os.PathLike) -> ModelInput:
+    """``model_input``, converted to opset 11 first when it is older (as onnxruntime does).
+
+    A model the converter cannot handle goes on unchanged (onnxquant's own checks then say
+    what is wrong with it).
+    """
+    proto = _legacy_proto(model_input, model_output)
+    if proto is None:
+        return model_input
+    try:
+        return upgrade_legacy_opset(proto)
+    except Exception as err:  # the converter raises several kinds of errors
+        logger.warning("converting the model from opset %d to %d failed (%s); preprocessing "
+                       "it as it is", default_opset(proto), LEGACY_TARGET_OPSET, err)
+        return model_input

@@ -108,12 +108,14 @@ def _value_problems(where: str, entry: Mapping[str, Any], keys: frozenset[str]) 
     if "axis" in entry and _integer(entry["axis"]) is None:
         found.append(f"{where}: axis must be an integer, got {entry['axis']!r}")
     if ("scale" in entry) != ("zero_point" in entry):
-        found.append(f"{where}: 'scale' and 'zero_point' must be given together")
+        # onnxruntime's wording, which code written for it may look for
+        found.append(f"{where}: Must provide both 'scale' and 'zero_point' (one without the "
+                     "other cannot define a grid)")
     elif "scale" in entry:
         clash = [k for k in _NOT_WITH_SCALE if k in entry]
         if clash:
-            found.append(f"{where}: {', '.join(clash)} cannot be given with 'scale' and "
-                         "'zero_point'")
+            found.append(f"{where}: option(s) [{', '.join(clash)}] are invalid with 'scale' "
+                         "and 'zero_point' (these fix the grid already)")
     low, high = _real(entry.get("rmin")), _real(entry.get("rmax"))
     if low is not None and high is not None and low > high:
         found.append(f"{where}: rmin {low} is above rmax {high}")

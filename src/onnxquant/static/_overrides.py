@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxquant.core import numerics
 from onnxquant.core.errors import QuantizationError
@@ -18,6 +19,32 @@ from onnxquant.core.qtypes import QuantType
 from onnxquant.static.config import StaticQuantConfig, TensorOverride
 
 __all__: list[str] = []
+
+
+class UnknownTensorError(QuantizationError, ValueError):
+    """A per-tensor override names a tensor the model does not have."""
+
+
+def check_names(model: ir.Model, config: StaticQuantConfig) -> None:
+    """Raise :class:`UnknownTensorError` for overrides naming tensors absent from ``model``
+    (If/Loop/Scan bodies included): a typo would otherwise silently change nothing."""
+    if not config.tensors:
+        return
+    graph = model.graph
+    names = {v.name for v in (*graph.inputs, *graph.initializers.values()) if v.name}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        names.update(v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name)
+        for attr in node.attributes.values():
+            for sub in attr.value if isinstance(attr.value, list) else [attr.value]:
+                if isinstance(sub, ir.Graph):
+                    names.update(v.name for v in (*sub.inputs, *sub.initializers.values())
+                                 if v.name)
+    absent = sorted(set(config.tensors) - names)
+    if absent:
+        raise UnknownTensorError(
+            "tensor overrides name tensors that are not present in the model: "
+            + ", ".join(f"'{n}'" for n in absent[:10])
+            + "; check the names (a typo, or a tensor renamed by pre-processing)")
 
 
 def _error(name: str, message: str) -> QuantizationError:

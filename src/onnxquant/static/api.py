@@ -25,6 +25,7 @@ from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.preprocess import passes as preprocess
 from onnxquant.preprocess.hints import preprocessing_hints
+from onnxquant.static import _overrides
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.corrections.equalization import equalize_layers
 from onnxquant.static.corrections.pipeline import (
@@ -33,7 +34,12 @@ from onnxquant.static.corrections.pipeline import (
     corrected_calibration,
     note_corrected_biases,
 )
-from onnxquant.static.planner import build_plan, select_nodes, tensors_to_calibrate
+from onnxquant.static.planner import (
+    build_plan,
+    forced_nodes,
+    select_nodes,
+    tensors_to_calibrate,
+)
 from onnxquant.static.result import QuantizationResult
 from onnxquant.static.verify import emit_verified
 
@@ -64,7 +70,7 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     """Ranges from the data or the cache; with ``for_check``, the first feeds are kept for the
     finiteness check after emission (``config.verify_finite``); ``hold_back`` sets feeds
     aside for measuring the accuracy."""
-    names = tensors_to_calibrate(nodes, config.format)
+    names = tensors_to_calibrate(nodes, config.format, forced_nodes(nodes, config))
     settings = config.calibration_settings()
     cache = config.calibration_cache
     keep = config.verify_feeds if config.verify_finite and for_check else 0
@@ -194,6 +200,7 @@ def quantize_static(
     entry = front_door.enter(model_input, model_output, upgrade_opset=config.upgrade_opset,
                              min_opset=config.required_opset())
     model = entry.model
+    _overrides.check_names(model, config)
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
     hints = preprocessing_hints(model)

@@ -171,9 +171,23 @@ class StaticQuantConfig:
         op_types_to_exclude: Op types never quantized.
         nodes_to_quantize: If given, only these node names are quantized.
         nodes_to_exclude: Node names never quantized.
+        force_op_types: Op types quantized wherever they are selected and their inputs have
+            ranges, even where onnxquant's own rules would keep them float: a Concat, pool or
+            elementwise op with no quantized neighbour, a shallow or slow depthwise Conv in
+            QOperator form. The safety rules still apply (extreme constants, singular
+            domains, float Softmax/LayerNorm inputs). ``onnxquant.ort`` sets the op types the
+            user names in ``op_types_to_quantize`` (onnxruntime quantizes what it is told).
+        force_nodes: Node names quantized the same way (``onnxquant.ort``:
+            ``nodes_to_quantize``).
+        float_output_op_types: QDQ format: outputs of these op types get no Q/DQ pair, even
+            where their readers are quantized (``OpTypesToExcludeOutputQuantization``).
+        contrib_qdq_ops: QDQ format: QuantizeLinear/DequantizeLinear in the ``com.microsoft``
+            domain (onnxruntime's kernels; 16-bit and 4-bit types below opset 21).
+        dedicated_qdq_pairs: QDQ format: one Q/DQ pair per reader of a tensor instead of one
+            shared pair (some accelerators fuse a pair only into a single consumer).
         quantize_bias: Store Conv/Gemm biases as int32 (scale = input scale × weight scale).
         keep_removable_activations: Keep Relu/Clip even when the quantized range clips.
-        min_real_range: Minimum width of every activation range.
+        min_real_range: Minimum width of every range (activations and constants).
         fold_batchnorm: Fold BatchNormalization into the preceding Conv before quantizing.
         subgraphs: Quantize inside If/Loop/Scan bodies too.
         upgrade_opset: Convert models below opset 10 instead of refusing them.
@@ -250,6 +264,11 @@ class StaticQuantConfig:
     op_types_to_exclude: Collection[str] = ()
     nodes_to_quantize: Collection[str] | None = None
     nodes_to_exclude: Collection[str] = ()
+    force_op_types: Collection[str] = ()
+    force_nodes: Collection[str] = ()
+    float_output_op_types: Collection[str] = ()
+    contrib_qdq_ops: bool = False
+    dedicated_qdq_pairs: bool = False
     quantize_bias: bool = True
     keep_removable_activations: bool = False
     min_real_range: float | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -27,7 +27,7 @@ from onnxquant.static.rules import (
 )
 from onnxquant.static.selection import choose_nodes, params_from_producer
 
-__all__ = ["select_nodes", "tensors_to_calibrate", "build_plan"]
+__all__ = ["select_nodes", "tensors_to_calibrate", "build_plan", "forced_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
     return selected
 
 
+def forced_nodes(nodes: list[ir.Node], config: StaticQuantConfig) -> set[ir.Node]:
+    """The selected nodes the user named explicitly (``force_op_types``, ``force_nodes``):
+    quantized even where onnxquant's own selection and speed rules would keep them float."""
+    if not config.force_op_types and not config.force_nodes:
+        return set()
+    return {n for n in nodes
+            if n.op_type in config.force_op_types or (n.name or "") in config.force_nodes}
+
+
 class _Everything(Mapping[str, object]):
     """A range table that has every tensor (to see which tensors could ever be needed)."""
 
@@ -64,14 +73,15 @@ class _Everything(Mapping[str, object]):
 
 
 def tensors_to_calibrate(nodes: list[ir.Node],
-                         qformat: QuantFormat = QuantFormat.QDQ) -> set[str]:
+                         qformat: QuantFormat = QuantFormat.QDQ,
+                         forced: Collection[ir.Node] = ()) -> set[str]:
     """Tensors whose calibrated range the plan can use.
 
     Only nodes that can be quantized count; outputs of ops whose parameters are shared with
     their input or fixed (Reshape, MaxPool, Softmax, ...) need no range, nor do inputs they
     produce. Fewer tensors make calibration faster, above all with histogram methods.
     """
-    chosen = choose_nodes(nodes, _Everything(), qformat)
+    chosen = choose_nodes(nodes, _Everything(), qformat, forced=forced)
     names: set[str] = set()
     for node in nodes:
         rule = rule_for(node, qformat)
@@ -128,7 +138,7 @@ class _Planner:
         decision = self.plan.nodes.get(producer.name or "")
         if decision is None or x.name not in decision.outputs:
             return False
-        if len(x.uses()) != 1 or x.is_graph_output() or y.is_graph_output():
+        if len(x.uses()) != 1 or x.is_graph_output() or (y.is_graph_output() and self.qoperator):
             return False
         bounds = clip_bounds(node)
         if bounds is None or singular_reach(y) is not None:
@@ -165,7 +175,8 @@ class _Planner:
         symmetric = cfg.weights_symmetric if as_weight else cfg.activation_symmetric
         low, high = numerics.tensor_range(data, axis, name=name)
         scale, zp = numerics.compute_scale_zero_point(
-            low, high, qtype, symmetric=symmetric, reduce_range=cfg.reduce_range and as_weight)
+            low, high, qtype, symmetric=symmetric, reduce_range=cfg.reduce_range and as_weight,
+            min_real_range=cfg.min_real_range)
         rng = (float(np.min(low)), float(np.max(high))) if data.size else (0.0, 0.0)
         return _tensor(name, "weight", qtype, scale, zp, axis, "constant", rng)
 
@@ -271,6 +282,8 @@ class _Planner:
         for value in node.outputs:
             name = value.name or ""
             if not is_float(value) or rule.output is OutputMode.NONE or self.feeds_float_ops(value):
+                continue
+            if not self.qoperator and node.op_type in self.config.float_output_op_types:
                 continue
             singular = singular_reach(value)
             if singular is not None:
@@ -436,6 +449,8 @@ def _settings(config: StaticQuantConfig) -> dict:
         "weight_symmetric": config.weights_symmetric,
         "format": config.format.value,
         "calibration_method": config.calibration_method.value,
+        **{key: True for key in ("contrib_qdq_ops", "dedicated_qdq_pairs")
+           if getattr(config, key)},
     }
 
 
@@ -465,7 +480,8 @@ def build_plan(
         kept.update({n: keep_float[n.name or ""] for n in nodes if (n.name or "") in keep_float})
     chosen = choose_nodes(nodes, ranges, config.format,
                           float_depthwise_multiple=config.float_depthwise_multiple,
-                          float_conv_depth=config.float_conv_depth, keep_float=kept)
+                          float_conv_depth=config.float_conv_depth, keep_float=kept,
+                          forced=forced_nodes(nodes, config))
     planner = _Planner(config, ranges)
     planner.per_channel_weights = extremes.per_channel
     planner.find_float_softmax(nodes)

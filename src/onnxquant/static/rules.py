@@ -105,10 +105,14 @@ RULES: dict[str, OpRule] = {
     "Slice": _SHARED,
     "Pad": _SHARED,
     "Gather": OpRule(output=OutputMode.SHARED, max_inputs=1),
+    "GatherElements": OpRule(output=OutputMode.SHARED, max_inputs=1),
+    "TopK": OpRule(output=OutputMode.SHARED, max_inputs=1),
     # Softmax inputs stay float: attention masks put -1e4..-3e38 into them, which no 8-bit
     # grid survives; the output has the fixed range [0, 1].
     "Softmax": OpRule(activations=(), output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
-    "Sigmoid": OpRule(output=OutputMode.FIXED, fixed_range=(0.0, 1.0)),
+    # Sigmoid outputs take their calibrated range (as onnxruntime does): inside (0, 1), and
+    # finer than the fixed [0, 1] grid when the inputs never saturate.
+    "Sigmoid": OpRule(),
     # The residual stream entering a LayerNorm carries outlier features (|x| 100x the median in
     # BERT-like models): an 8-bit grid over it costs far more than it saves (all-MiniLM-L6 mean
     # embedding cosine 0.84 -> 0.94). Inputs stay float; consumers quantize the output.

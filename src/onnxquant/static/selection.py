@@ -11,7 +11,7 @@ masks) is where 8-bit grids do the most harm.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import onnx_ir as ir
 
@@ -86,8 +86,13 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
                  qformat: QuantFormat = QuantFormat.QDQ, *,
                  float_depthwise_multiple: int | None = None,
                  float_conv_depth: int | None = None,
-                 keep_float: Mapping[ir.Node, str] | None = None) -> Chosen:
+                 keep_float: Mapping[ir.Node, str] | None = None,
+                 forced: Collection[ir.Node] = ()) -> Chosen:
     """Decide which of ``nodes`` are quantized (see the module docstring).
+
+    Nodes in ``forced`` (named explicitly by the user, see
+    ``StaticQuantConfig.force_op_types``) are quantized whenever their inputs have ranges:
+    they need no quantized neighbour and the QOperator speed rules below skip them.
 
     Nodes in ``keep_float`` stay float with the reason given there (extreme weights, nodes a
     finiteness check took out).
@@ -100,11 +105,14 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
     nodes = list(nodes)
     chosen = Chosen()
     kept: dict[ir.Node, str] = dict(keep_float or {})
+    forced = set(forced)
     if qformat is QuantFormat.QOPERATOR:
+        speed: dict[ir.Node, str] = {}
         if float_depthwise_multiple is not None:
-            kept = {**slow_depthwise(nodes, float_depthwise_multiple), **kept}
+            speed.update(slow_depthwise(nodes, float_depthwise_multiple))
         if float_conv_depth is not None:
-            kept = {**shallow_convs(nodes, float_conv_depth, kept), **kept}
+            speed.update(shallow_convs(nodes, float_conv_depth, {**speed, **kept}))
+        kept = {**{n: r for n, r in speed.items() if n not in forced}, **kept}
     followers, unranged = [], []
     for node in nodes:
         rule = rule_for(node, qformat)
@@ -123,7 +131,7 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
             unranged.append((node, missing))
         elif missing:
             chosen.reasons[node] = missing
-        elif _is_follower(rule):
+        elif _is_follower(rule) and node not in forced:
             followers.append(node)
         else:
             chosen.nodes.add(node)

@@ -88,7 +88,7 @@ def _pow2_at_least(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def _matmul_reason(node: ir.Node) -> str | None:
+def _matmul_reason(node: ir.Node, reshape_unit_dims: bool = False) -> str | None:
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return "MatMul has no B input"
     b = node.inputs[1]
@@ -104,7 +104,8 @@ def _matmul_reason(node: ir.Node) -> str | None:
     if 0 in shape:
         return f"B '{b.name}' is empty"
     a = node.inputs[0]
-    if a is not None and a.shape is not None and len(a.shape) < 2:
+    reshaped = reshape_unit_dims and len(shape) > 2  # the output Reshape restores the rank
+    if a is not None and a.shape is not None and len(a.shape) < 2 and not reshaped:
         return "A is 1-D (MatMulNBits needs A of rank >= 2)"
     return None
 
@@ -177,7 +178,7 @@ def select_targets(model: ir.Model, config: WeightOnlyConfig
         settings = config.settings_for(name)
         weight_index = 1 if node.op_type == "MatMul" else 0
         if node.op_type == "MatMul":
-            reason, axis = _matmul_reason(node), 0
+            reason, axis = _matmul_reason(node, config.reshape_unit_dims), 0
         else:
             reason, axis = _gather_reason(node, config.quant_axes.get("Gather", 1), settings)
         if reason is not None:

@@ -176,7 +176,8 @@ def quantize_model_weights(
         model = model_io.convert_opset(model, QDQ_OPSET)
     targets, decisions = select_targets(model, config)
     hessians, samples = _gptq_hessians(model, targets, calibration_data, config, hold_back)
-    emitter = WeightEmitter(model, config.format, lazy=lazy)
+    emitter = WeightEmitter(model, config.format, lazy=lazy,
+                            reshape_unit_dims=config.reshape_unit_dims)
     gptq = sum(t.settings.algorithm is WeightOnlyAlgorithm.GPTQ for t in targets)
     desc = "GPTQ: quantizing weights" if gptq else "quantizing weights"
     for target in tqdm(targets, desc=desc, unit="weight",

@@ -98,6 +98,10 @@ class WeightOnlyConfig:
             most 16) back for it; without data, 4 random feeds when every model input is a
             float tensor. Explicit ``eval_data`` is measured either way.
         progress: Show progress bars.
+        reshape_unit_dims: A MatMul weight with unit leading dims (``[1, ..., K, N]``) is
+            stored 2-D in both formats, and MatMul's output shape is restored by a chain of
+            shape ops ending in a ``Reshape`` (onnxruntime's graph; A may be 1-D then). False:
+            an ``Unsqueeze``/``Add`` after MatMulNBits, an N-D ``DequantizeLinear`` in QDQ.
     """
 
     bits: int = 4
@@ -118,6 +122,7 @@ class WeightOnlyConfig:
     upgrade_opset: bool = False
     evaluate: bool = True
     progress: bool = False
+    reshape_unit_dims: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str):

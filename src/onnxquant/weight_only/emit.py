@@ -7,6 +7,8 @@
   broadcasts to exactly MatMul's output shape.
 * MatMul, QDQ: ``DequantizeLinear(data, scale[, zero_point]; axis=K axis, block_size)`` in the
   weight's own shape feeding the unchanged MatMul (opset 21; the caller converts the model).
+* ``reshape_unit_dims``: such a B is stored 2-D in both formats and the output goes through
+  onnxruntime's shape-op chain (:mod:`._unit_dims`) instead.
 * Gather: ``GatherBlockQuantized(data, indices, scales[, zero_points]; gather_axis,
   quantize_axis, block_size[, bits])`` (``com.microsoft``).
 
@@ -35,7 +37,7 @@ from onnxquant.core.graph import add_initializer
 from onnxquant.core.model_io import default_opset
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.qtypes import QuantFormat
-from onnxquant.weight_only import packing
+from onnxquant.weight_only import _unit_dims, packing
 from onnxquant.weight_only._select import Target
 from onnxquant.weight_only.blocks import BlockQuantized
 
@@ -101,9 +103,12 @@ class WeightEmitter:
         model: The model to change.
         fmt: QOPERATOR (MatMulNBits) or QDQ (DequantizeLinear) for MatMul nodes.
         lazy: Quantize when the model is serialised instead of now.
+        reshape_unit_dims: Store MatMul weights with unit leading dims 2-D and reshape the
+            output (from opset 12; below, the default rewrite is used).
     """
 
-    def __init__(self, model: ir.Model, fmt: QuantFormat, *, lazy: bool = False) -> None:
+    def __init__(self, model: ir.Model, fmt: QuantFormat, *, lazy: bool = False,
+                 reshape_unit_dims: bool = False) -> None:
         self.model = model
         self.format = fmt
         self.lazy = lazy
@@ -114,6 +119,7 @@ class WeightEmitter:
         self._memo = _Memo()
         self.uses_ms_domain = False
         self.uses_int4 = False
+        self.reshape_unit_dims = reshape_unit_dims and self.opset >= _unit_dims.MIN_OPSET
 
     # -- building blocks ------------------------------------------------------------------
     def _initializer(self, graph: ir.Graph, stem: str, tensor: ir.TensorProtocol) -> ir.Value:
@@ -210,10 +216,26 @@ class WeightEmitter:
         out = new.outputs[0]
         out.name = self.names.new(f"{node.name or stem}_nbits")
         nodes = [new]
-        if len(target.shape) > 2:
+        if self.reshape_unit_dims:
+            out, extra = self._output_reshape(target, out)
+            nodes += extra
+        elif len(target.shape) > 2:
             out, extra = self._restore_rank(node, out, len(target.shape))
             nodes += extra
         self._replace(node, nodes, out)
+
+    def _output_reshape(self, target: Target, product: ir.Value
+                        ) -> tuple[ir.Value, list[ir.Node]]:
+        """onnxruntime's shape-op chain after a product over the weight stored 2-D."""
+        node, rank_b = target.node, len(target.shape)
+        a = node.inputs[0]
+        if a is None or not _unit_dims.needs_output_reshape(a, rank_b):
+            return product, []
+        graph = node.graph or self.model.graph
+        return _unit_dims.output_reshape(
+            a, product, rank_b, target.shape[-1], stem=node.name or "matmul",
+            constant=lambda stem, array: self._initializer(graph, stem, ir.tensor(array)),
+            fresh=self.names.new)
 
     def _restore_rank(self, node: ir.Node, out: ir.Value, rank_b: int
                       ) -> tuple[ir.Value, list[ir.Node]]:
@@ -246,7 +268,7 @@ class WeightEmitter:
     def _matmul_qdq(self, target: Target, make_blocks: BlocksFn, key: Hashable,
                     now: bool) -> None:
         node, stem = target.node, target.weight.name or "B"
-        shape = target.shape
+        shape = target.shape[-2:] if self.reshape_unit_dims else target.shape
         lead = shape[:-2]
         bits, block = target.settings.bits, target.block_size
         dtype = self._scale_dtype(target)
@@ -274,8 +296,15 @@ class WeightEmitter:
         out.type = ir.TensorType(target.weight.const_value.dtype)  # type: ignore[union-attr]
         out.shape = ir.Shape(shape)
         graph = node.graph or self.model.graph
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, out)
+        if len(shape) == len(target.shape):
+            graph.insert_before(node, dq)
+            node.replace_input_with(1, out)
+            return
+        matmul = ir.node("MatMul", [node.inputs[0], out], name=node.name)
+        product = matmul.outputs[0]
+        product.name = self.names.new(f"{node.name or stem}_product")
+        result, extra = self._output_reshape(target, product)
+        self._replace(node, [dq, matmul, *extra], result)
 
     # -- Gather ---------------------------------------------------------------------------
     def gather(self, target: Target, make_blocks: BlocksFn, key: Hashable, *,

@@ -87,9 +87,10 @@ PUBLIC = [
     "DynamicQuantConfig",
     "DynamicQuantizationResult", "calibrate", "WeightOnlyConfig", "WeightOnlyAlgorithm",
     "GPTQSettings", "WeightOnlyResult", "WeightOnlyConfigError", "CalibrationResult",
-    "QuantizationResult", "StaticQuantConfig", "TensorOverride", "QuantFormat", "CalibrationMethod",
-    "CalibrationDataReader", "QuantPlan", "QuantType", "INT4", "UINT4", "INT8", "UINT8", "INT16",
-    "UINT16", "FLOAT8E4M3FN", "PerTensor", "PerAxis", "PerBlock", "QuantizationError",
+    "QuantizationResult", "StaticQuantConfig", "TensorOverride", "TensorConvert", "QuantFormat",
+    "CalibrationMethod", "CalibrationDataReader", "QuantPlan", "QuantType", "INT4", "UINT4",
+    "INT8", "UINT8", "INT16", "UINT16", "FLOAT8E4M3FN", "PerTensor", "PerAxis", "PerBlock",
+    "QuantizationError",
     "ModelLoadError", "UnsupportedModelError", "CalibrationError", "FeedError", "NumericsError",
     "OutputPathError",
 ]

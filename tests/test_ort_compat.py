@@ -492,8 +492,7 @@ def test_extra_options_accepted_quietly(caplog, options):
 
 
 @pytest.mark.parametrize("options", [
-    {"BlockSize": 32}, {"AddQDQPairToWeight": True},
-    {"ActivationRestrictedAsymmetric": True},
+    {"BlockSize": 32}, {"ActivationRestrictedAsymmetric": True},
 ])
 def test_extra_options_that_raise(tmp_path, options):
     model = zoo.matmul_chain()
@@ -525,11 +524,13 @@ def test_unknown_option_warns_and_still_quantizes(tmp_path, caplog):
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"activation_type": oqq.QuantType.QFLOAT8E4M3FN,
-      "weight_type": oqq.QuantType.QFLOAT8E4M3FN}, "QFLOAT8E4M3FN"),
+      "weight_type": oqq.QuantType.QFLOAT8E4M3FN}, "needs calibrate_method=.*Distribution"),
+    ({"activation_type": oqq.QuantType.QFLOAT8E4M3FN, "weight_type": oqq.QuantType.QInt8,
+      "calibrate_method": oqq.CalibrationMethod.Distribution}, "both activation_type"),
 ])
-def test_not_supported_yet(tmp_path, kwargs, needle):
+def test_float8_rules_of_onnxruntime(tmp_path, kwargs, needle):
     model = zoo.matmul_chain()
-    with pytest.raises(QuantizationError, match=f"{needle}.*not supported yet"):
+    with pytest.raises(ValueError, match=needle):
         oqq.quantize_static(model, tmp_path / "q.onnx", iter(zoo.random_feeds(model, 2)), **kwargs)
     assert not (tmp_path / "q.onnx").exists()
 

@@ -239,8 +239,6 @@ def test_int8_activations_with_uint8_weights_raise(model_dir: Path) -> None:
 
 
 def test_unsupported_option_raises_clearly(model_dir: Path) -> None:
-    with pytest.raises(QuantizationError, match="AddQDQPairToWeight"):
-        _run(model_dir, "--add_qdq_pair_to_weight")
     with pytest.raises(QuantizationError, match="QFLOAT8E4M3FN"):
         _run(model_dir, "--activation_type", "qfloat8e4m3fn", "--weight_type", "qfloat8e4m3fn")
 

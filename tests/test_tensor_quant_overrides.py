@@ -250,12 +250,29 @@ def test_every_invalid_entry_is_reported():
         assert needle in message
 
 
-def test_convert_is_refused_with_advice(tmp_path):
-    overrides = {"h": [{"quant_type": oqq.QuantType.QUInt8,
-                        "convert": {"quant_type": oqq.QuantType.QUInt16, "recv_nodes": {"mm2"}}}]}
-    with pytest.raises(QuantizationError, match="'h'.*'convert'.*not supported yet.*wider"):
-        _ort(oqq, tmp_path, overrides)
-    assert not (tmp_path / "onnxquant.ort.onnx").exists()
+def test_convert_matches_onnxruntime(tmp_path):
+    """``convert`` (mixed precision): the same Q1->DQ1->Q2->DQ2 chain, names and second grid as
+    onnxruntime writes (see tests/test_mixed_precision_convert.py for the native API)."""
+    def overrides(q):
+        return {"h": [{"quant_type": q.QuantType.QUInt8,
+                       "convert": {"quant_type": q.QuantType.QUInt16, "recv_nodes": {"mm2"}}}],
+                "y": [{"quant_type": q.QuantType.QUInt16}]}
+
+    ours, theirs = _ort(oqq, tmp_path, overrides(oqq)), _ort(ortq, tmp_path, overrides(ortq))
+    for model in (ours, theirs):
+        assert model.opset_import[0].version == 21
+    chain = ["h_QuantizeLinear", "h_DequantizeLinear", "h_convert_QuantizeLinear",
+             "h_convert_DequantizeLinear"]
+    for model in (ours, theirs):
+        nodes = {n.name: n for n in model.graph.node}
+        assert [nodes[name].op_type for name in chain] == [
+            "QuantizeLinear", "DequantizeLinear"] * 2
+        assert nodes["mm2"].input[0] == "h_convert_DequantizeLinear_Output"
+    inits = [{i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+             for m in (ours, theirs)]
+    for name in ("h_scale_convert", "h_zero_point_convert", "h_scale", "h_zero_point"):
+        assert inits[0][name].dtype == inits[1][name].dtype, name
+        np.testing.assert_allclose(inits[0][name], inits[1][name], rtol=1e-6, err_msg=name)
 
 
 def test_a_key_given_for_some_channels_only_is_refused():

@@ -50,6 +50,7 @@ from onnxquant.static.config import (
     CalibrationMethod,
     QuantFormat,
     StaticQuantConfig,
+    TensorConvert,
     TensorOverride,
 )
 from onnxquant.target import AccuracyTarget
@@ -85,6 +86,7 @@ __all__ = [
     "QuantizationResult",
     "StaticQuantConfig",
     "TensorOverride",
+    "TensorConvert",
     "QuantFormat",
     "CalibrationMethod",
     "CalibrationDataReader",

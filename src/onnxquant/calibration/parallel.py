@@ -5,6 +5,10 @@ The parent reads and validates the feeds and deals them round-robin to ``workers
 session over the augmented model and updates its own observers; the parent merges the
 observers in worker order. Histograms and min/max merge exactly, so the ranges equal those of a
 single process (the MinMax moving average is order-dependent and merges as a weighted mean).
+
+The pieces a shard needs whatever runs it — :func:`shard_session`, :func:`observe` and
+:func:`merge_observers` — are shared with the Ray backend
+(:mod:`onnxquant.calibration.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import multiprocessing
 import os
 import queue
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 
 from onnxquant.core.errors import CalibrationError
 
-__all__ = ["run_sharded"]
+__all__ = ["run_sharded", "shard_session", "observe", "merge_observers"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,25 +34,45 @@ _QUEUE_DEPTH = 2  # feeds waiting per worker
 _POLL_SECONDS = 1.0
 
 
+def shard_session(model: str | bytes, providers: Sequence[str], threads: int) -> Any:
+    """An onnxruntime session for a calibration shard, over the augmented model as a path or
+    serialized bytes (graph optimizations off: the exposed tensors must stay what they are)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=list(providers))
+
+
+def observe(session: Any, outputs: dict[str, str], observers: dict,
+            items: Iterable[tuple[int, dict]]) -> int:
+    """Run ``(index, feed)`` items through ``session`` into ``observers``; returns how many."""
+    from onnxquant.calibration.session import run_batch, update_observers
+
+    keys, names = list(outputs), list(outputs.values())
+    count = 0
+    for index, feed in items:
+        update_observers(observers, keys, run_batch(session, names, feed, index))
+        count += 1
+    return count
+
+
+def merge_observers(observers: dict, shards: Iterable[dict]) -> None:
+    """Merge the observers of each shard, in the order given, into ``observers`` (exact for
+    min/max and histograms; a MinMax moving average merges as a weighted mean)."""
+    for shard in shards:
+        for name, observer in shard.items():
+            observers[name].merge(observer)
+
+
 def _worker(model_path: str, providers: list[str], outputs: dict[str, str], observers: dict,
             threads: int, tasks: Any, results: Any) -> None:
     """Worker process: run feeds from ``tasks`` until None, then send back the observers."""
     try:
-        import onnxruntime as ort
-
-        from onnxquant.calibration.session import run_batch, update_observers
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model_path, options, providers=providers)
-        keys, names = list(outputs), list(outputs.values())
-        count = 0
-        while (item := tasks.get()) is not None:
-            index, feed = item
-            update_observers(observers, keys, run_batch(session, names, feed, index))
-            count += 1
+        session = shard_session(model_path, providers, threads)
+        count = observe(session, outputs, observers, iter(tasks.get, None))
         results.put(("ok", observers, count))
     except BaseException as err:  # every failure must reach the parent
         results.put(("error", f"{type(err).__name__}: {err}", 0))
@@ -115,6 +139,4 @@ def _merge(observers: dict, replies: list[tuple[str, Any, int]]) -> None:
     errors = [message for status, message, _ in replies if status != "ok"]
     if errors:
         raise CalibrationError(f"calibration worker failed: {errors[0]}")
-    for _, worker_observers, _ in replies:
-        for name, observer in worker_observers.items():
-            observers[name].merge(observer)
+    merge_observers(observers, [worker_observers for _, worker_observers, _ in replies])

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from onnxquant.calibration.augment import expose_tensors
 from onnxquant.calibration.evaluation import HoldBack
 from onnxquant.calibration.parallel import run_sharded
+from onnxquant.calibration.ray_cluster import run_on_ray
 from onnxquant.calibration.readers import InputSpec, count_feeds, iter_feeds, validate_feed
 from onnxquant.calibration.session import (
     check_loads,
@@ -80,6 +81,8 @@ def calibrate_ranges(
     workers: int = 1,
     keep_feeds: int = 0,
     hold_back: HoldBack | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> CalibrationResult:
     """Observe every named tensor over the calibration data and derive its range.
 
@@ -96,17 +99,21 @@ def calibrate_ranges(
         keep_feeds: Keep copies of this many first validated feeds in the result.
         hold_back: Sets some feeds aside for evaluation instead of calibrating on them
             (``max_samples`` then counts the calibration feeds only).
+        backend: ``"local"`` (``workers`` processes on this machine) or ``"ray"`` (``workers``
+            actors of a Ray cluster, see :mod:`onnxquant.calibration.ray_cluster`).
+        ray_address: With ``backend="ray"``: the cluster's ``host:port``; None starts a local
+            one (or uses a Ray already initialised in this process).
 
     Raises:
         CalibrationError: No feeds, a feed onnxruntime rejects, or a tensor whose every batch
-            was NaN/Inf.
+            was NaN/Inf; with Ray, Ray missing or a shard that failed twice.
     """
     settings = settings or CalibrationSettings()
     kept: list[dict[str, np.ndarray]] = []
     statistics, samples = collect_statistics(
         model, tensor_names, data, settings=settings, providers=providers,
         max_samples=max_samples, progress=progress, workers=workers,
-        keep=(kept, keep_feeds), hold_back=hold_back)
+        keep=(kept, keep_feeds), hold_back=hold_back, backend=backend, ray_address=ray_address)
     result = ranges_from_statistics(statistics, samples, settings)
     result.feeds = kept
     return result
@@ -124,11 +131,14 @@ def collect_statistics(
     workers: int = 1,
     keep: tuple[list[dict[str, np.ndarray]], int] | None = None,
     hold_back: HoldBack | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> tuple[dict[str, Observer], int]:
     """Run the data through the augmented model; returns (observer per tensor, samples).
 
     With ``keep=(list, n)``, copies of the first ``n`` validated feeds are appended to the list.
-    With ``hold_back``, the feeds it sets aside are not calibrated on.
+    With ``hold_back``, the feeds it sets aside are not calibrated on. ``backend`` and
+    ``ray_address`` choose where the inference runs (see :func:`calibrate_ranges`).
     """
     augmented = clone_model(model)
     exposed = expose_tensors(augmented, tensor_names, values=settings.wants_values)
@@ -140,7 +150,11 @@ def collect_statistics(
         if keep is not None and keep[1] > 0:
             feeds = _keeping(feeds, *keep)
         total = feed_total(data, max_samples, hold_back)
-        if workers > 1:
+        if backend == "ray":
+            samples = run_on_ray(augmented, outputs, observers, feeds, providers=providers,
+                                 workers=workers, address=ray_address, total=total,
+                                 progress=progress)
+        elif workers > 1:
             samples = run_sharded(augmented, outputs, observers, feeds, providers=providers,
                                   workers=workers, workdir=workdir, total=total,
                                   progress=progress)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from onnxquant.calibration.ray_cluster import valid_ray_address
+
 __all__ = ["name_list", "unique", "add_node_selection", "selection_fields",
-           "add_model_handling", "add_speed_check", "add_verbosity", "positive_int"]
+           "add_model_handling", "add_speed_check", "add_verbosity", "positive_int",
+           "add_calibration_workers", "calibration_worker_fields"]
 
 
 def name_list(text: str) -> list[str]:
@@ -66,6 +69,33 @@ def add_speed_check(parser: argparse.ArgumentParser) -> None:
                         help="time the float and the quantized model (1 thread, median of RUNS "
                              "runs, default 30) on the first --eval (or --calib) feed, else on a "
                              "random feed with symbolic dims = 1, and report the speed-up")
+
+
+def add_calibration_workers(group: argparse._ArgumentGroup) -> None:
+    """``--workers N`` and ``--ray [ADDRESS]``: where the calibration inference runs."""
+    group.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                       help="processes (with --ray: Ray workers, one CPU each) sharing the "
+                            "calibration inference (same ranges as one)")
+    group.add_argument("--ray", nargs="?", const="", type=_ray_address, metavar="ADDRESS",
+                       help="calibrate on a Ray cluster (pip install 'onnxquant[ray]'): "
+                            "ADDRESS is host:port of a cluster started with `ray start --head`; "
+                            "without it a local cluster bound to 127.0.0.1 is started")
+
+
+def calibration_worker_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of :func:`add_calibration_workers`' options."""
+    return {"calibration_workers": args.workers,
+            "calibration_backend": "local" if args.ray is None else "ray",
+            "ray_address": args.ray or None}
+
+
+def _ray_address(text: str) -> str:
+    """argparse type of ``--ray``: ``host:port``, ``ray://host:port`` or ``auto``."""
+    if text and not valid_ray_address(text):  # "" is --ray without an address
+        raise argparse.ArgumentTypeError(
+            f"expected a Ray cluster address host:port (e.g. 10.0.0.5:6379), got {text!r}; "
+            "without an address, put --ray after the model path")
+    return text
 
 
 def positive_int(text: str) -> int:

@@ -18,12 +18,18 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from onnxquant.calibration.ray_cluster import backend_problem
 from onnxquant.calibration.runner import calibrate_ranges
 from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
-from onnxquant.cli.args import add_verbosity, positive_int
+from onnxquant.cli.args import (
+    add_calibration_workers,
+    add_verbosity,
+    calibration_worker_fields,
+    positive_int,
+)
 from onnxquant.cli.common import check_data
 from onnxquant.core import front_door
-from onnxquant.core.errors import OutputPathError
+from onnxquant.core.errors import CalibrationError, OutputPathError
 from onnxquant.ort.quant_utils import write_calibration_table
 
 __all__ = ["add_calibrate_parser"]
@@ -56,6 +62,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="use at most N calibration feeds")
     p.add_argument("--op-types", nargs="+", metavar="OP",
                    help="calibrate only the inputs and outputs of these op types")
+    add_calibration_workers(p.add_argument_group("workers"))
     add_verbosity(p)
     p.set_defaults(run=_run_calibrate)
 
@@ -71,12 +78,24 @@ def _run_calibrate(args: argparse.Namespace) -> int:
                                    percentile=args.percentile)
     result = calibrate_ranges(model, _float_tensors(model, args.op_types), args.calib,
                               settings=settings, max_samples=args.max_samples,
-                              progress=not args.quiet)
+                              progress=not args.quiet, **_workers(args))
     write_calibration_table(result.ranges, args.trt_table)
     if not args.quiet:
         print(f"wrote the ranges of {len(result.ranges)} tensors ({result.samples} samples, "
               f"{args.method}) to {args.trt_table}/calibration.{{flatbuffers,json,cache}}")
     return EXIT_OK
+
+
+def _workers(args: argparse.Namespace) -> dict:
+    """``--workers``/``--ray`` as :func:`calibrate_ranges` arguments (checked like the
+    config's)."""
+    fields = calibration_worker_fields(args)
+    problem = backend_problem(fields["calibration_backend"], fields["ray_address"],
+                              fields["calibration_workers"])
+    if problem:
+        raise CalibrationError(problem)
+    return {"workers": fields["calibration_workers"], "backend": fields["calibration_backend"],
+            "ray_address": fields["ray_address"]}
 
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)

@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 
 from onnxquant.cli.args import (
+    add_calibration_workers,
     add_model_handling,
     add_node_selection,
     add_speed_check,
     add_verbosity,
+    calibration_worker_fields,
     positive_int,
     selection_fields,
 )
@@ -74,8 +76,7 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="calibrated ranges symmetric around 0")
     calib.add_argument("--moving-average", action="store_true",
                        help="minmax: exponential moving average of per-batch ranges")
-    calib.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                       help="processes sharing the calibration inference (same ranges)")
+    add_calibration_workers(calib)
     calib.add_argument("--calib-cache", type=Path, metavar="JSON",
                        help="statistics cache: reused if it exists (same settings), else written")
 
@@ -177,7 +178,7 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         quantized_bins=args.quantized_bins,
         symmetric_ranges=args.symmetric_ranges,
         moving_average=args.moving_average,
-        calibration_workers=args.workers,
+        **calibration_worker_fields(args),
         calibration_cache=args.calib_cache,
         evaluate=not args.no_eval,
         bias_correction=not args.no_bias_correction,

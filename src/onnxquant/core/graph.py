@@ -7,9 +7,13 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["iter_nodes", "is_float", "is_constant", "from_dequantize", "add_initializer",
-           "STANDS_FOR", "record_stands_for", "CORRECTED_BIASES", "record_corrected_biases",
+__all__ = ["iter_nodes", "is_float", "is_float32", "is_half", "has_half_values", "HALF_QDQ_OPSET",
+           "is_constant", "from_dequantize", "add_initializer", "STANDS_FOR",
+           "record_stands_for", "CORRECTED_BIASES", "record_corrected_biases",
            "corrected_biases"]
+
+_QUANTIZABLE = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+HALF_QDQ_OPSET = 19  # first opset whose QuantizeLinear/DequantizeLinear take float16 scales
 
 STANDS_FOR = "onnxquant.stands_for"
 """Model metadata key: JSON ``{tensor: float-model tensor it now carries}``, written when a
@@ -57,8 +61,27 @@ def iter_nodes(model: ir.Model, *, subgraphs: bool = True) -> Iterator[ir.Node]:
 
 
 def is_float(value: ir.Value | None) -> bool:
-    """Whether ``value`` is a float32 tensor (the type quantization applies to)."""
+    """Whether ``value`` is a float32 or float16 tensor (the types quantization applies to;
+    float16 tensors get float16 scales, so only QDQ at opset 19+ quantizes them)."""
+    return value is not None and value.dtype in _QUANTIZABLE
+
+
+def is_float32(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a float32 tensor (dynamic quantization: DynamicQuantizeLinear
+    reads float32 only)."""
     return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def is_half(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a float16 tensor."""
+    return value is not None and value.dtype == ir.DataType.FLOAT16
+
+
+def has_half_values(model: ir.Model) -> bool:
+    """Whether any graph input, initializer or node output of ``model`` is float16."""
+    graph = model.graph
+    return (any(is_half(v) for v in (*graph.inputs, *graph.initializers.values()))
+            or any(is_half(v) for node in iter_nodes(model) for v in node.outputs))
 
 
 def is_constant(value: ir.Value) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxquant.core.qtypes import QuantType, quant_type_from_name
 
-__all__ = ["TensorQuant", "BiasQuant", "NodeDecision", "QuantPlan"]
+__all__ = ["TensorQuant", "ConvertQuant", "BiasQuant", "NodeDecision", "QuantPlan"]
 
 
 @dataclasses.dataclass
@@ -34,6 +34,8 @@ class TensorQuant:
         source: Where the parameters come from: ``calibrated``, ``fixed``, ``constant``,
             ``shared:<tensor>`` or ``fused:<node>``.
         range: The float range the parameters were computed from, when there is one.
+        convert: Activations: a second grid some readers read the tensor in
+            (``TensorOverride.convert``: Q1→DQ1→Q2→DQ2); None for most tensors.
     """
 
     name: str
@@ -44,6 +46,7 @@ class TensorQuant:
     axis: int | None = None
     source: str = "calibrated"
     range: tuple[float, float] | None = None
+    convert: ConvertQuant | None = None
 
     @property
     def quant_type(self) -> QuantType:
@@ -67,13 +70,36 @@ class TensorQuant:
 
 
 @dataclasses.dataclass
+class ConvertQuant:
+    """The second grid of a tensor whose readers read it in another type (mixed precision).
+
+    The producer's Q/DQ pair uses the tensor's own :class:`TensorQuant`; the readers named in
+    ``readers`` read it requantized with ``params`` (Q1→DQ1→Q2→DQ2).
+
+    Attributes:
+        params: Parameters of the second grid (``name`` is the tensor's, ``source`` says
+            ``convert``).
+        readers: Names of the nodes that read the second grid, sorted; None: every reader,
+            and the graph output when the tensor is one.
+    """
+
+    params: TensorQuant
+    readers: list[str] | None = None
+
+
+@dataclasses.dataclass
 class BiasQuant:
-    """An int32 bias input: scale = input scale × weight scale (per channel when axis is 0)."""
+    """An int32 bias input: scale = input scale × weight scale (per channel when axis is 0).
+
+    ``stored="float"`` (float8 weights, which have no int32 accumulator): the bias keeps its
+    float values and is read through a Cast, as onnxruntime writes it; ``scale`` is empty.
+    """
 
     input: int
     tensor: str
     scale: list[float]
     axis: int | None = None
+    stored: str = "int32"
 
 
 @dataclasses.dataclass
@@ -132,10 +158,7 @@ class QuantPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
         """Inverse of :meth:`to_dict`."""
-        tensors = {}
-        for k, v in data["tensors"].items():
-            rng = v.get("range")
-            tensors[k] = TensorQuant(**{**v, "range": tuple(rng) if rng is not None else None})
+        tensors = {k: _tensor_from_dict(v) for k, v in data["tensors"].items()}
         nodes = {}
         for k, v in data["nodes"].items():
             bias = BiasQuant(**v["bias"]) if v.get("bias") else None
@@ -159,3 +182,13 @@ class QuantPlan:
             with open(text, encoding="utf-8") as f:
                 text = f.read()
         return cls.from_dict(json.loads(text))
+
+
+def _tensor_from_dict(data: dict[str, Any]) -> TensorQuant:
+    """A :class:`TensorQuant` from its :func:`dataclasses.asdict` form."""
+    rng = data.get("range")
+    convert = data.get("convert")
+    if convert is not None:
+        convert = ConvertQuant(_tensor_from_dict(convert["params"]), convert.get("readers"))
+    return TensorQuant(**{**data, "range": tuple(rng) if rng is not None else None,
+                          "convert": convert})

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.graph import is_constant
+from onnxquant.core.graph import is_float32 as is_float  # float16: not yet
 from onnxquant.core.qtypes import QuantType
 from onnxquant.core.weight_grid import (
     GridQuality,

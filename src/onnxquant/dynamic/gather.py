@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.graph import is_constant
+from onnxquant.core.graph import is_float32 as is_float  # float16: not yet
 from onnxquant.dynamic._context import Context, Outcome
 
 __all__ = ["rewrite_gather"]

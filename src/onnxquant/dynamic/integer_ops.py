@@ -22,7 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.core.graph import is_constant, is_float
+from onnxquant.core.graph import is_constant
+from onnxquant.core.graph import is_float32 as is_float  # float16: not yet
 from onnxquant.dynamic._builder import Builder
 from onnxquant.dynamic._context import Context, Granularity, Outcome, operand_problem
 from onnxquant.dynamic.runtime import WeightForm

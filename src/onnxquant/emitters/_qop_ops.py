@@ -179,8 +179,11 @@ def _conv(b: Builder, node: ir.Node, d: NodeDecision) -> IntNode:
 
 
 def _matmul(b: Builder, node: ir.Node, d: NodeDecision) -> IntNode:
+    tq = b.plan.tensors.get(d.inputs.get(0, ""))
+    float8 = tq is not None and tq.quant_type.is_float  # float8: the com.microsoft schema
     return IntNode("QLinearMatMul",
-                   [*b.int_input(node, 0, d), *b.int_input(node, 1, d), *b.out_params(node, 0)])
+                   [*b.int_input(node, 0, d), *b.int_input(node, 1, d), *b.out_params(node, 0)],
+                   domain=MS_DOMAIN if float8 else "")
 
 
 def _gemm(b: Builder, node: ir.Node, d: NodeDecision) -> IntNode:
@@ -334,7 +337,7 @@ def unsupported(node: ir.Node, decision: NodeDecision, plan: QuantPlan, opset: i
         tq = _tq(node, index, decision, plan)
         if tq is None:
             return f"input {index} is not quantized"
-        if tq.quant_type.bits != 8 or tq.quant_type.is_float:
+        if tq.quant_type.bits != 8 or (tq.quant_type.is_float and node.op_type != "MatMul"):
             return f"no integer {node.op_type} kernel for {tq.qtype} tensors"
         if tq.axis is not None and index not in form.weight_inputs:
             return f"input {index} is quantized per channel"
@@ -347,7 +350,7 @@ def unsupported(node: ir.Node, decision: NodeDecision, plan: QuantPlan, opset: i
             if form.float_output:
                 continue
             return f"output '{value.name}' has no quantization parameters"
-        if tq.quant_type.bits != 8 or tq.quant_type.is_float:
+        if tq.quant_type.bits != 8 or (tq.quant_type.is_float and node.op_type != "MatMul"):
             return f"no integer {node.op_type} kernel for {tq.qtype} tensors"
         if form.movement and (source is None or not tq.same_params(
                 dataclasses.replace(source, name=tq.name))):

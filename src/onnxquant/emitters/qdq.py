@@ -15,14 +15,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
+from onnxquant.core.float_scales import half_bias_scale
 from onnxquant.core.graph import STANDS_FOR, add_initializer, iter_nodes, record_stands_for
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, QuantPlan, TensorQuant
+from onnxquant.emitters._qdq_convert import emit_convert
+from onnxquant.emitters._tensor_fields import typed_fields
 
 __all__ = ["emit_qdq"]
 
@@ -49,9 +51,13 @@ class _QDQEmitter:
         # One Q/DQ pair per reader instead of one shared by all (onnxruntime's
         # DedicatedQDQPair: some accelerators need a pair per consumer to fuse it).
         self.dedicated = bool(plan.settings.get("dedicated_qdq_pairs"))
+        # Weights kept float behind a QuantizeLinear→DequantizeLinear pair (onnxruntime's
+        # AddQDQPairToWeight: for tools that fold or train the weights afterwards).
+        self.weight_qdq_pairs = bool(plan.settings.get("weight_qdq_pairs"))
         # Parameters emitted per (graph, tensor): an output that shares its input's grid
         # (Reshape, MaxPool, ...) reuses the input's scale/zero-point initializers.
-        self.emitted_params: dict[tuple[int, str], list[ir.Value]] = {}
+        # Keyed (graph id, grid owner, name suffix): ``_convert`` for second grids.
+        self.emitted_params: dict[tuple[int, str, str], list[ir.Value]] = {}
         self.readers: dict[str, list[tuple[ir.Node, int]]] = defaultdict(list)
         self.quantized_producers: set[str] = set()
         for decision in plan.quantized_nodes():
@@ -80,14 +86,23 @@ class _QDQEmitter:
             out.shape = inputs[0].shape
         return out
 
-    def params(self, graph: ir.Graph, tq: TensorQuant) -> list[ir.Value]:
-        key = (id(graph), self.grid_owner(tq))
+    def params(self, graph: ir.Graph, tq: TensorQuant, suffix: str = "") -> list[ir.Value]:
+        """``[scale, zero_point]`` initializers of ``tq`` (``<t>_scale<suffix>``, ...)."""
+        key = (id(graph), self.grid_owner(tq), suffix)
         if key not in self.emitted_params:
-            zero_point = self.initializer(graph, f"{key[1]}_zero_point",
-                                          _typed_fields(tq.zero_point_array()))
-            scale = self.initializer(graph, f"{key[1]}_scale", _typed_fields(tq.scale_array()))
+            zero_point = self.initializer(graph, f"{key[1]}_zero_point{suffix}",
+                                          typed_fields(tq.zero_point_array()))
+            scale = self.initializer(graph, f"{key[1]}_scale{suffix}",
+                                     typed_fields(self.scale_array(tq)))
             self.emitted_params[key] = [scale, zero_point]
         return self.emitted_params[key]
+
+    def scale_array(self, tq: TensorQuant) -> np.ndarray:
+        """``tq``'s scale in its tensor's float type: float16 for a float16 tensor (Q/DQ take
+        the scale in the input's type, and DequantizeLinear outputs the scale's type)."""
+        value = self.values.get(tq.name)
+        half = value is not None and value.dtype == ir.DataType.FLOAT16
+        return tq.scale_array().astype(np.float16) if half else tq.scale_array()
 
     def grid_owner(self, tq: TensorQuant) -> str:
         """The tensor whose grid ``tq`` shares (following ``shared:`` sources with identical
@@ -110,9 +125,13 @@ class _QDQEmitter:
         graph = value.graph
         assert graph is not None and value.const_value is not None
         params = self.params(graph, tq)
-        data = numerics.quantize(value.const_value.numpy(), tq.scale_array(),
-                                 tq.zero_point_array(), tq.quant_type, axis=tq.axis)
-        stored = self.initializer(graph, f"{tq.name}_quantized", data)
+        if self.weight_qdq_pairs:  # float weight, quantized at run time
+            stored = self.node(graph, "QuantizeLinear", [value, *params], tq.name, tq.axis,
+                               tq.quant_type.onnx_dtype)
+        else:
+            data = numerics.quantize(value.const_value.numpy(), tq.scale_array(),
+                                     tq.zero_point_array(), tq.quant_type, axis=tq.axis)
+            stored = self.initializer(graph, f"{tq.name}_quantized", data)
         out = self.node(graph, "DequantizeLinear", [stored, *params], tq.name,
                         tq.axis, value.dtype or ir.DataType.FLOAT)
         for node, index in readers:
@@ -126,6 +145,9 @@ class _QDQEmitter:
         readers = list(value.uses()) if quantized_producer else self.readers.get(tq.name, [])
         outputs = [i for i, out in enumerate(graph.outputs) if out is value]
         if not readers and not (quantized_producer and outputs):
+            return
+        if tq.convert is not None:
+            emit_convert(self, graph, value, tq, readers, outputs if quantized_producer else [])
             return
         if self.dedicated and len(readers) + bool(quantized_producer and outputs) > 1:
             for number, reader in enumerate(readers, start=1):
@@ -158,19 +180,43 @@ class _QDQEmitter:
     def bias(self, node: ir.Node, bias: BiasQuant) -> None:
         value = node.inputs[bias.input]
         assert value is not None and value.const_value is not None and node.graph is not None
+        graph = node.graph
+        dtype = value.dtype or ir.DataType.FLOAT
+        if bias.stored == "float":  # float8 weights: float bias read through a Cast
+            stored = self.initializer(graph, f"{bias.tensor}_quantized", value.const_value)
+            node.replace_input_with(bias.input, self.cast(graph, stored, bias.tensor, dtype))
+            return
         scale = np.asarray(bias.scale, dtype=np.float32)
         scale = scale.reshape(()) if bias.axis is None else scale
+        # float16 model: a float16 scale where the product of scales is a normal float16,
+        # else a float32 scale and a Cast of the dequantized bias (onnxruntime does the same).
+        half = half_bias_scale(scale) if dtype == ir.DataType.FLOAT16 else None
+        if half is not None:
+            scale = half.reshape(scale.shape)
         data, _ = numerics.quantize_bias(value.const_value.numpy(), np.float32(1.0), scale,
                                          name=bias.tensor)
-        graph = node.graph
         stored = self.initializer(graph, f"{bias.tensor}_quantized", data.astype(np.int32))
-        scale_value = self.initializer(graph, f"{bias.tensor}_quantized_scale",
-                                       _typed_fields(scale))
+        scale_value = self.initializer(
+            graph, f"{bias.tensor}_quantized_scale",
+            scale.astype(np.float16) if half is not None else typed_fields(scale))
         zero_point = self.initializer(graph, f"{bias.tensor}_quantized_zero_point",
-                                      _typed_fields(np.zeros(scale.shape, np.int32)))
+                                      typed_fields(np.zeros(scale.shape, np.int32)))
+        dq_type = dtype if dtype != ir.DataType.FLOAT16 or half is not None else ir.DataType.FLOAT
         out = self.node(graph, "DequantizeLinear", [stored, scale_value, zero_point],
-                        bias.tensor, bias.axis, value.dtype or ir.DataType.FLOAT)
+                        bias.tensor, bias.axis, dq_type)
+        if dq_type != dtype:
+            out = self.cast(graph, out, bias.tensor, dtype)
         node.replace_input_with(bias.input, out)
+
+    def cast(self, graph: ir.Graph, value: ir.Value, stem: str, dtype: ir.DataType) -> ir.Value:
+        """``Cast(value, to=dtype)``, named ``<stem>_Cast``."""
+        node = ir.node("Cast", [value], attributes={"to": int(dtype)},
+                       name=self.names.new(f"{stem}_Cast"))
+        graph.append(node)
+        out = node.outputs[0]
+        out.name = self.names.new(f"{stem}_Cast_Output")
+        out.type, out.shape = ir.TensorType(dtype), value.shape
+        return out
 
     # -- the whole model ---------------------------------------------------------------------
     def remove_folded_activations(self) -> None:
@@ -192,7 +238,10 @@ class _QDQEmitter:
         # Always present in our output, so readers know every folded tensor is listed.
         self.model.metadata_props.setdefault(STANDS_FOR, "{}")
         self.remove_folded_activations()
-        for name, tq in self.plan.tensors.items():
+        # Weights first: their DequantizeLinear nodes then come first in the sorted graph, as
+        # in onnxruntime's models (tools that check the node order expect it).
+        ordered = sorted(self.plan.tensors.items(), key=lambda item: item[1].role != "weight")
+        for name, tq in ordered:
             value = self.values.get(name)
             if value is None:
                 logger.warning("planned tensor '%s' is not in the model; skipped", name)
@@ -209,21 +258,6 @@ class _QDQEmitter:
         for graph in (self.model.graph, *self.model.graph.subgraphs()):
             _remove_unused_initializers(graph)
             graph.sort()
-
-
-_FIELD_TYPES = frozenset({np.dtype(t) for t in (np.float32, np.int8, np.uint8, np.int16,
-                                                 np.uint16, np.int32)})
-
-
-def _typed_fields(array: np.ndarray) -> np.ndarray | ir.TensorProtocol:
-    """Scale and zero-point tensors stored in the typed fields of TensorProto (``float_data``,
-    ``int32_data``) rather than ``raw_data``, as onnxruntime writes them: code written for
-    onnxruntime's models reads those fields. Other element types stay raw."""
-    if array.dtype not in _FIELD_TYPES:
-        return array
-    proto = onnx.helper.make_tensor("", onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                    list(array.shape), array.flatten().tolist())
-    return ir.TensorProtoTensor(proto)
 
 
 def _remove_unused_initializers(graph: ir.Graph) -> None:

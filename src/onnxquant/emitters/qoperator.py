@@ -38,6 +38,7 @@ from onnxquant.emitters._qop_fold import fold_scales
 from onnxquant.emitters._qop_hardsigmoid import fold_hard_sigmoids
 from onnxquant.emitters._qop_layout import nhwc_max_pool
 from onnxquant.emitters._qop_ops import FORMS, MS_DOMAIN, IntNode, unsupported
+from onnxquant.emitters._tensor_fields import typed_fields
 from onnxquant.emitters.qdq import _remove_unused_initializers
 
 __all__ = ["emit_qoperator"]
@@ -130,10 +131,16 @@ class _QOperatorEmitter:
     def params(self, node: ir.Node, tq: TensorQuant) -> list[ir.Value]:
         """Scale and zero point initializers of ``tq`` in the graph of ``node`` (once each)."""
         return [self._cached(node, f"{tq.name}/scale",
-                             lambda: self.constant(node, f"{tq.name}_scale", tq.scale_array())),
+                             lambda: self.field_constant(node, f"{tq.name}_scale",
+                                                         tq.scale_array())),
                 self._cached(node, f"{tq.name}/zero_point",
-                             lambda: self.constant(node, f"{tq.name}_zero_point",
-                                                   tq.zero_point_array()))]
+                             lambda: self.field_constant(node, f"{tq.name}_zero_point",
+                                                         tq.zero_point_array()))]
+
+    def field_constant(self, node: ir.Node, stem: str, array: np.ndarray) -> ir.Value:
+        """A scale or zero point, stored in TensorProto's typed fields as onnxruntime does."""
+        assert node.graph is not None
+        return add_initializer(node.graph, self.names.new(stem), typed_fields(array))
 
     def stored_weight(self, node: ir.Node, value: ir.Value, tq: TensorQuant,
                       rank: int = 0) -> ir.Value:

@@ -9,7 +9,8 @@
   ``QuantizeBias``, ``MinimumRealRange``, ``QDQKeepRemovableActivations``, ``EnableSubgraph``,
   ``CalibMovingAverage``, ``CalibMovingAverageConstant``, ``CalibTensorRangeSymmetric``,
   ``CalibPercentile``, ``UseQDQContribOps``, ``DedicatedQDQPair``,
-  ``OpTypesToExcludeOutputQuantization``. Values are type-checked: a bad value
+  ``OpTypesToExcludeOutputQuantization``, ``ForceQuantizeNoInputCheck``, ``MatMulConstBOnly``
+  (QOperator only, as in onnxruntime), ``AddQDQPairToWeight``. Values are type-checked: a bad value
   raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
@@ -25,9 +26,8 @@
   - logs one WARNING (the model is still of the kind asked for, numerics or layout differ a
     little: ``QDQOpTypePerChannelSupportToAxis``, ``QDQDisableWeightAdjustForInt32Bias``), or
   - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
-    another kind than the user relies on (block-wise weights, float weights with Q/DQ,
-    restricted zero points): ``BlockSize``, ``AddQDQPairToWeight``,
-    ``ActivationRestrictedAsymmetric``.
+    another kind than the user relies on (block-wise weights, restricted zero points):
+    ``BlockSize``, ``ActivationRestrictedAsymmetric``.
 * ``TensorQuantOverrides`` becomes ``StaticQuantConfig.tensors``
   (:func:`onnxquant.ort.tensor_quant_overrides.to_tensor_overrides`): every entry is checked
   (an invalid one raises :class:`~onnxquant.ort._errors.InvalidOptionError`, listing all of
@@ -46,8 +46,10 @@ otherwise. ``calibration_cache_path`` is onnxquant's own JSON cache of the colle
 (not onnxruntime's format): reused when it exists with the same settings, written otherwise.
 
 ``QuantFormat.QOperator`` selects onnxquant's QOperator emitter (QLinearConv, QGemm, ...).
-Arguments that select something not implemented yet (float8 types) raise
-:class:`~onnxquant.core.errors.QuantizationError`.
+``QFLOAT8E4M3FN`` follows onnxruntime's rules (Distribution calibration only, on both
+activations and weights, scale ``std / std(float8 grid)``, zero point 0, opset 19, float biases
+behind a Cast); with ``QuantFormat.QOperator`` only MatMuls are quantized (com.microsoft
+QLinearMatMul, as onnxruntime writes it; no CPU kernel runs it), with a WARNING.
 """
 
 from __future__ import annotations
@@ -146,14 +148,13 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "UseQDQContribOps": ("contrib_qdq_ops", _bool),
     "DedicatedQDQPair": ("dedicated_qdq_pairs", _bool),
     "OpTypesToExcludeOutputQuantization": ("float_output_op_types", _op_type_list),
+    "ForceQuantizeNoInputCheck": ("force_quantize", _bool),
+    "MatMulConstBOnly": ("matmul_const_b_only", _bool),
+    "AddQDQPairToWeight": ("weight_qdq_pairs", _bool),
 }
 
 # extra_options key -> why it has no effect here
 _NO_EFFECT: dict[str, str] = {
-    "ForceQuantizeNoInputCheck": "onnxquant decides whether to quantize data-movement ops "
-    "(Transpose, Reshape, MaxPool, ...) by their quantized neighbours",
-    "MatMulConstBOnly": "onnxruntime applies it only to QOperator and dynamic quantization; "
-    "QDQ quantization ignores it there too",
     "CalibMaxIntermediateOutputs": "calibration streams one feed at a time, so memory does not "
     "grow with the number of feeds",
     "CalibStridedMinMax": "calibration streams one feed at a time, so memory does not grow with "
@@ -172,8 +173,6 @@ _OFF_ONLY: dict[str, tuple[bool, str]] = {
                                          "channel axis"),
     "QDQDisableWeightAdjustForInt32Bias": (False, "weight scales are handled as by default"),
     "BlockSize": (True, "remove the key (or set 0) for per-tensor/per-channel weights"),
-    "AddQDQPairToWeight": (True, "remove the key to store weights pre-quantized before "
-                           "their DequantizeLinear"),
     "ActivationRestrictedAsymmetric": (True, "remove the key, or use "
                                        "ActivationSymmetric=True for fixed zero points"),
 }
@@ -255,6 +254,30 @@ def _extra_fields(extra_options: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _float8_checks(act: QuantType, wgt: QuantType, method: CalibrationMethod,
+                   fmt: QuantFormat) -> QuantFormat:
+    """onnxruntime's float8 rules: Distribution calibration only, float8 on both activations
+    and weights or neither. QOperator with float8 logs a WARNING: its QLinearMatMul
+    (com.microsoft, float8) has no CPU kernel."""
+    float8 = [t is QuantType.QFLOAT8E4M3FN for t in (act, wgt)]
+    if not any(float8):
+        return fmt
+    if method is not CalibrationMethod.Distribution:
+        raise InvalidOptionError(
+            "QuantType.QFLOAT8E4M3FN needs calibrate_method=CalibrationMethod.Distribution "
+            f"(float8 scales come from standard deviations), got {method}")
+    if not all(float8):
+        raise InvalidOptionError(
+            "QuantType.QFLOAT8E4M3FN must be used for both activation_type and weight_type "
+            f"(got activation_type={act}, weight_type={wgt})")
+    if fmt is QuantFormat.QOperator:
+        logger.warning(
+            "QuantType.QFLOAT8E4M3FN with QuantFormat.QOperator: only MatMul nodes are "
+            "quantized (com.microsoft QLinearMatMul on float8), which onnxruntime's CPU "
+            "provider cannot run; use QuantFormat.QDQ for a model that runs everywhere.")
+    return fmt
+
+
 def _to_native_config(
     *,
     quant_format: Any = QuantFormat.QDQ,
@@ -285,11 +308,7 @@ def _to_native_config(
     method = _enum(calibrate_method, CalibrationMethod, "calibrate_method")
     act = _enum(activation_type, QuantType, "activation_type")
     wgt = _enum(weight_type, QuantType, "weight_type")
-    if QuantType.QFLOAT8E4M3FN in (act, wgt):
-        raise QuantizationError(
-            "QuantType.QFLOAT8E4M3FN is not supported yet by this version of onnxquant; use an "
-            "integer type (QInt8, QUInt8, QInt16, QUInt16, QInt4, QUInt4)."
-        )
+    fmt = _float8_checks(act, wgt, method, fmt)
     if act is QuantType.QInt8 and wgt is QuantType.QUInt8:
         raise InvalidOptionError(
             "activation_type=QuantType.QInt8 with weight_type=QuantType.QUInt8 is not supported "

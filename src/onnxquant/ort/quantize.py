@@ -12,7 +12,8 @@ Differences from onnxruntime, on purpose:
 * If/Loop/Scan bodies are quantized unless ``extra_options={"EnableSubgraph": False}``.
 * ``use_external_data_format=False`` means "decide by size" instead of failing above 2 GB.
 * ``quantize_dynamic`` is in :mod:`onnxquant.ort._dynamic`.
-* Not supported yet (raise :class:`~onnxquant.core.errors.QuantizationError`): ``QFLOAT8E4M3FN``.
+* ``QFLOAT8E4M3FN`` with ``QuantFormat.QOperator`` quantizes MatMuls only (com.microsoft
+  QLinearMatMul, which onnxruntime's CPU provider cannot run; use QDQ).
 """
 
 from __future__ import annotations

@@ -8,26 +8,23 @@ channel or one per channel. Keys: ``quant_type``, ``scale`` + ``zero_point``, ``
 onnxruntime, :meth:`TensorQuantOverridesHelper.is_valid` checks every entry (onnxruntime stops
 after the first tensor it validates) and also rejects unknown keys and values of the wrong type.
 
-Not supported yet (raise :class:`~onnxquant.core.errors.QuantizationError`): ``convert`` (a
-second type for some consumers), per-channel lists where a key is given for some channels only,
-and the ``QFLOAT8E4M3FN`` type.
+``convert`` (a second type for all consumers, or for the ``recv_nodes`` it names) becomes
+:class:`onnxquant.TensorConvert`. Not supported yet (raise
+:class:`~onnxquant.core.errors.QuantizationError`): per-channel lists where a key is given for
+some channels only, and the ``QFLOAT8E4M3FN`` type.
 """
 
 from __future__ import annotations
 
-import enum
 import json
-import math
-import numbers
 from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from typing import Any
 
-import numpy as np
-
 from onnxquant.core.errors import QuantizationError
 from onnxquant.ort._errors import InvalidOptionError
+from onnxquant.ort._override_values import _bool, _integer, _quant_type, _real
 from onnxquant.ort.quant_utils import QuantType
-from onnxquant.static.config import TensorOverride
+from onnxquant.static.config import TensorConvert, TensorOverride
 
 __all__ = ["TensorQuantOverridesHelper", "to_tensor_overrides"]
 
@@ -38,53 +35,6 @@ _CONVERT_KEYS = frozenset({"quant_type", "scale", "zero_point", "symmetric", "rm
 _NOT_WITH_SCALE = ("symmetric", "reduce_range", "rmin", "rmax")
 _PER_CHANNEL_SAME = ("quant_type", "axis", "symmetric", "reduce_range")
 _VALUES = ("scale", "zero_point", "rmin", "rmax")
-
-
-def _quant_type(value: Any) -> QuantType | None:
-    """Our QuantType for ours, onnxruntime's same-named enum member or a name; else None."""
-    if isinstance(value, QuantType):
-        return value
-    if isinstance(value, enum.Enum) and value.name in QuantType.__members__:
-        return QuantType[value.name]
-    if isinstance(value, str):
-        try:
-            return QuantType.from_string(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _item(value: Any) -> Any:
-    """A Python scalar from a number, numpy scalar or one-element array (else ``value``)."""
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return value.reshape(()).item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _real(value: Any) -> float | None:
-    value = _item(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return None
-
-
-def _integer(value: Any) -> int | None:
-    value = _item(value)
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _bool(value: Any) -> bool | None:
-    value = _item(value)
-    return value if isinstance(value, bool) else None
 
 
 def _value_problems(where: str, entry: Mapping[str, Any], keys: frozenset[str]) -> list[str]:
@@ -130,6 +80,11 @@ def _convert_problems(where: str, entry: Mapping[str, Any], default_qtype: Any) 
     if "reduce_range" in convert:
         found.append(f"{where}: 'convert' cannot use reduce_range (it is for initializers)")
     found += _value_problems(f"{where}['convert']", convert, _CONVERT_KEYS)
+    nodes = convert.get("recv_nodes")
+    if nodes is not None and (isinstance(nodes, (str, bytes)) or not isinstance(nodes, Collection)
+                              or not all(isinstance(n, str) for n in nodes)):
+        found.append(f"{where}: 'convert' recv_nodes must be a set of node names, got "
+                     f"{nodes!r}")
     if "quant_type" not in convert:
         found.append(f"{where}: 'convert' must give a quant_type")
     else:
@@ -348,16 +303,7 @@ def _native_value(name: str, key: str, entries: list[Mapping[str, Any]]) -> Any:
 
 def _native(name: str, entries: list[Mapping[str, Any]]) -> TensorOverride:
     first = entries[0]
-    if "convert" in first:
-        raise QuantizationError(
-            f"TensorQuantOverrides for '{name}': 'convert' (a second type for some consumers) "
-            "is not supported yet by onnxquant; give the tensor the wider of the two types "
-            "as its quant_type instead")
-    qtype = _quant_type(first["quant_type"]) if "quant_type" in first else None
-    if qtype is QuantType.QFLOAT8E4M3FN:
-        raise QuantizationError(
-            f"TensorQuantOverrides for '{name}': QuantType.QFLOAT8E4M3FN is not supported yet "
-            "by onnxquant; use an integer type")
+    qtype = _native_type(name, first)
     per_channel = "axis" in first
     symmetric, reduce_range = _bool(first.get("symmetric")), _bool(first.get("reduce_range"))
     return TensorOverride(
@@ -371,6 +317,32 @@ def _native(name: str, entries: list[Mapping[str, Any]]) -> TensorOverride:
         axis=_integer(first["axis"]) if per_channel else None,
         # onnxruntime quantizes an initializer with overrides but no axis per tensor
         per_channel=None if per_channel else False,
+        convert=_native_convert(name, first["convert"]) if "convert" in first else None,
+    )
+
+
+def _native_type(name: str, entry: Mapping[str, Any]) -> QuantType | None:
+    qtype = _quant_type(entry["quant_type"]) if "quant_type" in entry else None
+    if qtype is QuantType.QFLOAT8E4M3FN:
+        raise QuantizationError(
+            f"TensorQuantOverrides for '{name}': QuantType.QFLOAT8E4M3FN is not supported yet "
+            "by onnxquant; use an integer type")
+    return qtype
+
+
+def _native_convert(name: str, convert: Mapping[str, Any]) -> TensorConvert:
+    """``TensorConvert`` from a (validated) ``convert`` dict."""
+    qtype = _native_type(name, convert)
+    assert qtype is not None
+    nodes = convert.get("recv_nodes")
+    return TensorConvert(
+        quant_type=qtype.qtype,
+        rmin=_real(convert["rmin"]) if "rmin" in convert else None,
+        rmax=_real(convert["rmax"]) if "rmax" in convert else None,
+        symmetric=_bool(convert.get("symmetric")),
+        scale=_real(convert["scale"]) if "scale" in convert else None,
+        zero_point=_integer(convert["zero_point"]) if "zero_point" in convert else None,
+        recv_nodes=frozenset(nodes) if nodes is not None else None,
     )
 
 
@@ -379,8 +351,8 @@ def to_tensor_overrides(overrides: Any) -> dict[str, TensorOverride]:
 
     Raises:
         InvalidOptionError: (a ``ValueError``) listing every invalid entry.
-        QuantizationError: An entry asks for something not supported yet (``convert``, a key
-            given for some channels only, float8).
+        QuantizationError: An entry asks for something not supported yet (a key given for
+            some channels only, float8).
     """
     if overrides is None:
         return {}

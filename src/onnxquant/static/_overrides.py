@@ -7,18 +7,22 @@ zero point fit its type) are made here and raise :class:`QuantizationError` nami
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core import numerics
 from onnxquant.core.errors import QuantizationError
-from onnxquant.core.plan import TensorQuant
+from onnxquant.core.graph import is_constant
+from onnxquant.core.plan import ConvertQuant, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import QuantType
 from onnxquant.static.config import StaticQuantConfig, TensorOverride
 
 __all__: list[str] = []
+
+logger = logging.getLogger(__name__)
 
 
 class UnknownTensorError(QuantizationError, ValueError):
@@ -42,9 +46,9 @@ def check_names(model: ir.Model, config: StaticQuantConfig) -> None:
     absent = sorted(set(config.tensors) - names)
     if absent:
         raise UnknownTensorError(
-            "tensor overrides name tensors that are not present in the model: "
-            + ", ".join(f"'{n}'" for n in absent[:10])
-            + "; check the names (a typo, or a tensor renamed by pre-processing)")
+            "tensor overrides: " + "; ".join(f"tensor '{n}' is not present in the model"
+                                             for n in absent[:10])
+            + " (check the names: a typo, or a tensor renamed by pre-processing)")
 
 
 def _error(name: str, message: str) -> QuantizationError:
@@ -150,3 +154,55 @@ def constant(name: str, data: np.ndarray, axis: int | None, as_weight: bool,
     return TensorQuant(name, "weight", qtype.name, [float(s) for s in np.atleast_1d(scale)],
                        [int(z) for z in np.atleast_1d(zp).astype(np.int64)], axis,
                        "constant (override)", (float(np.min(low)), float(np.max(high))))
+
+
+def plan_converts(nodes: Sequence[ir.Node], plan: QuantPlan,
+                  ranges: Mapping[str, tuple[float, float]], config: StaticQuantConfig) -> None:
+    """Attach the second grid (:class:`ConvertQuant`) of every planned activation whose
+    override has a ``convert``; called once every node is decided, so that no output sharing
+    its input's grid copies it.
+
+    Raises:
+        QuantizationError: naming the tensor, for a convert on a constant, ``recv_nodes`` that
+            do not read the tensor, or a second grid without a range.
+    """
+    values = {v.name: v for node in nodes for v in (*node.inputs, *node.outputs)
+              if v is not None and v.name}
+    for name, override in config.tensors.items():
+        convert = override.convert
+        if convert is None:
+            continue
+        value, tq = values.get(name), plan.tensors.get(name)
+        if value is not None and is_constant(value) or tq is not None and tq.role != "activation":
+            raise _error(name, f"convert is for activations, and '{name}' is a constant "
+                               "(initializer); remove the convert")
+        if value is None or tq is None:
+            logger.warning("tensor override '%s': its convert is ignored, the tensor is not "
+                           "quantized", name)
+            continue
+        readers = None
+        if convert.recv_nodes is not None:
+            consumers = {node.name or "" for node, _ in value.uses()}
+            absent = sorted(convert.recv_nodes - consumers)
+            if absent:
+                raise _error(name, f"convert recv_nodes {absent} do not read '{name}' (its "
+                                   f"readers: {sorted(consumers)}); name readers of the tensor")
+            readers = sorted(convert.recv_nodes)
+        rng = ranges.get(name, tq.range)
+        second = convert.as_override()
+        if rng is None and not second.fixes_params:
+            raise _error(name, "the tensor has no calibrated range for its convert grid; give "
+                               "the convert rmin and rmax, or scale and zero_point")
+        params = activation(name, rng or (0.0, 0.0), second, config, "convert")
+        tq.convert = ConvertQuant(params, readers)
+
+
+def convert_tensors(nodes: Sequence[ir.Node], config: StaticQuantConfig) -> set[str]:
+    """Activations the selected nodes read or write whose override has a ``convert``: their
+    second grid needs their own calibrated range, also where the first one is shared with the
+    producer's input (Transpose, Reshape, ...)."""
+    wanted = {name for name, o in config.tensors.items() if o.convert is not None}
+    if not wanted:
+        return set()
+    return {v.name for node in nodes for v in (*node.inputs, *node.outputs)
+            if v is not None and v.name in wanted and not is_constant(v)}

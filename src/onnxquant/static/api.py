@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from onnxquant.calibration.cache import load_cache, save_cache
 from onnxquant.calibration.evaluation import HoldBack, evaluate_quantized
+from onnxquant.calibration.histogram import HistogramObserver
+from onnxquant.calibration.methods import distribution_stats
 from onnxquant.calibration.runner import (
     CalibrationResult,
     calibrate_ranges,
@@ -23,6 +25,8 @@ from onnxquant.calibration.runner import (
 from onnxquant.calibration.settings import CalibrationMethod, tensor_range
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
+from onnxquant.core.float_scales import std_range
+from onnxquant.core.graph import HALF_QDQ_OPSET, has_half_values
 from onnxquant.preprocess import passes as preprocess
 from onnxquant.preprocess.hints import preprocessing_hints
 from onnxquant.static import _overrides
@@ -59,6 +63,8 @@ def prepare_model(model_input: Any, config: StaticQuantConfig) -> ir.Model:
 
 def _at_opset(model: ir.Model, config: StaticQuantConfig) -> ir.Model:
     required = config.required_opset()
+    if has_half_values(model):
+        required = max(required, HALF_QDQ_OPSET)  # float16 QuantizeLinear/DequantizeLinear
     if model_io.default_opset(model) < required:
         return model_io.convert_opset(model, required)
     return model
@@ -71,6 +77,7 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     finiteness check after emission (``config.verify_finite``); ``hold_back`` sets feeds
     aside for measuring the accuracy."""
     names = tensors_to_calibrate(nodes, config.format, forced_nodes(nodes, config))
+    names |= _overrides.convert_tensors(nodes, config)
     settings = config.calibration_settings()
     cache = config.calibration_cache
     keep = config.verify_feeds if config.verify_finite and for_check else 0
@@ -89,7 +96,8 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     result = calibrate_ranges(
         model, names, data, settings=settings, providers=config.providers,
         max_samples=config.max_calibration_samples, progress=config.progress,
-        workers=config.calibration_workers, keep_feeds=keep, hold_back=hold_back)
+        workers=config.calibration_workers, keep_feeds=keep, hold_back=hold_back,
+        backend=config.calibration_backend, ray_address=config.ray_address)
     if cache is not None:
         save_cache(cache, result.statistics, result.samples, settings)
     return result
@@ -117,6 +125,23 @@ def plan_ranges(calibration: CalibrationResult, config: StaticQuantConfig
                 or observer is None or not observer.observed):
             continue
         ranges[name] = tensor_range(observer, minmax)
+    if config.float8_from_std:
+        ranges.update(_float8_ranges(calibration, config))
+    return ranges
+
+
+def _float8_ranges(calibration: CalibrationResult, config: StaticQuantConfig
+                   ) -> dict[str, tuple[float, float]]:
+    """Distribution calibration with float8 activations (onnxruntime's rule): the range whose
+    float8 scale is ``std / std(float8 grid)``, from each tensor's standard deviation."""
+    ranges = {}
+    for name, observer in calibration.statistics.items():
+        override = config.tensors.get(name)
+        if override is not None and override.quant_type is not None:
+            continue
+        if isinstance(observer, HistogramObserver) and observer.moments and observer.observed:
+            low, high = std_range(distribution_stats(observer)[1], config.activation_type)
+            ranges[name] = (float(low), float(high))
     return ranges
 
 
@@ -199,7 +224,7 @@ def quantize_static(
     start = time.perf_counter()
     entry = front_door.enter(model_input, model_output, upgrade_opset=config.upgrade_opset,
                              min_opset=config.required_opset())
-    model = entry.model
+    model = _at_opset(entry.model, config)
     _overrides.check_names(model, config)
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers

@@ -8,133 +8,17 @@ place.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 
+from onnxquant.calibration.ray_cluster import backend_problem
 from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
 from onnxquant.core.errors import QuantizationError
 from onnxquant.core.qtypes import INT8, UINT8, QuantFormat, QuantType
+from onnxquant.static.tensor_override import TensorConvert, TensorOverride
 
-__all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig", "TensorOverride"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorOverride:
-    """What one tensor gets instead of the config's defaults (``StaticQuantConfig.tensors``).
-
-    Values left None follow the config. ``scale``, ``zero_point``, ``rmin`` and ``rmax`` may be
-    sequences with one value per channel when ``axis`` is given (constant tensors only); a
-    single value with ``axis`` applies to every channel.
-
-    Attributes:
-        quant_type: Its element type (e.g. ``UINT16`` for a sensitive activation next to 8-bit
-            ones; QDQ format only when it differs from the config's types). A 16-bit activation
-            takes its calibrated min/max range: histogram methods choose clip ranges for the
-            config's 8-bit grid, which a 65536-level grid does not need.
-        rmin: Lower end of its range instead of the calibrated (or the weight's) one.
-        rmax: Upper end of its range instead of the calibrated (or the weight's) one.
-        symmetric: Symmetric parameters (zero point at the midpoint) or not. A weight whose
-            ``quant_type`` differs from the config's weight type defaults to symmetric when
-            that type is signed (unless ``StaticQuantConfig.weight_symmetric`` is set).
-        scale: Its quantization scale (> 0), given together with ``zero_point``: the range
-            (calibrated or the weight's) is then not used, and a constant without ``axis`` is
-            quantized per tensor.
-        zero_point: Its zero point, an integer of ``quant_type``'s grid; with ``scale``.
-        reduce_range: Constant tensors: one bit less (7-bit int8/uint8) instead of
-            ``StaticQuantConfig.reduce_range``.
-        axis: Constant tensors: one scale per slice along this axis (per channel), whatever
-            ``StaticQuantConfig.per_channel`` says.
-        per_channel: Constant tensors: True quantizes a weight per channel along its op's
-            output-channel axis, False per tensor (no SQNR fallback to per channel); None
-            follows the config. ``axis`` implies True.
-    """
-
-    quant_type: QuantType | None = None
-    rmin: float | Sequence[float] | None = None
-    rmax: float | Sequence[float] | None = None
-    symmetric: bool | None = None
-    scale: float | Sequence[float] | None = None
-    zero_point: int | Sequence[int] | None = None
-    reduce_range: bool | None = None
-    axis: int | None = None
-    per_channel: bool | None = None
-
-    @property
-    def fixes_params(self) -> bool:
-        """Whether the override alone determines the parameters (no calibrated range needed)."""
-        return self.scale is not None or (self.rmin is not None and self.rmax is not None)
-
-    @property
-    def decides_granularity(self) -> bool:
-        """Whether the override, not the config, chooses per tensor or per channel."""
-        return self.axis is not None or self.per_channel is not None or self.scale is not None
-
-    def problems(self) -> list[str]:
-        """What is wrong with this override on its own (empty when it is valid)."""
-        found: list[str] = []
-        if self.quant_type is not None and not isinstance(self.quant_type, QuantType):
-            found.append(f"quant_type must be an onnxquant QuantType (INT8, UINT16, ...), "
-                         f"got {self.quant_type!r}")
-        for key in ("symmetric", "reduce_range", "per_channel"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, bool):
-                found.append(f"{key} must be True, False or None, got {value!r}")
-        if self.axis is not None and (isinstance(self.axis, bool)
-                                      or not isinstance(self.axis, int)):
-            found.append(f"axis must be an int, got {self.axis!r}")
-        if self.axis is not None and self.per_channel is False:
-            found.append("axis asks for per-channel parameters but per_channel is False")
-        if (self.scale is None) != (self.zero_point is None):
-            found.append("scale and zero_point must be given together")
-        if self.scale is not None:
-            clash = [k for k in ("rmin", "rmax", "symmetric", "reduce_range")
-                     if getattr(self, k) is not None]
-            if clash:
-                found.append(f"scale/zero_point fix the parameters, so {', '.join(clash)} "
-                             "cannot be given with them; remove one or the other")
-        for key, kind in (("scale", "number"), ("zero_point", "int"), ("rmin", "number"),
-                          ("rmax", "number")):
-            found.extend(self._value_problems(key, kind))
-        if not found:
-            low, high = _values(self.rmin), _values(self.rmax)
-            if low is not None and high is not None:
-                low, high = low * (len(high) if len(low) == 1 else 1), high * (
-                    len(low) if len(high) == 1 else 1)
-            if low is not None and high is not None and len(low) == len(high) and any(
-                    lo > hi for lo, hi in zip(low, high, strict=True)):
-                found.append(f"rmin {self.rmin} is above rmax {self.rmax}")
-        return found
-
-    def _value_problems(self, key: str, kind: str) -> list[str]:
-        value = getattr(self, key)
-        if value is None:
-            return []
-        many = isinstance(value, Sequence) and not isinstance(value, str)
-        if many and self.axis is None:
-            return [f"{key} has one value per channel, which needs an axis"]
-        items = list(value) if many else [value]
-        if many and not items:
-            return [f"{key} is empty"]
-        for item in items:
-            if kind == "int":
-                if isinstance(item, bool) or not isinstance(item, numbers.Integral):
-                    return [f"zero_point must be an integer, got {item!r}"]
-            elif (isinstance(item, bool) or not isinstance(item, numbers.Real)
-                  or not math.isfinite(float(item))):
-                return [f"{key} must be a finite number, got {item!r}"]
-            elif key == "scale" and not float(item) > 0:
-                return [f"scale must be > 0, got {item!r}"]
-        return []
-
-
-def _values(value: object) -> list[float] | None:
-    if value is None:
-        return None
-    if isinstance(value, Sequence):
-        return [float(v) for v in value]
-    return [float(value)]  # type: ignore[arg-type]
+__all__ = ["QuantFormat", "CalibrationMethod", "StaticQuantConfig", "TensorConvert",
+           "TensorOverride"]
 
 
 @dataclasses.dataclass
@@ -157,14 +41,24 @@ class StaticQuantConfig:
         weight_symmetric: Symmetric weights; None means True for signed weight types.
         format: Output representation (QDQ or QOperator).
         calibration_method: How activation ranges are found (MinMax, Entropy, Percentile,
-            Distribution, MSE).
+            Distribution, MSE). Distribution with float8 types sets every float8 scale
+            (activations and weights) to ``std / std(all float8 values)``, as onnxruntime
+            does; float8 with the other methods uses ``absmax / 448``.
         symmetric_ranges: Calibrated ranges symmetric around 0 (``CalibTensorRangeSymmetric``).
         moving_average: MinMax: exponential moving average of per-batch ranges.
         averaging_constant: Weight of the newest batch in the moving average.
         percentile: Percentile method: percentage of values kept inside the range.
         histogram_bins: Histogram methods: at most this many bins over the observed range.
         quantized_bins: Entropy: quantized levels the KL search compares against.
-        calibration_workers: Processes sharing the calibration inference (same ranges as one).
+        calibration_workers: Processes (or Ray workers) sharing the calibration inference
+            (same ranges as one).
+        calibration_backend: Where those workers run: ``"local"`` (processes on this machine)
+            or ``"ray"`` (actors of a Ray cluster, one CPU each; ``pip install onnxquant[ray]``;
+            see :mod:`onnxquant.calibration.ray_cluster`).
+        ray_address: With ``calibration_backend="ray"``: the ``host:port`` of a running cluster
+            (``ray start --head``; ``"auto"`` finds one on this machine, ``ray://host:port`` is
+            a Ray client); None starts a local cluster bound to 127.0.0.1, or uses a Ray
+            already initialised in this process.
         calibration_cache: JSON file of collected statistics: reused when it exists and was
             made with the same calibration settings (an error otherwise), written when not.
         op_types: Op types to quantize; None means every op type with a rule.
@@ -179,6 +73,13 @@ class StaticQuantConfig:
             user names in ``op_types_to_quantize`` (onnxruntime quantizes what it is told).
         force_nodes: Node names quantized the same way (``onnxquant.ort``:
             ``nodes_to_quantize``).
+        force_quantize: Every selected node is quantized the same way (``onnxquant.ort``:
+            ``ForceQuantizeNoInputCheck``).
+        matmul_const_b_only: QOperator format: MatMuls whose second input is not a constant
+            stay float (``MatMulConstBOnly``).
+        weight_qdq_pairs: QDQ format: weights stay float in the model, behind a
+            QuantizeLinear→DequantizeLinear pair, instead of being stored quantized
+            (``AddQDQPairToWeight``; for tools that fold or fine-tune weights afterwards).
         float_output_op_types: QDQ format: outputs of these op types get no Q/DQ pair, even
             where their readers are quantized (``OpTypesToExcludeOutputQuantization``).
         contrib_qdq_ops: QDQ format: QuantizeLinear/DequantizeLinear in the ``com.microsoft``
@@ -225,6 +126,7 @@ class StaticQuantConfig:
             are unaffected.
         tensors: Per-tensor overrides by tensor name (:class:`TensorOverride`): mixed
             precision (16-bit activations where 8 bits lose too much), fixed ranges, symmetry.
+            Nodes that read or write an overridden tensor are quantized like ``force_nodes``.
         smooth_quant: SmoothQuant (:mod:`onnxquant.static.corrections.smoothquant`): divide
             the input channels of MatMul/Gemm activations by ``s`` in the node that produces
             them and multiply the weights' rows by ``s`` (an exact rewrite of the float model),
@@ -259,6 +161,8 @@ class StaticQuantConfig:
     histogram_bins: int = 2048
     quantized_bins: int = 128
     calibration_workers: int = 1
+    calibration_backend: str = "local"
+    ray_address: str | None = None
     calibration_cache: str | os.PathLike | None = None
     op_types: Collection[str] | None = None
     op_types_to_exclude: Collection[str] = ()
@@ -266,6 +170,9 @@ class StaticQuantConfig:
     nodes_to_exclude: Collection[str] = ()
     force_op_types: Collection[str] = ()
     force_nodes: Collection[str] = ()
+    force_quantize: bool = False
+    matmul_const_b_only: bool = False
+    weight_qdq_pairs: bool = False
     float_output_op_types: Collection[str] = ()
     contrib_qdq_ops: bool = False
     dedicated_qdq_pairs: bool = False
@@ -297,6 +204,10 @@ class StaticQuantConfig:
                 f"smooth_quant_alpha must be in [0, 1], got {self.smooth_quant_alpha}")
         if self.correction_feeds < 1:
             raise QuantizationError("correction_feeds must be at least 1")
+        problem = backend_problem(self.calibration_backend, self.ray_address,
+                                  self.calibration_workers)
+        if problem:
+            raise QuantizationError(problem)
         for name, override in self.tensors.items():
             if not isinstance(override, TensorOverride):
                 raise QuantizationError(
@@ -311,6 +222,27 @@ class StaticQuantConfig:
                     f"tensor override '{name}': a {override.quant_type} tensor next to "
                     f"{self.activation_type} ones needs the QDQ format (QOperator kernels take "
                     "one element type); use format=QuantFormat.QDQ")
+            if override.convert is not None:
+                self._check_convert(name, override)
+
+    def _check_convert(self, name: str, override: TensorOverride) -> None:
+        """Raise for a ``convert`` the format or the other settings cannot emit."""
+        assert override.convert is not None
+        where = f"tensor override '{name}'"
+        if self.format is QuantFormat.QOPERATOR:
+            raise QuantizationError(
+                f"{where}: convert (a second type for some readers) needs the QDQ format "
+                "(QOperator kernels take one element type); use format=QuantFormat.QDQ or "
+                "remove the convert")
+        if self.dedicated_qdq_pairs:
+            raise QuantizationError(
+                f"{where}: convert cannot be combined with dedicated_qdq_pairs; remove one "
+                "or the other")
+        own = override.quant_type or self.activation_type
+        if override.convert.quant_type == own:
+            raise QuantizationError(
+                f"{where}: the convert quant_type must differ from the tensor's own type "
+                f"({own}); remove the convert or choose another type")
 
     @property
     def needs_correction_feeds(self) -> bool:
@@ -323,6 +255,14 @@ class StaticQuantConfig:
         if self.weight_symmetric is None:
             return self.weight_type.signed
         return self.weight_symmetric
+
+    @property
+    def float8_from_std(self) -> bool:
+        """Float8 scales from standard deviations (``std / std(float8 grid)``, onnxruntime's
+        rule): float8 activations with the Distribution calibration; other methods use
+        ``absmax / max``."""
+        return (self.activation_type.is_float
+                and self.calibration_method is CalibrationMethod.DISTRIBUTION)
 
     def calibration_settings(self) -> CalibrationSettings:
         """The calibration part of this config."""
@@ -347,7 +287,9 @@ class StaticQuantConfig:
         below it. The contrib ops use the ``com.microsoft`` opset 1, imported by the emitter.
         """
         opset = max(self.activation_type.min_opset, self.weight_type.min_opset,
-                    *(o.quant_type.min_opset for o in self.tensors.values() if o.quant_type))
+                    *(o.quant_type.min_opset for o in self.tensors.values() if o.quant_type),
+                    *(o.convert.quant_type.min_opset for o in self.tensors.values()
+                      if o.convert is not None))
         if self.format is QuantFormat.QOPERATOR:
             opset = max(opset, 10)
         if self.per_channel or self.per_channel_fallback_db is not None:

@@ -9,12 +9,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core import numerics
-from onnxquant.core.graph import from_dequantize, is_constant, is_float, iter_nodes
+from onnxquant.core.float_scales import half_params, std_range, tensor_std
+from onnxquant.core.graph import from_dequantize, is_constant, is_float, is_half, iter_nodes
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import QuantType
 from onnxquant.preprocess import BATCHNORM_FOLDED
 from onnxquant.static import _overrides
 from onnxquant.static._extremes import check_constants
+from onnxquant.static._prequantized import dequantize_params
 from onnxquant.static._singular import grid_keeping_nodes, singular_reach
 from onnxquant.static.config import QuantFormat, StaticQuantConfig
 from onnxquant.static.rules import (
@@ -22,6 +24,7 @@ from onnxquant.static.rules import (
     OpRule,
     OutputMode,
     float_input_ops,
+    mark_generic,
     rule_for,
     weight_axis,
 )
@@ -35,6 +38,8 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
     """Nodes that have a rule and pass the op-type and name filters of ``config``."""
     selected = []
     for node in iter_nodes(model, subgraphs=config.subgraphs):
+        if node.op_type in config.force_op_types:
+            mark_generic(node, config.format)  # named by the user: Q/DQ even without a rule
         if rule_for(node, config.format) is None or node.op_type in config.op_types_to_exclude:
             continue
         if config.op_types is not None and node.op_type not in config.op_types:
@@ -43,17 +48,36 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
             continue
         if config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize:
             continue
+        if (config.matmul_const_b_only and config.format is QuantFormat.QOPERATOR
+                and node.op_type == "MatMul" and not _constant_b(node)):
+            continue
+        if config.format is QuantFormat.QOPERATOR and any(
+                is_half(v) for v in (*node.inputs, *node.outputs)):
+            continue  # QLinear* kernels take float32 scales only; float16 needs QDQ
+        if (config.format is QuantFormat.QOPERATOR and node.op_type != "MatMul"
+                and (config.activation_type.is_float or config.weight_type.is_float)):
+            continue  # float8 QOperator: only com.microsoft QLinearMatMul is defined
         selected.append(node)
     return selected
 
 
 def forced_nodes(nodes: list[ir.Node], config: StaticQuantConfig) -> set[ir.Node]:
-    """The selected nodes the user named explicitly (``force_op_types``, ``force_nodes``):
-    quantized even where onnxquant's own selection and speed rules would keep them float."""
-    if not config.force_op_types and not config.force_nodes:
+    """The selected nodes the user named explicitly (``force_op_types``, ``force_nodes``, or
+    a tensor they read or write in ``tensors``): quantized even where onnxquant's own selection
+    and speed rules would keep them float."""
+    if config.force_quantize:
+        return set(nodes)
+    if not config.force_op_types and not config.force_nodes and not config.tensors:
         return set()
     return {n for n in nodes
-            if n.op_type in config.force_op_types or (n.name or "") in config.force_nodes}
+            if n.op_type in config.force_op_types or (n.name or "") in config.force_nodes
+            or any(v is not None and v.name in config.tensors
+                   for v in (*n.inputs, *n.outputs))}
+
+
+def _constant_b(node: ir.Node) -> bool:
+    b = node.inputs[1] if len(node.inputs) > 1 else None
+    return b is not None and (is_constant(b) or from_dequantize(b))
 
 
 class _Everything(Mapping[str, object]):
@@ -107,6 +131,7 @@ class _Planner:
         self.float_input_ops = float_input_ops(config.format)
         self.float_softmax: set[str] = set()  # QOperator Softmax nodes whose input stays float
         self.per_channel_weights: dict[str, str] = {}  # weight -> why its grid is per channel
+        self.half: set[str] = set()  # float16 activations: float16 scales
 
     def find_float_softmax(self, nodes: list[ir.Node]) -> None:
         """QOperator: Softmax nodes whose input range is too wide for an 8-bit grid (attention
@@ -140,6 +165,10 @@ class _Planner:
             return False
         if len(x.uses()) != 1 or x.is_graph_output() or (y.is_graph_output() and self.qoperator):
             return False
+        if any(o is not None and o.convert is not None
+               for o in (self.config.tensors.get(x.name or ""),
+                         self.config.tensors.get(y.name or ""))):
+            return False  # its readers ask for a second grid of the tensor
         bounds = clip_bounds(node)
         if bounds is None or singular_reach(y) is not None:
             return False  # the grid would reach a singular-domain input
@@ -160,7 +189,8 @@ class _Planner:
         override = cfg.tensors.get(name)
         if override is not None:
             return _overrides.activation(name, rng, override, cfg, source)
-        scale, zp = numerics.compute_scale_zero_point(
+        params = half_params if name in self.half else numerics.compute_scale_zero_point
+        scale, zp = params(
             rng[0], rng[1], qtype, symmetric=symmetric, min_real_range=cfg.min_real_range)
         return _tensor(name, "activation", qtype, scale, zp, None, source, rng)
 
@@ -174,7 +204,10 @@ class _Planner:
         qtype = cfg.weight_type if as_weight else cfg.activation_type
         symmetric = cfg.weights_symmetric if as_weight else cfg.activation_symmetric
         low, high = numerics.tensor_range(data, axis, name=name)
-        scale, zp = numerics.compute_scale_zero_point(
+        if qtype.is_float and cfg.float8_from_std:  # onnxruntime: std / std(float8 grid)
+            low, high = std_range(tensor_std(data, axis), qtype)
+        params = half_params if is_half(value) else numerics.compute_scale_zero_point
+        scale, zp = params(
             low, high, qtype, symmetric=symmetric, reduce_range=cfg.reduce_range and as_weight,
             min_real_range=cfg.min_real_range)
         rng = (float(np.min(low)), float(np.max(high))) if data.size else (0.0, 0.0)
@@ -324,11 +357,17 @@ class _Planner:
         if index is None or not self.config.quantize_bias or len(node.inputs) <= index:
             return None
         bias, weight_name = node.inputs[index], decision.inputs.get(1)
-        act = self.plan.tensors.get(decision.inputs.get(0, ""))
-        weight = self.plan.tensors.get(weight_name or "")
+        # an input or weight the model dequantizes already brings its own fixed grid
+        act = (self.plan.tensors.get(decision.inputs.get(0, ""))
+               or dequantize_params(node.inputs[0] if node.inputs else None))
+        weight = (self.plan.tensors.get(weight_name or "")
+                  or dequantize_params(node.inputs[1] if len(node.inputs) > 1 else None))
         if bias is None or not is_constant(bias) or not is_float(bias) or act is None:
             return None
-        if weight is None or weight.role != "weight" or act.axis is not None:
+        if weight is not None and weight.quant_type.is_float:
+            decision.bias = BiasQuant(index, bias.name or "", [], stored="float")
+            return None  # float8 weights: no int32 accumulator, the bias stays float
+        if weight is None or act.axis is not None:
             return None
         if node.op_type == "Gemm" and not _unit_alpha_beta(node):
             return None
@@ -359,9 +398,10 @@ class _Planner:
                 kept.append(item)
                 continue
             override = self.config.tensors.get(weight.name)
-            if override is not None and override.scale is not None:
-                logger.warning("bias '%s' stays float: it does not fit in int32 with the scale "
-                               "that the override of weight '%s' fixes", bias.name, weight.name)
+            if override is not None and override.scale is not None or weight.role != "weight":
+                logger.warning("bias '%s' stays float: it does not fit in int32 with the fixed "
+                               "scale of weight '%s' (an override, a dynamic or pre-quantized "
+                               "weight)", bias.name, weight.name)
                 continue
             logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
                         weight.name, bias.name)
@@ -405,15 +445,18 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 
 def _within(params: TensorQuant, low: float, high: float) -> bool:
-    """Whether every value of the grid of ``params`` lies in ``[low, high]`` — so that the grid
-    reproduces a Clip to those bounds — up to the float32 rounding of the scale (a relative
-    1e-6 of the bound itself: a Clip with ``min > 0`` is never reproduced by a grid holding 0,
-    however small ``min`` is)."""
+    """Whether every value of the grid of ``params`` lies in ``[low, high]`` up to half a step
+    — so that the grid reproduces a Clip to those bounds within its own rounding error (an
+    int8 grid over a Clip's [-1, 1] reaches -1 - step/2). A Clip whose bounds keep values off 0
+    (Clip(min=1e-10), a guard for a Log or a divisor) is never reproduced by a grid holding 0."""
     qtype = params.quant_type
     scale, zp = params.scale[0], params.zero_point[0]
     rep_low, rep_high = scale * (qtype.qmin - zp), scale * (qtype.qmax - zp)
-    return (rep_low >= low - _BOUND_SLACK * abs(low)
-            and rep_high <= high + _BOUND_SLACK * abs(high))
+    if (low > 0 >= rep_low) or (high < 0 <= rep_high):
+        return False  # a Clip that keeps values off 0 is never reproduced by a grid holding 0
+    slack = 0.5 * scale  # plus float32 rounding of the scale, relative to each bound:
+    return (rep_low >= low - slack - _BOUND_SLACK * abs(rep_low)
+            and rep_high <= high + slack + _BOUND_SLACK * abs(rep_high))
 
 
 _BOUND_SLACK = 1e-6
@@ -449,7 +492,7 @@ def _settings(config: StaticQuantConfig) -> dict:
         "weight_symmetric": config.weights_symmetric,
         "format": config.format.value,
         "calibration_method": config.calibration_method.value,
-        **{key: True for key in ("contrib_qdq_ops", "dedicated_qdq_pairs")
+        **{key: True for key in ("contrib_qdq_ops", "dedicated_qdq_pairs", "weight_qdq_pairs")
            if getattr(config, key)},
     }
 
@@ -483,6 +526,8 @@ def build_plan(
                           float_conv_depth=config.float_conv_depth, keep_float=kept,
                           forced=forced_nodes(nodes, config))
     planner = _Planner(config, ranges)
+    planner.half = {v.name or "" for n in nodes for v in (*n.inputs, *n.outputs)
+                    if v is not None and is_half(v)}
     planner.per_channel_weights = extremes.per_channel
     planner.find_float_softmax(nodes)
     quantized: list[tuple[ir.Node, OpRule, NodeDecision]] = []
@@ -509,6 +554,7 @@ def build_plan(
             quantized.append((node, rule, decision))
         planner.plan.nodes[decision.name] = decision
     planner.plan_biases(quantized)
+    _overrides.plan_converts(nodes, planner.plan, ranges, config)
     _warn_unknown_overrides(nodes, config)
     return planner.plan
 

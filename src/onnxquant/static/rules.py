@@ -18,7 +18,7 @@ from onnxquant.core.qtypes import QuantFormat
 __all__ = [
     "OutputMode", "OpRule", "RULES", "QOPERATOR_RULES", "rule_for", "weight_axis",
     "DEFAULT_OP_TYPES", "FLOAT_INPUT_OPS", "float_input_ops", "SOFTMAX_MAX_INPUT_WIDTH",
-    "SINGULAR_INPUTS", "singular_input",
+    "SINGULAR_INPUTS", "singular_input", "GENERIC_RULE", "GENERIC", "mark_generic",
 ]
 
 
@@ -181,6 +181,23 @@ def float_input_ops(qformat: QuantFormat = QuantFormat.QDQ) -> frozenset[str]:
     return FLOAT_INPUT_OPS
 
 
+# QDQ format: an op type without a rule that the user names explicitly
+# (``StaticQuantConfig.force_op_types``, onnxruntime's ``op_types_to_quantize``) reads every
+# float input through a Q/DQ pair and its float outputs get their own, as onnxruntime's default
+# QDQ handler does; :func:`mark_generic` flags such nodes in ``node.meta[GENERIC]``.
+GENERIC_RULE = OpRule(activations=(ALL,))
+GENERIC = "onnxquant.generic_rule"
+
+
+def mark_generic(node: ir.Node, qformat: QuantFormat) -> bool:
+    """Flag ``node`` (an ONNX op without a rule, named by the user) for :data:`GENERIC_RULE`
+    in the QDQ format; returns whether it now has a rule."""
+    if (qformat is QuantFormat.QDQ and node.domain in ("", "ai.onnx")
+            and node.op_type not in RULES):
+        node.meta[GENERIC] = True
+    return rule_for(node, qformat) is not None
+
+
 def rule_for(node: ir.Node, qformat: QuantFormat = QuantFormat.QDQ) -> OpRule | None:
     """The rule for ``node`` in ``qformat``, or None for op types that stay float (and
     non-ONNX domains)."""
@@ -188,7 +205,10 @@ def rule_for(node: ir.Node, qformat: QuantFormat = QuantFormat.QDQ) -> OpRule | 
         return None
     if qformat is QuantFormat.QOPERATOR and node.op_type in QOPERATOR_RULES:
         return QOPERATOR_RULES[node.op_type]
-    return RULES.get(node.op_type)
+    rule = RULES.get(node.op_type)
+    if rule is None and qformat is QuantFormat.QDQ and node.meta.get(GENERIC):
+        return GENERIC_RULE
+    return rule
 
 
 def weight_axis(node: ir.Node, index: int, rank: int) -> int | None:

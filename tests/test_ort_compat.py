@@ -492,7 +492,7 @@ def test_extra_options_accepted_quietly(caplog, options):
 
 
 @pytest.mark.parametrize("options", [
-    {"BlockSize": 32}, {"ActivationRestrictedAsymmetric": True},
+    {"BlockSize": 32},
 ])
 def test_extra_options_that_raise(tmp_path, options):
     model = zoo.matmul_chain()

@@ -277,3 +277,25 @@ def test_named_options_are_type_checked():
                                               "DedicatedQDQPair": True})
     assert config.force_op_types == frozenset({"Conv"}) and config.force_nodes == {"n"}
     assert config.force_quantize and config.dedicated_qdq_pairs
+
+
+@pytest.mark.parametrize(("low", "high", "zero_point"), [(0.0, 2.0, 0), (-1.0, 2.0, 128),
+                                                         (0.0, 0.0, 0), (-3.0, -1.0, 128)])
+def test_activation_restricted_asymmetric(tmp_path, low, high, zero_point):
+    w = numpy_helper.from_array(np.ones([2, 2, 1, 1], np.float32), "W")
+    model = _model([helper.make_node("Conv", ["x", "W"], ["y"], name="conv")],
+                   [_vi("x", [1, 2, 4, 4])], [_vi("y", [1, 2, 4, 4])], [w])
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    feeds = [{"x": np.full([1, 2, 4, 4], v, np.float32)} for v in (low, high)]
+    oqq.quantize_static(str(src), str(out), iter(feeds), activation_type=oqq.QuantType.QUInt8,
+                        weight_type=oqq.QuantType.QUInt8, op_types_to_quantize=["Conv"],
+                        extra_options={"ActivationRestrictedAsymmetric": True})
+    inits = {i.name: i for i in onnx.load(out).graph.initializer}
+    assert list(inits["x_zero_point"].int32_data) == [zero_point]
+    scale = np.float32(inits["x_scale"].float_data[0])
+    lo, hi = min(low, 0.0), max(high, 0.0)
+    # the smallest scale that holds both sides around the restricted zero point
+    want = 1.0 if lo == hi == 0 else max(-lo / (zero_point - 0) if zero_point else 0.0,
+                                         hi / (255 - zero_point))
+    assert scale == pytest.approx(want, rel=1e-6)

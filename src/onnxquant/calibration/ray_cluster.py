@@ -54,6 +54,7 @@ SHARD_FEEDS = 8  # consecutive feeds per shard (one task)
 _IN_FLIGHT = 2  # shards queued per worker
 _START_SECONDS = 300.0  # how long the workers may take to start (schedule, build sessions)
 BACKENDS = ("local", "ray")
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _ADDRESS = re.compile(r"(ray://)?[^\s:/]+:\d{1,5}")
 
 
@@ -111,9 +112,9 @@ def ray_session(address: str | None, workers: int) -> Iterator[Any]:
             if address:
                 ray.init(address=address, configure_logging=False)
             else:
-                ray.init(address="local", num_cpus=workers, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", configure_logging=False,
-                         log_to_driver=False)
+                with _loopback(ray):
+                    ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                             configure_logging=False, log_to_driver=False)
         except Exception as err:  # ConnectionError, RuntimeError, ValueError from ray.init
             where = f"the Ray cluster at '{address}'" if address else "a local Ray cluster"
             raise CalibrationError(
@@ -131,6 +132,32 @@ def ray_session(address: str | None, workers: int) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback(ray: Any) -> Iterator[None]:
+    """Make a local cluster started in the block listen on 127.0.0.1 only.
+
+    Ray replaces a loopback ``_node_ip_address`` by the machine's address on Linux; what keeps
+    every process on 127.0.0.1 is its single-machine mode
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the processes ``ray.init`` starts, and
+    the constant the driver already read).
+    """
+    constants: Any = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    before_env = os.environ.get(_SINGLE_MACHINE)
+    before = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_SINGLE_MACHINE] = "0"
+    if before is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before_env is None:
+            os.environ.pop(_SINGLE_MACHINE, None)
+        else:
+            os.environ[_SINGLE_MACHINE] = before_env
+        if before is not None:
+            constants.ENABLE_RAY_CLUSTER = before
 
 
 class _ShardRunner:

@@ -389,3 +389,41 @@ def quantize_weight(
     except NumericsError as err:
         raise NumericsError(f"cannot quantize weight {name!r} to {qtype}: {err}") from err
     return QuantizedTensor(quantize(w, scale, zp, qtype, axis=axis), scale, zp, qtype, axis)
+
+
+def restricted_scale_zero_point(
+    rmin: float, rmax: float, qtype: QuantType, *, min_real_range: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric parameters whose zero point is restricted to the grid's minimum (a range
+    with no negative value) or its middle (128 for uint8), for accelerators that support only
+    those two zero points (onnxruntime's ``ActivationRestrictedAsymmetric``).
+
+    The range is widened to contain 0 (and to ``min_real_range``); the scale is the smallest
+    that holds both sides around the chosen zero point; a zero scale becomes 1.
+
+    Returns:
+        ``(scale, zero_point)`` as 0-d float32 and ``qtype`` arrays.
+    """
+    if qtype.is_float:
+        raise NumericsError(f"restricted zero points are for integer types, not {qtype}")
+    scale, zero_point = restricted_grid(rmin, rmax, qtype.qmin, qtype.qmax, min_real_range)
+    return (np.asarray(scale, dtype=np.float32),
+            np.asarray(zero_point).astype(qtype.numpy_dtype))
+
+
+def restricted_grid(rmin: float, rmax: float, qmin: int, qmax: int,
+                    min_real_range: float | None = None) -> tuple[float, int]:
+    """``(scale, zero_point)`` of :func:`restricted_scale_zero_point` on the integer grid
+    ``[qmin, qmax]``."""
+    lo, hi = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    if lo >= 0.0:
+        zero_point, scale = qmin, hi / (qmax - qmin)
+    else:
+        zero_point = (qmin + qmax + 1) // 2
+        scale = max(-lo / (zero_point - qmin), hi / max(qmax - zero_point, 1))
+    if min_real_range is not None:
+        scale = max(scale, float(min_real_range) / (qmax - qmin))
+    if np.float32(scale) < np.finfo(np.float32).tiny:
+        scale = 1.0
+    return scale, zero_point
+

@@ -10,7 +10,8 @@
   ``CalibMovingAverage``, ``CalibMovingAverageConstant``, ``CalibTensorRangeSymmetric``,
   ``CalibPercentile``, ``UseQDQContribOps``, ``DedicatedQDQPair``,
   ``OpTypesToExcludeOutputQuantization``, ``ForceQuantizeNoInputCheck``, ``MatMulConstBOnly``
-  (QOperator only, as in onnxruntime), ``AddQDQPairToWeight``. Values are type-checked: a bad value
+  (QOperator only, as in onnxruntime), ``AddQDQPairToWeight``,
+  ``ActivationRestrictedAsymmetric``. Values are type-checked: a bad value
   raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
@@ -26,8 +27,7 @@
   - logs one WARNING (the model is still of the kind asked for, numerics or layout differ a
     little: ``QDQOpTypePerChannelSupportToAxis``, ``QDQDisableWeightAdjustForInt32Bias``), or
   - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
-    another kind than the user relies on (block-wise weights, restricted zero points):
-    ``BlockSize``, ``ActivationRestrictedAsymmetric``.
+    another kind than the user relies on (block-wise weights): ``BlockSize``.
 * ``TensorQuantOverrides`` becomes ``StaticQuantConfig.tensors``
   (:func:`onnxquant.ort.tensor_quant_overrides.to_tensor_overrides`): every entry is checked
   (an invalid one raises :class:`~onnxquant.ort._errors.InvalidOptionError`, listing all of
@@ -151,6 +151,7 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "ForceQuantizeNoInputCheck": ("force_quantize", _bool),
     "MatMulConstBOnly": ("matmul_const_b_only", _bool),
     "AddQDQPairToWeight": ("weight_qdq_pairs", _bool),
+    "ActivationRestrictedAsymmetric": ("restricted_zero_points", _bool),
 }
 
 # extra_options key -> why it has no effect here
@@ -173,8 +174,6 @@ _OFF_ONLY: dict[str, tuple[bool, str]] = {
                                          "channel axis"),
     "QDQDisableWeightAdjustForInt32Bias": (False, "weight scales are handled as by default"),
     "BlockSize": (True, "remove the key (or set 0) for per-tensor/per-channel weights"),
-    "ActivationRestrictedAsymmetric": (True, "remove the key, or use "
-                                       "ActivationSymmetric=True for fixed zero points"),
 }
 
 _KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY, "TensorQuantOverrides")

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnxquant.core import numerics
 from onnxquant.ort._quant_numerics import (
     ONNX_TYPE_TO_NP_TYPE,
     get_qmin_qmax_for_qType,
@@ -161,18 +162,9 @@ def snap_zero_point_to_uint8(rmin: Any, rmax: Any, qmin: Any = 0, qmax: Any = 25
     both sides, ``max(-rmin / (mid - qmin), rmax / (qmax - mid))``. The scale is at least
     ``min_real_range / (qmax - qmin)``; a zero scale becomes 1.
     """
-    lo, hi = int(qmin), int(qmax)
-    rmin_f = min(float(np.asarray(rmin, dtype=np.float64)), 0.0)
-    rmax_f = max(float(np.asarray(rmax, dtype=np.float64)), 0.0)
-    if rmin_f >= 0.0:
-        zero_point, scale = lo, rmax_f / (hi - lo)
-    else:
-        zero_point = (lo + hi + 1) // 2
-        scale = max(-rmin_f / (zero_point - lo), rmax_f / max(hi - zero_point, 1))
-    if min_real_range is not None:
-        scale = max(scale, float(min_real_range) / (hi - lo))
-    if np.float32(scale) < np.finfo(np.float32).tiny:
-        scale = 1.0
+    scale, zero_point = numerics.restricted_grid(
+        float(np.asarray(rmin, dtype=np.float64)), float(np.asarray(rmax, dtype=np.float64)),
+        int(qmin), int(qmax), min_real_range)
     return np.array(zero_point, dtype=np.uint8), np.array(scale, dtype=np.float32)
 
 

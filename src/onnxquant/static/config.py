@@ -73,6 +73,10 @@ class StaticQuantConfig:
             user names in ``op_types_to_quantize`` (onnxruntime quantizes what it is told).
         force_nodes: Node names quantized the same way (``onnxquant.ort``:
             ``nodes_to_quantize``).
+        restricted_zero_points: Asymmetric activations get a zero point at the grid's
+            minimum (ranges without negative values) or its middle (128 for uint8), never in
+            between (``ActivationRestrictedAsymmetric``; for accelerators that support only
+            those).
         force_quantize: Every selected node is quantized the same way (``onnxquant.ort``:
             ``ForceQuantizeNoInputCheck``).
         matmul_const_b_only: QOperator format: MatMuls whose second input is not a constant
@@ -171,6 +175,7 @@ class StaticQuantConfig:
     force_op_types: Collection[str] = ()
     force_nodes: Collection[str] = ()
     force_quantize: bool = False
+    restricted_zero_points: bool = False
     matmul_const_b_only: bool = False
     weight_qdq_pairs: bool = False
     float_output_op_types: Collection[str] = ()

@@ -1,22 +1,24 @@
-"""Select the nodes to quantize and turn op rules plus calibrated ranges into a QuantPlan."""
+"""Turn op rules plus calibrated ranges into a QuantPlan (which nodes: :mod:`.select` and
+:mod:`.selection`; int32 biases: :mod:`._biases`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core import numerics
 from onnxquant.core.float_scales import half_params, std_range, tensor_std
-from onnxquant.core.graph import from_dequantize, is_constant, is_float, is_half, iter_nodes
-from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
+from onnxquant.core.graph import from_dequantize, is_constant, is_float, is_half
+from onnxquant.core.plan import NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import QuantType
 from onnxquant.preprocess import BATCHNORM_FOLDED
 from onnxquant.static import _overrides
+from onnxquant.static._biases import plan_biases
+from onnxquant.static._clip_fold import clip_bounds, within_half_step
 from onnxquant.static._extremes import check_constants
-from onnxquant.static._prequantized import dequantize_params
 from onnxquant.static._singular import grid_keeping_nodes, singular_reach
 from onnxquant.static.config import QuantFormat, StaticQuantConfig
 from onnxquant.static.rules import (
@@ -24,102 +26,15 @@ from onnxquant.static.rules import (
     OpRule,
     OutputMode,
     float_input_ops,
-    mark_generic,
     rule_for,
     weight_axis,
 )
-from onnxquant.static.selection import choose_nodes, params_from_producer
+from onnxquant.static.select import forced_nodes, select_nodes, tensors_to_calibrate
+from onnxquant.static.selection import choose_nodes
 
 __all__ = ["select_nodes", "tensors_to_calibrate", "build_plan", "forced_nodes"]
 
 logger = logging.getLogger(__name__)
-
-def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
-    """Nodes that have a rule and pass the op-type and name filters of ``config``."""
-    selected = []
-    for node in iter_nodes(model, subgraphs=config.subgraphs):
-        if node.op_type in config.force_op_types:
-            mark_generic(node, config.format)  # named by the user: Q/DQ even without a rule
-        if rule_for(node, config.format) is None or node.op_type in config.op_types_to_exclude:
-            continue
-        if config.op_types is not None and node.op_type not in config.op_types:
-            continue
-        if node.name in config.nodes_to_exclude:
-            continue
-        if config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize:
-            continue
-        if (config.matmul_const_b_only and config.format is QuantFormat.QOPERATOR
-                and node.op_type == "MatMul" and not _constant_b(node)):
-            continue
-        if config.format is QuantFormat.QOPERATOR and any(
-                is_half(v) for v in (*node.inputs, *node.outputs)):
-            continue  # QLinear* kernels take float32 scales only; float16 needs QDQ
-        if (config.format is QuantFormat.QOPERATOR and node.op_type != "MatMul"
-                and (config.activation_type.is_float or config.weight_type.is_float)):
-            continue  # float8 QOperator: only com.microsoft QLinearMatMul is defined
-        selected.append(node)
-    return selected
-
-
-def forced_nodes(nodes: list[ir.Node], config: StaticQuantConfig) -> set[ir.Node]:
-    """The selected nodes the user named explicitly (``force_op_types``, ``force_nodes``, or
-    a tensor they read or write in ``tensors``): quantized even where onnxquant's own selection
-    and speed rules would keep them float."""
-    if config.force_quantize:
-        return set(nodes)
-    if not config.force_op_types and not config.force_nodes and not config.tensors:
-        return set()
-    return {n for n in nodes
-            if n.op_type in config.force_op_types or (n.name or "") in config.force_nodes
-            or any(v is not None and v.name in config.tensors
-                   for v in (*n.inputs, *n.outputs))}
-
-
-def _constant_b(node: ir.Node) -> bool:
-    b = node.inputs[1] if len(node.inputs) > 1 else None
-    return b is not None and (is_constant(b) or from_dequantize(b))
-
-
-class _Everything(Mapping[str, object]):
-    """A range table that has every tensor (to see which tensors could ever be needed)."""
-
-    def __contains__(self, name: object) -> bool:
-        return True
-
-    def __getitem__(self, name: str) -> object:
-        raise KeyError(name)  # only membership is asked
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-def tensors_to_calibrate(nodes: list[ir.Node],
-                         qformat: QuantFormat = QuantFormat.QDQ,
-                         forced: Collection[ir.Node] = ()) -> set[str]:
-    """Tensors whose calibrated range the plan can use.
-
-    Only nodes that can be quantized count; outputs of ops whose parameters are shared with
-    their input or fixed (Reshape, MaxPool, Softmax, ...) need no range, nor do inputs they
-    produce. Fewer tensors make calibration faster, above all with histogram methods.
-    """
-    chosen = choose_nodes(nodes, _Everything(), qformat, forced=forced)
-    names: set[str] = set()
-    for node in nodes:
-        rule = rule_for(node, qformat)
-        assert rule is not None
-        if node not in chosen:
-            continue
-        for index, value in enumerate(node.inputs):
-            if (value is not None and rule.is_quantized_input(index) and is_float(value)
-                    and not is_constant(value) and not params_from_producer(value, qformat)):
-                names.add(value.name or "")
-        if rule.output is OutputMode.OWN:
-            names.update(v.name or "" for v in node.outputs if is_float(v))
-    return names
-
 
 class _Planner:
     def __init__(self, config: StaticQuantConfig, ranges: Mapping[str, tuple[float, float]]):
@@ -173,7 +88,7 @@ class _Planner:
         if bounds is None or singular_reach(y) is not None:
             return False  # the grid would reach a singular-domain input
         params = self.activation(x.name or "", self.ranges[y.name or ""], f"fused:{node.name}")
-        if not _within(params, *bounds):
+        if not within_half_step(params, *bounds):
             return False
         self.plan.tensors[x.name or ""] = params
         self.aliases[y] = x
@@ -189,6 +104,10 @@ class _Planner:
         override = cfg.tensors.get(name)
         if override is not None:
             return _overrides.activation(name, rng, override, cfg, source)
+        if cfg.restricted_zero_points and not symmetric and not qtype.is_float:
+            scale, zp = numerics.restricted_scale_zero_point(
+                rng[0], rng[1], qtype, min_real_range=cfg.min_real_range)
+            return _tensor(name, "activation", qtype, scale, zp, None, source, rng)
         params = half_params if name in self.half else numerics.compute_scale_zero_point
         scale, zp = params(
             rng[0], rng[1], qtype, symmetric=symmetric, min_real_range=cfg.min_real_range)
@@ -351,69 +270,6 @@ class _Planner:
         return self.activation(name, rule.fixed_range, "fixed")
 
     # -- bias ------------------------------------------------------------------------------
-    def _bias_operands(self, node: ir.Node, rule: OpRule, decision: NodeDecision):
-        """(bias value, bias data, input params, weight params) when the bias can be int32."""
-        index = rule.bias
-        if index is None or not self.config.quantize_bias or len(node.inputs) <= index:
-            return None
-        bias, weight_name = node.inputs[index], decision.inputs.get(1)
-        # an input or weight the model dequantizes already brings its own fixed grid
-        act = (self.plan.tensors.get(decision.inputs.get(0, ""))
-               or dequantize_params(node.inputs[0] if node.inputs else None))
-        weight = (self.plan.tensors.get(weight_name or "")
-                  or dequantize_params(node.inputs[1] if len(node.inputs) > 1 else None))
-        if bias is None or not is_constant(bias) or not is_float(bias) or act is None:
-            return None
-        if weight is not None and weight.quant_type.is_float:
-            decision.bias = BiasQuant(index, bias.name or "", [], stored="float")
-            return None  # float8 weights: no int32 accumulator, the bias stays float
-        if weight is None or act.axis is not None:
-            return None
-        if node.op_type == "Gemm" and not _unit_alpha_beta(node):
-            return None
-        data = bias.const_value.numpy()  # type: ignore[union-attr]
-        if data.ndim != 1 or (weight.axis is not None and len(weight.scale) != data.size):
-            return None
-        w_value = node.inputs[1]
-        if weight.axis is not None and (w_value is None or w_value.shape is None or weight.axis
-                                        != weight_axis(node, 1, len(w_value.shape))):
-            return None  # per-channel along another axis than the output channels
-        return bias, data, act, weight
-
-    def plan_biases(self, items: list[tuple[ir.Node, OpRule, NodeDecision]]) -> None:
-        """int32 biases: first enlarge weight scales wherever a bias would overflow (scales only
-        grow, so a weight shared by several nodes satisfies all of them), then derive every
-        bias scale from the final input and weight scales."""
-        operands = []
-        for node, rule, decision in items:
-            found = self._bias_operands(node, rule, decision)
-            if found is not None:
-                operands.append((rule.bias, decision, *found))
-        kept = []
-        for item in operands:
-            _, _, bias, data, act, weight = item
-            w_scale = weight.scale_array()
-            adjusted = numerics.weight_scale_for_bias(data, act.scale_array(), w_scale)
-            if np.array_equal(adjusted, w_scale):
-                kept.append(item)
-                continue
-            override = self.config.tensors.get(weight.name)
-            if override is not None and override.scale is not None or weight.role != "weight":
-                logger.warning("bias '%s' stays float: it does not fit in int32 with the fixed "
-                               "scale of weight '%s' (an override, a dynamic or pre-quantized "
-                               "weight)", bias.name, weight.name)
-                continue
-            logger.info("enlarged the scale of weight '%s' so that bias '%s' fits in int32",
-                        weight.name, bias.name)
-            weight.scale = [float(x) for x in np.atleast_1d(adjusted)]
-            kept.append(item)
-        for index, decision, bias, _, act, weight in kept:
-            scale = numerics.bias_scale(act.scale_array(), weight.scale_array())
-            decision.bias = BiasQuant(index, bias.name or "",
-                                      [float(x) for x in np.atleast_1d(scale)],
-                                      0 if weight.axis is not None else None)
-
-
 def _sqnr_db(data: np.ndarray, params: TensorQuant) -> float:
     q = numerics.quantize(data, params.scale_array(), params.zero_point_array(), params.quant_type,
                           axis=params.axis)
@@ -424,55 +280,9 @@ def _sqnr_db(data: np.ndarray, params: TensorQuant) -> float:
     return float("inf") if noise == 0 else 10 * float(np.log10(signal / noise))
 
 
-def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
-    """``(low, high)`` of a Relu or Clip (None when a bound is not constant)."""
-    if node.op_type == "Relu":
-        return 0.0, float("inf")
-    low, high = -float("inf"), float("inf")
-    for key, index in (("min", 1), ("max", 2)):
-        attr = node.attributes.get(key)  # opset < 11
-        if attr is not None:
-            bound = attr.as_float()
-        elif len(node.inputs) > index and node.inputs[index] is not None:
-            value = node.inputs[index]
-            if value.const_value is None:  # type: ignore[union-attr]
-                return None
-            bound = float(value.const_value.numpy().reshape(-1)[0])  # type: ignore[union-attr]
-        else:
-            continue
-        low, high = (bound, high) if key == "min" else (low, bound)
-    return low, high
-
-
-def _within(params: TensorQuant, low: float, high: float) -> bool:
-    """Whether every value of the grid of ``params`` lies in ``[low, high]`` up to half a step
-    — so that the grid reproduces a Clip to those bounds within its own rounding error (an
-    int8 grid over a Clip's [-1, 1] reaches -1 - step/2). A Clip whose bounds keep values off 0
-    (Clip(min=1e-10), a guard for a Log or a divisor) is never reproduced by a grid holding 0."""
-    qtype = params.quant_type
-    scale, zp = params.scale[0], params.zero_point[0]
-    rep_low, rep_high = scale * (qtype.qmin - zp), scale * (qtype.qmax - zp)
-    if (low > 0 >= rep_low) or (high < 0 <= rep_high):
-        return False  # a Clip that keeps values off 0 is never reproduced by a grid holding 0
-    slack = 0.5 * scale  # plus float32 rounding of the scale, relative to each bound:
-    return (rep_low >= low - slack - _BOUND_SLACK * abs(rep_low)
-            and rep_high <= high + slack + _BOUND_SLACK * abs(rep_high))
-
-
-_BOUND_SLACK = 1e-6
-
-
 def _group(node: ir.Node) -> int:
     attr = node.attributes.get("group")
     return attr.as_int() if attr is not None else 1
-
-
-def _unit_alpha_beta(node: ir.Node) -> bool:
-    for key in ("alpha", "beta"):
-        attr = node.attributes.get(key)
-        if attr is not None and attr.as_float() != 1.0:
-            return False
-    return True
 
 
 def _tensor(name, role, qtype: QuantType, scale, zp, axis, source, rng) -> TensorQuant:
@@ -553,7 +363,7 @@ def build_plan(
         if decision.action == "quantize":
             quantized.append((node, rule, decision))
         planner.plan.nodes[decision.name] = decision
-    planner.plan_biases(quantized)
+    plan_biases(planner.plan, config, quantized)
     _overrides.plan_converts(nodes, planner.plan, ranges, config)
     _warn_unknown_overrides(nodes, config)
     return planner.plan

@@ -120,3 +120,20 @@ def test_a_one_file_output_does_not_point_at_the_inputs_data_file(tmp_path):
                     if t.data_location == onnx.TensorProto.EXTERNAL]
         ort.InferenceSession(str(out)).run(None, tm.image_feeds(1, 2)[0])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dynamic.onnx", "static.onnx"]
+
+
+def test_external_data_threshold_is_inclusive(tmp_path):
+    """Tensors of at least ``size_threshold`` bytes go to the data file (onnx_ir's own
+    threshold is exclusive)."""
+    graph = ir.Graph([], [], nodes=[], name="g")
+    for name, elements in (("at", 256), ("below", 255)):  # float32: 1024 and 1020 bytes
+        value = ir.Value(name=name, const_value=ir.tensor(np.ones(elements, np.float32),
+                                                          name=name))
+        graph.register_initializer(value)
+        graph.outputs.append(value)
+    model = ir.Model(graph, ir_version=10)
+    model.opset_imports[""] = 17
+    model_io.save_model(model, tmp_path / "m.onnx", external_data=True, size_threshold=1024)
+    loaded = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    where = {t.name: t.data_location for t in loaded.graph.initializer}
+    assert where == {"at": onnx.TensorProto.EXTERNAL, "below": onnx.TensorProto.DEFAULT}

@@ -10,15 +10,18 @@ the model would not fit a 2 GB protobuf.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxquant.core import tempdirs
+from onnxquant.core._single_file import save_single_file
 from onnxquant.core.errors import OutputPathError, UnsupportedModelError
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "model_size_bytes",
     "clone_model",
     "load_external_tensors",
+    "release_external",
     "convert_opset",
     "structure_proto",
     "default_opset",
@@ -170,17 +174,36 @@ def _all_initializer_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                 yield value.const_value
 
 
-def load_external_tensors(model: ir.Model) -> int:
-    """Read every external initializer of ``model`` (subgraphs too) into memory, so that the
-    model no longer depends on its data files; returns how many were read."""
+def load_external_tensors(model: ir.Model, *, main_graph: bool = True) -> int:
+    """Read every external initializer of ``model`` (subgraphs too; the main graph's unless
+    ``main_graph=False``) into memory, so that the model no longer depends on its data files;
+    returns how many were read.
+
+    Each tensor is copied out of its data file and the file's memory map is closed right away:
+    onnx_ir maps the whole data file for every external tensor it reads, so keeping the maps
+    would reserve the data file's size in address space once per tensor.
+    """
     count = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
+    graphs = [model.graph] if main_graph else []
+    for graph in (*graphs, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True),
+                                              name=tensor.name)
+                release_external(tensor)
                 count += 1
     return count
+
+
+def release_external(tensor: ir.TensorProtocol) -> None:
+    """Close the memory map onnx_ir holds for an external tensor (no-op for other tensors, or
+    while a numpy view of the map is still alive: it is freed with that view)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
 
 
 def model_size_bytes(model: ir.Model) -> int:
@@ -228,11 +251,11 @@ def save_model(
         with tempdirs.private_dir(dest.parent, TEMP_PREFIX) as tmpdir:
             tmp_model = tmpdir / dest.name
             if external_data:
+                # onnx_ir moves tensors strictly larger than its threshold
                 ir.save(model, tmp_model, external_data=data_name,
-                        size_threshold_bytes=size_threshold)
-            else:  # one file: tensors still in the input's data file are read in first
-                load_external_tensors(model)
-                ir.save(model, tmp_model)
+                        size_threshold_bytes=size_threshold - 1)
+            else:  # one file, streamed: one large tensor in memory at a time
+                save_single_file(model, tmp_model)
             written = []
             if (tmpdir / data_name).exists():
                 os.replace(tmpdir / data_name, dest.parent / data_name)
@@ -241,6 +264,8 @@ def save_model(
             written.insert(0, dest)
             return written
     except OSError as err:
+        if err.errno == errno.ENOMEM:  # out of memory (e.g. a map), not a destination problem
+            raise
         raise OutputPathError(
             f"cannot write the output '{dest}': {err.strerror or err}; check that its folder "
             "exists, is writable and has space") from err

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxquant.core import numerics
+from onnxquant.core.blocks import expand_blocks, quantize_blocked
 from onnxquant.core.qtypes import QuantType, quant_type_from_name
 
 __all__ = ["TensorQuant", "ConvertQuant", "BiasQuant", "NodeDecision", "QuantPlan"]
@@ -36,6 +38,11 @@ class TensorQuant:
         range: The float range the parameters were computed from, when there is one.
         convert: Activations: a second grid some readers read the tensor in
             (``TensorOverride.convert``: Q1→DQ1→Q2→DQ2); None for most tensors.
+        block_size: Block-wise weights: ``block_size`` consecutive elements along ``axis``
+            share one scale; ``scale``/``zero_point`` are then the flattened
+            ``scale_shape`` array (the weight's shape with ``ceil(K / block_size)`` along
+            ``axis``).
+        scale_shape: Shape of the block-wise scale array.
     """
 
     name: str
@@ -47,6 +54,8 @@ class TensorQuant:
     source: str = "calibrated"
     range: tuple[float, float] | None = None
     convert: ConvertQuant | None = None
+    block_size: int | None = None
+    scale_shape: list[int] | None = None
 
     @property
     def quant_type(self) -> QuantType:
@@ -56,17 +65,40 @@ class TensorQuant:
     def scale_array(self) -> np.ndarray:
         """Scale as float32: 0-d per tensor, 1-D per axis."""
         arr = np.asarray(self.scale, dtype=np.float32)
+        if self.scale_shape is not None:
+            return arr.reshape(self.scale_shape)
         return arr.reshape(()) if self.axis is None else arr
 
     def zero_point_array(self) -> np.ndarray:
         """Zero point in the storage dtype: 0-d per tensor, 1-D per axis."""
         arr = np.asarray(self.zero_point, dtype=np.int64).astype(self.quant_type.numpy_dtype)
+        if self.scale_shape is not None:
+            return arr.reshape(self.scale_shape)
         return arr.reshape(()) if self.axis is None else arr
+
+    def quantize(self, data: np.ndarray) -> np.ndarray:
+        """``data`` on this grid (per tensor, per axis or per block), as QuantizeLinear."""
+        if self.block_size is not None:
+            return quantize_blocked(data, self.scale_array(), self.zero_point_array(),
+                                    self.quant_type, self.axis or 0, self.block_size)
+        return numerics.quantize(data, self.scale_array(), self.zero_point_array(),
+                                 self.quant_type, axis=self.axis)
+
+    def dequantize(self, quantized: np.ndarray) -> np.ndarray:
+        """Float32 values of ``quantized`` on this grid, as DequantizeLinear."""
+        if self.block_size is not None:
+            axis, length = self.axis or 0, quantized.shape[self.axis or 0]
+            scale = expand_blocks(self.scale_array(), axis, self.block_size, length)
+            zero = expand_blocks(self.zero_point_array().astype(np.float32), axis,
+                                 self.block_size, length)
+            return ((quantized.astype(np.float32) - zero) * scale).astype(np.float32)
+        return numerics.dequantize(quantized, self.scale_array(), self.zero_point_array(),
+                                   axis=self.axis)
 
     def same_params(self, other: TensorQuant) -> bool:
         """Whether both have identical type, scales, zero points and axis."""
-        return (self.qtype, self.scale, self.zero_point, self.axis) == (
-            other.qtype, other.scale, other.zero_point, other.axis)
+        return (self.qtype, self.scale, self.zero_point, self.axis, self.block_size) == (
+            other.qtype, other.scale, other.zero_point, other.axis, other.block_size)
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from onnxquant.core import numerics
 from onnxquant.core.errors import NumericsError
+from onnxquant.core.model_io import release_external
 from onnxquant.core.qtypes import QuantType
 from onnxquant.dynamic._builder import Names, new_initializer
 
@@ -108,6 +109,9 @@ class WeightStore:
         except NumericsError as err:
             raise NumericsError(f"{err}; exclude the nodes that read '{source.name}' "
                                 "(nodes_to_exclude) or fix the weight") from err
+        finally:  # an external weight's map of its data file goes as soon as it is read
+            del array
+            release_external(source.const_value)
         if not np.all(np.isfinite(tensor.scale)):  # never store a scale of Inf/NaN
             raise NumericsError(f"weight '{source.name}' has a range whose {qtype} scale is not "
                                 "finite; exclude the nodes that read it (nodes_to_exclude)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 
+from onnxquant.core.costs import CostModel
+from onnxquant.core.objective import Objective, as_objective
 from onnxquant.core.qtypes import INT8, QuantFormat, QuantType
 
 __all__ = ["DynamicQuantConfig"]
@@ -45,6 +47,21 @@ class DynamicQuantConfig:
             ones (``DynamicQuantizationResult.fidelity``) on 4 random feeds when every model
             input is a float tensor; explicit ``eval_data`` is measured either way.
         progress: Show a progress bar while measuring.
+        objective: ``"speed"``, ``"balanced"`` (default) or ``"size"``
+            (:class:`onnxquant.core.objective.Objective`). QOperator form: with speed or
+            balanced, a Conv/MatMul/Gemm whose dynamic form (DynamicQuantizeLinear +
+            ConvInteger/MatMulInteger + rescaling) is measured slower than its float form stays
+            float, with the reason in its decision (ConvInteger has no fused kernel: most
+            Convs stay float); balanced quantizes such a node anyway under the rule of
+            :func:`onnxquant.core.objective.balanced_accepts`. With size every node is
+            quantized and the summary states the latency cost measured. Op types listed in
+            ``op_types`` and nodes listed in ``nodes_to_quantize`` count as named by the user:
+            they are quantized whatever they cost (``onnxquant.ort`` sets them from
+            ``op_types_to_quantize``/``nodes_to_quantize``).
+        measure_costs: Measure kernel costs on this machine (cached, see
+            :mod:`onnxquant.core.costs`); None measures unless ``ONNXQUANT_MEASURE_COSTS=0``.
+            Without measurements every selected node is quantized, as before.
+        cost_model: A cost model to decide with instead of measuring (a table or a fake).
     """
 
     weight_type: QuantType = INT8
@@ -65,6 +82,12 @@ class DynamicQuantConfig:
     check_runtime: bool = True
     evaluate: bool = True
     progress: bool = False
+    objective: Objective | str = Objective.BALANCED
+    measure_costs: bool | None = None
+    cost_model: CostModel | None = None
+
+    def __post_init__(self) -> None:
+        self.objective = as_objective(self.objective)
 
     @property
     def weights_symmetric(self) -> bool:

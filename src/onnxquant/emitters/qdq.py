@@ -72,10 +72,13 @@ class _QDQEmitter:
         return add_initializer(graph, self.names.new(stem), array)
 
     def node(self, graph: ir.Graph, op: str, inputs: list[ir.Value], stem: str,
-             axis: int | None, dtype: ir.DataType, suffix: str = "") -> ir.Value:
+             axis: int | None, dtype: ir.DataType, suffix: str = "",
+             block_size: int | None = None) -> ir.Value:
         """A Q or DQ node named as onnxruntime names them (``<tensor>_QuantizeLinear``, output
         ``<tensor>_QuantizeLinear_Output``), so tools that find them by name keep working."""
-        attrs = {"axis": axis} if axis is not None else None
+        attrs: dict[str, int] | None = {"axis": axis} if axis is not None else None
+        if block_size is not None:
+            attrs = {"axis": axis or 0, "block_size": block_size}
         node = ir.node(op, inputs, attributes=attrs,
                        name=self.names.new(f"{stem}_{op}{suffix}"), domain=self.domain)
         graph.append(node)
@@ -127,13 +130,12 @@ class _QDQEmitter:
         params = self.params(graph, tq)
         if self.weight_qdq_pairs:  # float weight, quantized at run time
             stored = self.node(graph, "QuantizeLinear", [value, *params], tq.name, tq.axis,
-                               tq.quant_type.onnx_dtype)
+                               tq.quant_type.onnx_dtype, block_size=tq.block_size)
         else:
-            data = numerics.quantize(value.const_value.numpy(), tq.scale_array(),
-                                     tq.zero_point_array(), tq.quant_type, axis=tq.axis)
+            data = tq.quantize(value.const_value.numpy())
             stored = self.initializer(graph, f"{tq.name}_quantized", data)
         out = self.node(graph, "DequantizeLinear", [stored, *params], tq.name,
-                        tq.axis, value.dtype or ir.DataType.FLOAT)
+                        tq.axis, value.dtype or ir.DataType.FLOAT, block_size=tq.block_size)
         for node, index in readers:
             node.replace_input_with(index, out)
 

@@ -11,7 +11,7 @@
   ``CalibPercentile``, ``UseQDQContribOps``, ``DedicatedQDQPair``,
   ``OpTypesToExcludeOutputQuantization``, ``ForceQuantizeNoInputCheck``, ``MatMulConstBOnly``
   (QOperator only, as in onnxruntime), ``AddQDQPairToWeight``,
-  ``ActivationRestrictedAsymmetric``. Values are type-checked: a bad value
+  ``ActivationRestrictedAsymmetric``, ``BlockSize``. Values are type-checked: a bad value
   raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
@@ -23,18 +23,15 @@
   path ignores too, or whose job onnxquant does another way with the same result.
 * **Off values accepted** (``_OFF_ONLY``): keys of features not implemented yet. A value that
   means "off" (``False``, ``0``, ``{}``, ``[]``, ``None``) is what onnxquant does anyway and is
-  accepted silently. Any other value either
-  - logs one WARNING (the model is still of the kind asked for, numerics or layout differ a
-    little: ``QDQOpTypePerChannelSupportToAxis``, ``QDQDisableWeightAdjustForInt32Bias``), or
-  - raises :class:`~onnxquant.QuantizationError`, because ignoring it would give a model of
-    another kind than the user relies on (block-wise weights): ``BlockSize``.
+  accepted silently. Any other value logs one WARNING (the model is still of the kind asked
+  for, numerics or layout differ a little: ``QDQOpTypePerChannelSupportToAxis``,
+  ``QDQDisableWeightAdjustForInt32Bias``); an entry marked fatal would raise instead.
 * ``TensorQuantOverrides`` becomes ``StaticQuantConfig.tensors``
   (:func:`onnxquant.ort.tensor_quant_overrides.to_tensor_overrides`): every entry is checked
   (an invalid one raises :class:`~onnxquant.ort._errors.InvalidOptionError`, listing all of
-  them); ``convert`` is not supported yet and raises. Checks that need the model (an activation
-  with ``reduce_range`` or per-channel overrides, a per-channel count that does not match) raise
-  :class:`~onnxquant.QuantizationError` while planning; a name that is not in the model is
-  logged as a WARNING (onnxruntime raises).
+  them), ``convert`` / ``recv_nodes`` included. Checks that need the model (an activation
+  with ``reduce_range`` or per-channel overrides, a per-channel count that does not match, a
+  name that is not in the model) raise :class:`~onnxquant.QuantizationError` while planning.
 * ``SmoothQuant`` / ``SmoothQuantAlpha`` run onnxquant's own SmoothQuant
   (``StaticQuantConfig.smooth_quant``; no neural-compressor), which always folds the scales into
   the producing node (``SmoothQuantFolding`` has no effect).
@@ -112,6 +109,17 @@ def _op_type_list(key: str, value: Any) -> frozenset[str]:
     return frozenset(value)
 
 
+def _block_size(key: str, value: Any) -> int | None:
+    """0 or None: no blocks (onnxruntime's default); otherwise a positive block size."""
+    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                         and int(value) == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise InvalidOptionError(f"extra_options[{key!r}] must be a positive int (or 0 for "
+                                 f"none), got {value!r}")
+    return int(value)
+
+
 def _fraction(key: str, value: Any) -> float:
     return _real(key, value, "a number in (0, 1]", lambda x: 0 < x <= 1)
 
@@ -152,6 +160,7 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "MatMulConstBOnly": ("matmul_const_b_only", _bool),
     "AddQDQPairToWeight": ("weight_qdq_pairs", _bool),
     "ActivationRestrictedAsymmetric": ("restricted_zero_points", _bool),
+    "BlockSize": ("weight_block_size", _block_size),
 }
 
 # extra_options key -> why it has no effect here
@@ -173,7 +182,6 @@ _OFF_ONLY: dict[str, tuple[bool, str]] = {
     "QDQOpTypePerChannelSupportToAxis": (False, "per-channel weights use each op's output-"
                                          "channel axis"),
     "QDQDisableWeightAdjustForInt32Bias": (False, "weight scales are handled as by default"),
-    "BlockSize": (True, "remove the key (or set 0) for per-tensor/per-channel weights"),
 }
 
 _KNOWN = (*_MAPPED, *_NO_EFFECT, *_OFF_ONLY, "TensorQuantOverrides")

@@ -37,7 +37,7 @@ def _bias_operands(plan: QuantPlan, config: StaticQuantConfig, node: ir.Node, ru
     if weight is not None and weight.quant_type.is_float:
         decision.bias = BiasQuant(index, bias.name or "", [], stored="float")
         return None  # float8 weights: no int32 accumulator, the bias stays float
-    if weight is None or act.axis is not None:
+    if weight is None or act.axis is not None or weight.block_size is not None:
         return None
     if node.op_type == "Gemm" and not _unit_alpha_beta(node):
         return None

@@ -13,7 +13,9 @@ from collections.abc import Collection, Mapping
 
 from onnxquant.calibration.ray_cluster import backend_problem
 from onnxquant.calibration.settings import CalibrationMethod, CalibrationSettings
+from onnxquant.core.costs import CostModel
 from onnxquant.core.errors import QuantizationError
+from onnxquant.core.objective import Objective, as_objective
 from onnxquant.core.qtypes import INT8, UINT8, QuantFormat, QuantType
 from onnxquant.static.tensor_override import TensorConvert, TensorOverride
 
@@ -73,6 +75,10 @@ class StaticQuantConfig:
             user names in ``op_types_to_quantize`` (onnxruntime quantizes what it is told).
         force_nodes: Node names quantized the same way (``onnxquant.ort``:
             ``nodes_to_quantize``).
+        weight_block_size: QDQ format: rank-2 weights (MatMul, Gemm) quantized in blocks of
+            this many elements along their reduction axis, each block with its own scale
+            (DequantizeLinear ``block_size``, opset 21; ``BlockSize``). Their biases stay
+            float. Other weights raise.
         restricted_zero_points: Asymmetric activations get a zero point at the grid's
             minimum (ranges without negative values) or its middle (128 for uint8), never in
             between (``ActivationRestrictedAsymmetric``; for accelerators that support only
@@ -128,6 +134,29 @@ class StaticQuantConfig:
             19 µs of transitions; cls ~1.01x -> ~0.96x float, det 0.45x -> 0.43x). Shallow
             Convs inside an integer region stay integer. None quantizes them all. QDQ models
             are unaffected.
+            Both rules are the fallback of the cost model: they decide only when costs are not
+            measured (``measure_costs=False`` or ``ONNXQUANT_MEASURE_COSTS=0``); set them,
+            with ``measure_costs=False``, to override the measurements by hand. With
+            ``objective="size"`` neither applies.
+        objective: What the quantized model is for (:class:`onnxquant.core.objective.Objective`,
+            or its value as a string): ``"speed"``, ``"balanced"`` (default) or ``"size"``.
+            With speed or balanced, a Conv/MatMul/Gemm whose integer form (QLinearConv/
+            QLinearMatMul, with the QuantizeLinear/DequantizeLinear transitions it causes) is
+            measured slower than its float form stays float, in QDQ and QOperator form, with
+            the reason in the plan; balanced quantizes such a node anyway when it is at most
+            25 % slower, saves at least 64 KiB of weights and the accepted slowdowns stay
+            within half of what the faster integer nodes gained
+            (:func:`onnxquant.core.objective.balanced_accepts`). With size every node is
+            quantized where it can be, and the summary states the latency cost measured.
+            Nodes the user named (``force_op_types``, ``force_nodes``, ``force_quantize``,
+            ``tensors``) are quantized whatever the objective.
+        measure_costs: Measure kernel costs with onnxruntime on this machine (cached per CPU
+            and onnxruntime version, see :mod:`onnxquant.core.costs`); None measures unless
+            the environment sets ``ONNXQUANT_MEASURE_COSTS=0``. Not measuring falls back to
+            ``float_depthwise_multiple``/``float_conv_depth`` (QOperator only).
+        cost_model: A cost model to decide with instead of measuring here (an object with
+            the :class:`onnxquant.core.costs.CostModel` methods: a table measured on the
+            target machine, or a fake in tests); it is used even when measuring is off.
         tensors: Per-tensor overrides by tensor name (:class:`TensorOverride`): mixed
             precision (16-bit activations where 8 bits lose too much), fixed ranges, symmetry.
             Nodes that read or write an overridden tensor are quantized like ``force_nodes``.
@@ -176,6 +205,7 @@ class StaticQuantConfig:
     force_nodes: Collection[str] = ()
     force_quantize: bool = False
     restricted_zero_points: bool = False
+    weight_block_size: int | None = None
     matmul_const_b_only: bool = False
     weight_qdq_pairs: bool = False
     float_output_op_types: Collection[str] = ()
@@ -196,6 +226,9 @@ class StaticQuantConfig:
     progress: bool = False
     float_depthwise_multiple: int | None = 16
     float_conv_depth: int | None = 32
+    objective: Objective | str = Objective.BALANCED
+    measure_costs: bool | None = None
+    cost_model: CostModel | None = None
     tensors: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
     smooth_quant: bool = False
     smooth_quant_alpha: float = 0.5
@@ -204,6 +237,11 @@ class StaticQuantConfig:
     correction_feeds: int = 32
 
     def __post_init__(self) -> None:
+        self.objective = as_objective(self.objective)
+        if self.weight_block_size is not None and (
+                isinstance(self.weight_block_size, bool) or self.weight_block_size < 1):
+            raise QuantizationError(
+                f"weight_block_size must be a positive int, got {self.weight_block_size!r}")
         if not 0.0 <= self.smooth_quant_alpha <= 1.0:
             raise QuantizationError(
                 f"smooth_quant_alpha must be in [0, 1], got {self.smooth_quant_alpha}")
@@ -299,4 +337,6 @@ class StaticQuantConfig:
             opset = max(opset, 10)
         if self.per_channel or self.per_channel_fallback_db is not None:
             opset = max(opset, 13)
+        if self.weight_block_size and self.format is QuantFormat.QDQ:
+            opset = max(opset, 21)
         return opset

@@ -10,14 +10,18 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core import numerics
+from onnxquant.core.blocks import block_params
+from onnxquant.core.errors import QuantizationError
 from onnxquant.core.float_scales import half_params, std_range, tensor_std
 from onnxquant.core.graph import from_dequantize, is_constant, is_float, is_half
+from onnxquant.core.objective import Objective
 from onnxquant.core.plan import NodeDecision, QuantPlan, TensorQuant
 from onnxquant.core.qtypes import QuantType
 from onnxquant.preprocess import BATCHNORM_FOLDED
 from onnxquant.static import _overrides
 from onnxquant.static._biases import plan_biases
 from onnxquant.static._clip_fold import clip_bounds, within_half_step
+from onnxquant.static._cost_choice import speed_choice
 from onnxquant.static._extremes import check_constants
 from onnxquant.static._singular import grid_keeping_nodes, singular_reach
 from onnxquant.static.config import QuantFormat, StaticQuantConfig
@@ -163,6 +167,9 @@ class _Planner:
                 axis = _overrides.constant_axis(name, override, rank, default, node.name or "")
                 self.plan.tensors[name] = self.constant(value, axis, as_weight)
                 return None
+            if as_weight and self.config.weight_block_size and not self.qoperator:
+                self.plan.tensors[name] = self.blocked(node, index, value)
+                return None
             forced = self.per_channel_weights.get(name) if as_weight else None
             per_channel = as_weight and (self.config.per_channel or forced is not None)
             axis = weight_axis(node, index, rank) if per_channel else None
@@ -180,6 +187,28 @@ class _Planner:
             return f"input '{name}' has no calibrated range"
         self.plan.tensors[name] = self.activation(name, rng, "calibrated")
         return None
+
+    def blocked(self, node: ir.Node, index: int, value: ir.Value) -> TensorQuant:
+        """Block-wise parameters of a rank-2 weight: blocks of ``weight_block_size`` along its
+        reduction axis (K of MatMul's ``[K, N]``, of Gemm's B by ``transB``)."""
+        cfg = self.config
+        data = value.const_value.numpy()  # type: ignore[union-attr]
+        if data.ndim != 2:
+            raise BlockSizeError(
+                f"node '{node.name}': block-wise weights (BlockSize={cfg.weight_block_size}) "
+                f"need a rank-2 weight, and '{value.name}' has rank {data.ndim}; quantize it "
+                "per channel (per_channel=True) or exclude the node")
+        axis = _reduction_axis(node, index)
+        scale, zp = block_params(data, axis, cfg.weight_block_size,  # type: ignore[arg-type]
+                                 cfg.weight_type, symmetric=cfg.weights_symmetric,
+                                 reduce_range=cfg.reduce_range,
+                                 min_real_range=cfg.min_real_range)
+        return TensorQuant(value.name or "", "weight", cfg.weight_type.name,
+                           [float(x) for x in scale.ravel()],
+                           [int(z) for z in zp.ravel().astype(np.int64)], axis,
+                           f"constant: blocks of {cfg.weight_block_size}",
+                           (float(data.min()), float(data.max())) if data.size else None,
+                           block_size=cfg.weight_block_size, scale_shape=list(scale.shape))
 
     def _range(self, name: str) -> tuple[float, float] | None:
         """The calibrated range of an activation; (0, 0) when it has none but its override
@@ -280,6 +309,19 @@ def _sqnr_db(data: np.ndarray, params: TensorQuant) -> float:
     return float("inf") if noise == 0 else 10 * float(np.log10(signal / noise))
 
 
+class BlockSizeError(QuantizationError, NotImplementedError):
+    """Block-wise weights were asked for a weight they are not defined for (rank != 2)."""
+
+
+def _reduction_axis(node: ir.Node, index: int) -> int:
+    """The axis of a rank-2 weight that the node sums over (K)."""
+    if node.op_type == "Gemm":
+        attr = node.attributes.get("transA" if index == 0 else "transB")
+        transposed = attr is not None and attr.as_int() == 1
+        return (1 if transposed else 0) if index == 1 else (0 if transposed else 1)
+    return 0 if index == 1 else 1  # MatMul: B is [K, N], A is [M, K]
+
+
 def _group(node: ir.Node) -> int:
     attr = node.attributes.get("group")
     return attr.as_int() if attr is not None else 1
@@ -331,11 +373,18 @@ def build_plan(
     kept = {**grid_keeping_nodes(nodes), **extremes.float_nodes}
     if keep_float:
         kept.update({n: keep_float[n.name or ""] for n in nodes if (n.name or "") in keep_float})
+    forced = forced_nodes(nodes, config)
+    by_cost = speed_choice(nodes, config, forced, kept)
+    rules = config.objective is not Objective.SIZE  # size: no speed rule keeps a node float
     chosen = choose_nodes(nodes, ranges, config.format,
-                          float_depthwise_multiple=config.float_depthwise_multiple,
-                          float_conv_depth=config.float_conv_depth, keep_float=kept,
-                          forced=forced_nodes(nodes, config))
+                          float_depthwise_multiple=(config.float_depthwise_multiple
+                                                    if rules else None),
+                          float_conv_depth=config.float_conv_depth if rules else None,
+                          keep_float=kept, forced=forced,
+                          speed_floats=by_cost.floats if by_cost is not None else None)
     planner = _Planner(config, ranges)
+    planner.plan.settings["cost_model"] = by_cost.estimate() if by_cost is not None \
+        else {"objective": Objective(config.objective).value, "measured": False}
     planner.half = {v.name or "" for n in nodes for v in (*n.inputs, *n.outputs)
                     if v is not None and is_half(v)}
     planner.per_channel_weights = extremes.per_channel

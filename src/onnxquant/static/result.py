@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxquant.calibration.fidelity import Fidelity, accuracy_lines
+from onnxquant.core.objective import Objective, estimate_line
 from onnxquant.core.plan import NodeDecision, QuantPlan
 from onnxquant.core.speed import Latency
 from onnxquant.core.summary_text import (
@@ -141,6 +142,16 @@ def _counts(plan: QuantPlan) -> dict[str, collections.Counter]:
     return dict(counts)
 
 
+def _cost_lines(plan: QuantPlan) -> list[str]:
+    """The cost model's estimate (see :func:`onnxquant.core.objective.estimate_line`); nothing
+    when costs were not measured and the objective is the default."""
+    info = plan.settings.get("cost_model")
+    if not isinstance(info, dict) or (not info.get("measured", True)
+                                      and info.get("objective") == Objective.BALANCED.value):
+        return []
+    return [estimate_line(info)]
+
+
 def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
                    latency: Latency | None = None) -> str:
     """Describe a quantization run in a few lines of plain text (no trailing newline).
@@ -180,6 +191,7 @@ def format_summary(result: QuantizationResult, advice: Sequence[str] = (),
     if result.target is not None:
         lines += result.target.lines()
     lines.append(size_line(result.float_bytes, result.quantized_bytes))
+    lines += _cost_lines(result.plan)
     lines.append(f"calibration:  {result.calibration_samples} "
                  f"sample{'s' if result.calibration_samples != 1 else ''}")
     if result.unobserved:

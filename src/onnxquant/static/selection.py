@@ -87,7 +87,8 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
                  float_depthwise_multiple: int | None = None,
                  float_conv_depth: int | None = None,
                  keep_float: Mapping[ir.Node, str] | None = None,
-                 forced: Collection[ir.Node] = ()) -> Chosen:
+                 forced: Collection[ir.Node] = (),
+                 speed_floats: Mapping[ir.Node, str] | None = None) -> Chosen:
     """Decide which of ``nodes`` are quantized (see the module docstring).
 
     Nodes in ``forced`` (named explicitly by the user, see
@@ -101,12 +102,17 @@ def choose_nodes(nodes: Iterable[ir.Node], ranges: Mapping[str, object],
     not a multiple of it stay float, with their elementwise tail (see :func:`slow_depthwise`).
     With ``float_conv_depth`` (QOperator only), Convs whose reduction depth is below it stay
     float, with their elementwise tail (see :func:`shallow_convs`).
+
+    ``speed_floats`` (node -> reason, from the measured cost model, any format) replaces both
+    rules when given.
     """
     nodes = list(nodes)
     chosen = Chosen()
     kept: dict[ir.Node, str] = dict(keep_float or {})
     forced = set(forced)
-    if qformat is QuantFormat.QOPERATOR:
+    if speed_floats is not None:
+        kept = {**{n: r for n, r in speed_floats.items() if n not in forced}, **kept}
+    elif qformat is QuantFormat.QOPERATOR:
         speed: dict[ir.Node, str] = {}
         if float_depthwise_multiple is not None:
             speed.update(slow_depthwise(nodes, float_depthwise_multiple))

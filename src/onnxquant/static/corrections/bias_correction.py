@@ -29,7 +29,6 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.core.numerics import dequantize, quantize
 from onnxquant.core.plan import QuantPlan, TensorQuant
 from onnxquant.static.corrections._layers import (
     constant,
@@ -124,9 +123,7 @@ def bias_correction_tensors(model: ir.Model, plan: QuantPlan) -> dict[str, int]:
 
 def weight_rounding_error(weight: np.ndarray, params: TensorQuant) -> np.ndarray:
     """``ΔW = dequantize(quantize(W)) - W`` on the grid of ``params``, float64."""
-    scale, zero_point = params.scale_array(), params.zero_point_array()
-    q = quantize(weight, scale, zero_point, params.quant_type, axis=params.axis)
-    restored = dequantize(q, scale, zero_point, axis=params.axis)
+    restored = params.dequantize(params.quantize(weight))
     return restored.astype(np.float64) - np.asarray(weight, dtype=np.float64)
 
 

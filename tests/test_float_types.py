@@ -157,3 +157,80 @@ def test_float16_model_gets_float16_scales_and_runs(tmp_path, act):
     ref = _run(src, feeds[0]).astype(np.float32)
     err = np.abs(y.astype(np.float32) - ref).max()
     assert err < 0.05 * np.abs(ref).max()
+
+
+def test_float16_sums_that_overflow_do_not_look_non_finite(tmp_path):
+    """Every activation is finite, but the sum of one exceeds float16's 65504: calibration
+    must not take it for a NaN/Inf batch."""
+    w = numpy_helper.from_array(np.full((64, 64), 2.0, np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Relu", ["h"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [16, 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    feeds = [{"x": np.full((16, 64), 1.0, np.float16)}] * 2  # h = 128 everywhere: sum 131072
+    out = tmp_path / "q.onnx"
+    onnxquant.quantize_static(model, out, feeds, onnxquant.StaticQuantConfig(evaluate=False))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds[0])[0]
+    assert got.dtype == np.float16 and np.allclose(got.astype(np.float32), 128.0, rtol=0.02)
+
+
+def test_float8_keeps_a_relu_it_cannot_fold(tmp_path):
+    rng = np.random.default_rng(2)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    feeds = [{"x": rng.normal(size=(4, 8)).astype(np.float32)} for _ in range(4)]
+    from onnxquant.ort import quantize_static
+
+    quantize_static(str(src), str(out), iter(feeds), activation_type=QuantType.QFLOAT8E4M3FN,
+                    weight_type=QuantType.QFLOAT8E4M3FN,
+                    calibrate_method=CalibrationMethod.Distribution)
+    q = onnx.load(out)
+    ops = [n.op_type for n in q.graph.node]
+    # kept (the symmetric float8 grid holds values < 0), as Max(x, 0): see the Clip test below
+    assert "Max" in ops and "Relu" not in ops
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+    assert np.isfinite(got[0]).all()
+
+
+def test_float8_clip_before_a_quantize_loads_in_onnxruntime(tmp_path):
+    """onnxruntime's Clip+QuantizeLinear fusion throws on float8 zero points: the Clip is
+    written as Max/Min with the same bounds."""
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w2")
+    lo = numpy_helper.from_array(np.array(0.0, np.float32), "lo")
+    hi = numpy_helper.from_array(np.array(1.5, np.float32), "hi")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Clip", ["h", "lo", "hi"], ["c"], name="clip"),
+         helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [w1, w2, lo, hi])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    feeds = [{"x": rng.normal(size=(4, 8)).astype(np.float32)} for _ in range(4)]
+    from onnxquant.ort import quantize_static
+
+    quantize_static(str(src), str(out), iter(feeds), activation_type=QuantType.QFLOAT8E4M3FN,
+                    weight_type=QuantType.QFLOAT8E4M3FN,
+                    calibrate_method=CalibrationMethod.Distribution)
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "Clip" not in ops and "Max" in ops and "Min" in ops
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    got, want = sess.run(None, feeds[0])[0], ref.run(None, feeds[0])[0]
+    assert np.isfinite(got).all()
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9

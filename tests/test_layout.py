@@ -88,6 +88,7 @@ PUBLIC = [
     "DynamicQuantizationResult", "calibrate", "WeightOnlyConfig", "WeightOnlyAlgorithm",
     "GPTQSettings", "WeightOnlyResult", "WeightOnlyConfigError", "CalibrationResult",
     "QuantizationResult", "StaticQuantConfig", "TensorOverride", "TensorConvert", "QuantFormat",
+    "Objective",
     "CalibrationMethod", "CalibrationDataReader", "QuantPlan", "QuantType", "INT4", "UINT4",
     "INT8", "UINT8", "INT16", "UINT16", "FLOAT8E4M3FN", "PerTensor", "PerAxis", "PerBlock",
     "QuantizationError",

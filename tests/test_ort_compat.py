@@ -491,17 +491,6 @@ def test_extra_options_accepted_quietly(caplog, options):
     assert _ours(caplog) == []
 
 
-@pytest.mark.parametrize("options", [
-    {"BlockSize": 32},
-])
-def test_extra_options_that_raise(tmp_path, options):
-    model = zoo.matmul_chain()
-    with pytest.raises(QuantizationError, match=f"{next(iter(options))}.*not supported yet"):
-        oqq.quantize_static(model, tmp_path / "q.onnx", iter(zoo.random_feeds(model, 2)),
-                            extra_options=options)
-    assert not (tmp_path / "q.onnx").exists()
-
-
 def test_smooth_quant_option_maps_to_the_native_correction():
     config = _to_native_config(extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.7})
     assert config.smooth_quant and config.smooth_quant_alpha == 0.7

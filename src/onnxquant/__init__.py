@@ -22,6 +22,7 @@ from onnxquant.core.errors import (
     QuantizationError,
     UnsupportedModelError,
 )
+from onnxquant.core.objective import Objective
 from onnxquant.core.plan import QuantPlan
 from onnxquant.core.qtypes import (
     FLOAT8E4M3FN,
@@ -88,6 +89,7 @@ __all__ = [
     "TensorOverride",
     "TensorConvert",
     "QuantFormat",
+    "Objective",
     "CalibrationMethod",
     "CalibrationDataReader",
     "QuantPlan",

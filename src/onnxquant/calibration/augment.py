@@ -38,6 +38,7 @@ class _Augmenter:
         self._ids = itertools.count()
         self.shape_1_1 = self._initializer(np.array([1, 1], np.int64), "shape_1_1")
         self.zero = self._initializer(np.array(0.0, np.float32), "zero")
+        self.zeros: dict[ir.DataType, ir.Value] = {}
         self.flat_shape = self._initializer(np.array([-1], np.int64), "flat")
 
     def _initializer(self, array: np.ndarray, stem: str) -> ir.Value:
@@ -59,20 +60,32 @@ class _Augmenter:
         """Nodes in ``graph`` computing ``[[min(value), max(value)]]`` as float32.
 
         onnxruntime's ReduceMin/ReduceMax skip a NaN that is not the first element, so
-        ``sum(value) * 0`` — NaN when any element is NaN or ±Inf — is added to the pair to
-        mark such a batch as non-finite.
+        ``sum(value * 0)`` — NaN when any element is NaN or ±Inf, 0 otherwise — is added to
+        the pair to mark such a batch as non-finite. (Multiplying before summing keeps a sum of
+        finite float16 values from overflowing to inf.)
         """
-        parts = [self._reduced(graph, op, value) for op in ("ReduceMin", "ReduceMax", "ReduceSum")]
-        pair = self._add(graph, "Concat", parts[:2], axis=1)
-        poison = self._add(graph, "Mul", [parts[2], self.zero])
+        parts = [self._reduced(graph, op, value) for op in ("ReduceMin", "ReduceMax")]
+        pair = self._add(graph, "Concat", parts, axis=1)
+        zeros = self._add(graph, "Mul", [value, self._zero(value.dtype)])
+        zeros.type = value.type
+        poison = self._reduced(graph, "ReduceSum", zeros)
         out = self._add(graph, "Add", [pair, poison])
         out.type = _PAIR_TYPE
         return out
 
+    def _zero(self, dtype: ir.DataType | None) -> ir.Value:
+        """A 0-d zero of ``dtype`` (one initializer per element type)."""
+        if dtype is None or dtype == _FLOAT:
+            return self.zero
+        if dtype not in self.zeros:
+            array = np.zeros((), dtype=dtype.numpy())
+            self.zeros[dtype] = self._initializer(array, f"zero_{dtype.name.lower()}")
+        return self.zeros[dtype]
+
     def _reduced(self, graph: ir.Graph, op: str, value: ir.Value) -> ir.Value:
         reduced = self._add(graph, op, [value], keepdims=1)
         flat = self._add(graph, "Reshape", [reduced, self.shape_1_1])
-        if value.dtype != _FLOAT:
+        if value.dtype is not None and value.dtype != _FLOAT:
             flat = self._add(graph, "Cast", [flat], to=_FLOAT)
         return flat
 

@@ -6,9 +6,11 @@ import argparse
 from typing import Any
 
 from onnxquant.calibration.ray_cluster import valid_ray_address
+from onnxquant.core.objective import Objective
 
 __all__ = ["name_list", "unique", "add_node_selection", "selection_fields",
-           "add_model_handling", "add_speed_check", "add_verbosity", "positive_int",
+           "add_model_handling", "add_speed_check", "add_objective", "objective_fields",
+           "add_verbosity", "positive_int",
            "add_calibration_workers", "calibration_worker_fields"]
 
 
@@ -69,6 +71,25 @@ def add_speed_check(parser: argparse.ArgumentParser) -> None:
                         help="time the float and the quantized model (1 thread, median of RUNS "
                              "runs, default 30) on the first --eval (or --calib) feed, else on a "
                              "random feed with symbolic dims = 1, and report the speed-up")
+
+
+def add_objective(parser: argparse.ArgumentParser) -> None:
+    """``--objective speed|balanced|size`` and ``--no-measure-costs``."""
+    parser.add_argument("--objective", choices=[o.value for o in Objective],
+                        default=Objective.BALANCED.value,
+                        help="speed: no Conv/MatMul/Gemm whose integer form is measured slower "
+                             "than float is quantized; balanced (default): the same, but a "
+                             "small slowdown is accepted for a large weight saving; size: "
+                             "quantize every weight and report the latency cost")
+    parser.add_argument("--no-measure-costs", action="store_true",
+                        help="do not time onnxruntime's kernels on this machine (cached in "
+                             "~/.cache/onnxquant/costs.json); fixed rules decide instead")
+
+
+def objective_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of :func:`add_objective`'s options."""
+    return {"objective": Objective(args.objective),
+            "measure_costs": False if args.no_measure_costs else None}
 
 
 def add_calibration_workers(group: argparse._ArgumentGroup) -> None:

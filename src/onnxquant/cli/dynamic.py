@@ -17,8 +17,10 @@ from pathlib import Path
 from onnxquant.cli.args import (
     add_model_handling,
     add_node_selection,
+    add_objective,
     add_speed_check,
     add_verbosity,
+    objective_fields,
     selection_fields,
 )
 from onnxquant.cli.common import add_eval, check_data, latency, print_warnings
@@ -65,6 +67,7 @@ def add_dynamic_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                      help="also quantize inside If/Loop/Scan bodies (off by default)")
     add_model_handling(p)
     add_speed_check(p)
+    add_objective(p)
     add_verbosity(p)
     p.set_defaults(run=run_dynamic)
     return p
@@ -79,6 +82,7 @@ def dynamic_config_from_args(args: argparse.Namespace) -> DynamicQuantConfig:
         weight_symmetric=False if args.asymmetric_weights else None,
         format=QuantFormat(args.format),
         **selection_fields(args),
+        **objective_fields(args),
         matmul_const_b_only=not args.all_matmuls,
         subgraphs=args.subgraphs,
         fold_batchnorm=not args.no_fold_bn,

@@ -14,9 +14,11 @@ from onnxquant.cli.args import (
     add_calibration_workers,
     add_model_handling,
     add_node_selection,
+    add_objective,
     add_speed_check,
     add_verbosity,
     calibration_worker_fields,
+    objective_fields,
     positive_int,
     selection_fields,
 )
@@ -122,6 +124,7 @@ def add_static_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="also write the quantization plan (every decision and parameter) "
                             "as JSON")
     add_speed_check(p)
+    add_objective(p)
     add_verbosity(p)
     p.set_defaults(run=_run_static)
 
@@ -164,6 +167,7 @@ def static_config_from_args(args: argparse.Namespace) -> StaticQuantConfig:
         activation_symmetric=args.symmetric_activations,
         weight_symmetric=False if args.asymmetric_weights else None,
         **selection_fields(args),
+        **objective_fields(args),
         quantize_bias=not args.no_bias_quantization,
         keep_removable_activations=args.keep_relu,
         fold_batchnorm=not args.no_fold_bn,

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import onnx_ir as ir
+
+from onnxquant.core.external_data import load_external_tensors
 
 __all__ = ["save_single_file", "STREAM_BYTES"]
 
@@ -63,7 +66,7 @@ def _header(name: str, tensor: ir.TensorProtocol) -> bytes:
     return proto.SerializeToString()
 
 
-def _write_initializer(f, name: str, tensor: ir.TensorProtocol) -> None:
+def _write_initializer(f: BinaryIO, name: str, tensor: ir.TensorProtocol) -> None:
     """Append ``graph { initializer { <header> raw_data: <bytes> } }`` to ``f``."""
     nbytes = tensor.nbytes
     tensor_body = _header(name, tensor) + _tag(_TENSOR_RAW_DATA) + _varint(nbytes)
@@ -73,7 +76,11 @@ def _write_initializer(f, name: str, tensor: ir.TensorProtocol) -> None:
     f.write(_tag(_MODEL_GRAPH) + _varint(graph_len) + graph_prefix + tensor_body)
     f.flush()
     start = f.tell()
-    tensor.tofile(f)
+    tofile = getattr(tensor, "tofile", None)  # onnx_ir's tensors; not in TensorProtocol
+    if tofile is not None:
+        tofile(f)
+    else:
+        f.write(tensor.tobytes())
     f.flush()
     f.seek(0, os.SEEK_END)
     if f.tell() - start != nbytes:
@@ -87,8 +94,6 @@ def save_single_file(model: ir.Model, path: str | os.PathLike) -> None:
     structure); the main graph's large tensors never are as a whole model. ``model`` is left
     as it was (its tensors are put back).
     """
-    from onnxquant.core.model_io import load_external_tensors
-
     graph = model.graph
     streamed = {name: value.const_value for name, value in graph.initializers.items()
                 if _streamable(value.const_value)}

@@ -138,6 +138,12 @@ def node_spec(node: ir.Node) -> NodeSpec | None:
             return None
         attrs = tuple((k, _attr_value(node.attributes[k])) for k in _CONV_ATTRS
                       if k in node.attributes)
+        dilations = dict(attrs).get("dilations") or (1,) * (len(w_shape) - 2)
+        assert x.shape is not None
+        for i, kernel in enumerate(w_shape[2:]):  # a symbolic extent must fit the kernel
+            if not isinstance(x.shape[2 + i], int):
+                span = int(dilations[i]) * (kernel - 1) + 1  # type: ignore[index]
+                x_dims[2 + i] = max(SYMBOLIC_DIM, 2 * span)
         return ConvSpec(tuple(x_dims), tuple(w_shape), attrs)
     if node.op_type in ("MatMul", "Gemm") and len(w_shape) == 2:
         k, n = w_shape
@@ -162,7 +168,10 @@ class CostModel(Protocol):
 
     def node_ms(self, spec: NodeSpec, form: str) -> float | None:
         """Time of one node in ``form``: ``"float"``, ``"integer"`` (QLinearConv/
-        QLinearMatMul) or ``"dynamic"`` (DynamicQuantizeLinear + ConvInteger/MatMulInteger)."""
+        QLinearMatMul) or ``"dynamic"`` (DynamicQuantizeLinear + ConvInteger/MatMulInteger);
+        for Convs also ``"float@float"`` and ``"dynamic@float"``: the node between two float
+        depthwise 1x1 Convs (what it costs its float neighbours included). A model that
+        cannot answer a form returns None."""
         ...
 
     def transition_ms(self, direction: str, elements: int) -> float | None:

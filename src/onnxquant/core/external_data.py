@@ -14,11 +14,13 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core.errors import ModelLoadError
 
-__all__ = ["external_tensors", "check_external_data"]
+__all__ = ["external_tensors", "check_external_data", "read_array", "load_external_tensors",
+           "release_external"]
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
@@ -31,6 +33,28 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
             for attr in node.attributes.values():
                 if isinstance(attr, ir.Attr) and isinstance(attr.value, ir.ExternalTensor):
                     yield attr.value
+
+
+def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values, read without keeping a memory map of its data file.
+
+    ``ExternalTensor.numpy()`` maps the *whole* data file for every tensor it reads and keeps
+    the map (and the pages it touched) until the tensor is released; reading every weight of a
+    3 GB model that way reserves 3 GB of address space per weight. An external tensor of a
+    byte-sized numpy type is read here with one positioned file read into an array the caller
+    owns (freed with it); other tensors (in memory, lazy, sub-byte types) are returned as
+    ``tensor.numpy()`` gives them.
+    """
+    if not isinstance(tensor, ir.ExternalTensor) or tensor.dtype.bitwidth < 8:
+        return tensor.numpy()
+    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    if dtype.kind in "OUSV" or not tensor.size:
+        return tensor.numpy()
+    data = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
+    if data.size != tensor.size:
+        raise ModelLoadError(f"tensor '{tensor.name}': its data file '{tensor.path}' is shorter "
+                             "than the tensor; restore the complete data file")
+    return data.reshape(tensor.shape.numpy())
 
 
 def check_external_data(model: ir.Model, folder: Path | None, where: str) -> list[Path]:
@@ -121,3 +145,35 @@ def _check_extent(tensor: ir.ExternalTensor, size: int, where: str) -> None:
             f"{_label(tensor, where)} needs bytes {offset}..{offset + want} of its data file, "
             f"which has only {size} bytes (empty, truncated or the wrong file); restore the "
             "complete data file")
+
+
+def load_external_tensors(model: ir.Model, *, main_graph: bool = True) -> int:
+    """Read every external initializer of ``model`` (subgraphs too; the main graph's unless
+    ``main_graph=False``) into memory, so that the model no longer depends on its data files;
+    returns how many were read.
+
+    Each tensor is copied out of its data file and the file's memory map is closed right away:
+    onnx_ir maps the whole data file for every external tensor it reads, so keeping the maps
+    would reserve the data file's size in address space once per tensor.
+    """
+    count = 0
+    graphs = [model.graph] if main_graph else []
+    for graph in (*graphs, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True),
+                                              name=tensor.name)
+                release_external(tensor)
+                count += 1
+    return count
+
+
+def release_external(tensor: ir.TensorProtocol) -> None:
+    """Close the memory map onnx_ir holds for an external tensor (no-op for other tensors, or
+    while a numpy view of the map is still alive: it is freed with that view)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass

@@ -16,13 +16,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxquant.core import tempdirs
 from onnxquant.core._single_file import save_single_file
 from onnxquant.core.errors import OutputPathError, UnsupportedModelError
+from onnxquant.core.external_data import load_external_tensors, release_external
 
 __all__ = [
     "ModelInput",
@@ -172,38 +172,6 @@ def _all_initializer_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
-
-
-def load_external_tensors(model: ir.Model, *, main_graph: bool = True) -> int:
-    """Read every external initializer of ``model`` (subgraphs too; the main graph's unless
-    ``main_graph=False``) into memory, so that the model no longer depends on its data files;
-    returns how many were read.
-
-    Each tensor is copied out of its data file and the file's memory map is closed right away:
-    onnx_ir maps the whole data file for every external tensor it reads, so keeping the maps
-    would reserve the data file's size in address space once per tensor.
-    """
-    count = 0
-    graphs = [model.graph] if main_graph else []
-    for graph in (*graphs, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True),
-                                              name=tensor.name)
-                release_external(tensor)
-                count += 1
-    return count
-
-
-def release_external(tensor: ir.TensorProtocol) -> None:
-    """Close the memory map onnx_ir holds for an external tensor (no-op for other tensors, or
-    while a numpy view of the map is still alive: it is freed with that view)."""
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:
-            pass
 
 
 def model_size_bytes(model: ir.Model) -> int:

@@ -123,7 +123,8 @@ def estimate_line(info: Mapping[str, object]) -> str:
     objective = info.get("objective", Objective.BALANCED.value)
     if not info.get("measured", True):
         return (f"cost model:   objective {objective}; kernel costs not measured "
-                f"({MEASURE_ENV}=0 or measure_costs=False): the fixed QOperator rules decided")
+                f"({MEASURE_ENV}=0 or measure_costs=False): fixed rules decided, latency "
+                "cost unknown")
     nodes = int(info.get("nodes", 0))  # type: ignore[call-overload]
     float_ms = float(info.get("float_ms", 0.0))  # type: ignore[arg-type]
     quantized_ms = float(info.get("quantized_ms", 0.0))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant
 from onnxquant.core.graph import is_float32 as is_float  # float16: not yet
 from onnxquant.core.qtypes import QuantType
@@ -78,6 +79,8 @@ class Context:
         opset: The model's default-domain opset.
         notes: Runtime note -> names of the nodes it applies to (for the summary).
         memo: Values a rewrite created that later rewrites may reuse (keyed by the rewrite).
+        cost_estimate: The cost model's estimate for this run (see :mod:`._cost`); None when
+            costs were not measured.
     """
 
     model: ir.Model
@@ -89,6 +92,7 @@ class Context:
     notes: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(list))
     memo: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
+    cost_estimate: dict[str, float | int | str | bool] | None = None
     _sqnr: dict[tuple, float] = dataclasses.field(default_factory=dict)
     _grids: dict[tuple, GridQuality | None] = dataclasses.field(default_factory=dict)
 
@@ -134,7 +138,7 @@ class Context:
         quality = measure(axis if wanted else None)
         if quality is None or quality.passes(min_db):
             return Granularity(wanted, why)
-        array = weight.const_value.numpy()  # type: ignore[union-attr]
+        array = read_array(weight.const_value)  # type: ignore[arg-type]
         name = weight.name or ""
         if wanted or axis is None:
             grid = f"per-channel {qtype}" if wanted else str(qtype)
@@ -153,7 +157,7 @@ class Context:
               reduce_range: bool) -> GridQuality | None:
         key = (id(weight), axis, transform is not None, qtype.name, reduce_range)
         if key not in self._grids:
-            array = weight.const_value.numpy()  # type: ignore[union-attr]
+            array = read_array(weight.const_value)  # type: ignore[arg-type]
             self._grids[key] = weight_grid_quality(
                 transform(array) if transform is not None else array, qtype, axis=axis,
                 symmetric=self.symmetric, reduce_range=reduce_range)
@@ -171,7 +175,7 @@ class Context:
             return False, ""
         key = ("per-tensor-sqnr", id(weight), self.config.weight_type.name)
         if key not in self._sqnr:
-            array = weight.const_value.numpy()  # type: ignore[union-attr]
+            array = read_array(weight.const_value)  # type: ignore[arg-type]
             self._sqnr[key] = per_tensor_sqnr_db(
                 transform(array) if transform is not None else array, self.config.weight_type,
                 symmetric=self.symmetric, reduce_range=self.config.reduce_range)

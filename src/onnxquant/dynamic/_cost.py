@@ -3,7 +3,8 @@
 Dynamic quantization replaces a Conv by DynamicQuantizeLinear + ConvInteger + Cast + Mul
 (+ Add) and a MatMul/Gemm by the MatMulInteger form that onnxruntime fuses into
 DynamicQuantizeMatMul. Both read and write float, so there are no region transitions: the
-cost model (:mod:`onnxquant.core.costs`) compares the whole dynamic form with the float node.
+cost model (:mod:`onnxquant.core.costs`) compares the whole dynamic form with the float node,
+for Convs between float neighbours (see :func:`_times`).
 ConvInteger has no fused kernel in onnxruntime's CPU provider, so most Convs are slower.
 """
 
@@ -13,7 +14,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from onnxquant.core.costs import CostModel, default_cost_model, node_spec
+from onnxquant.core.costs import ConvSpec, CostModel, NodeSpec, default_cost_model, node_spec
 from onnxquant.core.objective import Budget, NodeCost, Objective, as_objective, summed
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic.config import DynamicQuantConfig
@@ -56,6 +57,20 @@ def _named(node: ir.Node, config: DynamicQuantConfig) -> bool:
                 and (node.name or "") in config.nodes_to_quantize))
 
 
+def _times(model: CostModel, spec: NodeSpec) -> tuple[float | None, float | None]:
+    """Float and dynamic time of a node. A Conv's dynamic time is its float time plus the
+    difference the dynamic form makes between float neighbours (``"dynamic@float"`` vs
+    ``"float@float"``): a ConvInteger also makes the float Convs around it reorder their
+    data out of and into onnxruntime's NCHWc layout."""
+    float_ms = model.node_ms(spec, "float")
+    if not isinstance(spec, ConvSpec) or float_ms is None:
+        return float_ms, model.node_ms(spec, "dynamic")
+    inside, dynamic = model.node_ms(spec, "float@float"), model.node_ms(spec, "dynamic@float")
+    if inside is None or dynamic is None:
+        return float_ms, model.node_ms(spec, "dynamic")
+    return float_ms, float_ms + dynamic - inside
+
+
 def dynamic_costs(candidates: list[ir.Node], config: DynamicQuantConfig,
                   model: CostModel | None = None) -> DynamicCosts | None:
     """Decide which ``candidates`` stay float for ``config.objective`` (None without a cost
@@ -78,7 +93,7 @@ def dynamic_costs(candidates: list[ir.Node], config: DynamicQuantConfig,
         spec = node_spec(node) if node.op_type in _MEASURED else None
         if spec is None:
             continue
-        float_ms, dynamic_ms = model.node_ms(spec, "float"), model.node_ms(spec, "dynamic")
+        float_ms, dynamic_ms = _times(model, spec)
         if float_ms is None or dynamic_ms is None:
             continue
         cost = NodeCost(float_ms, dynamic_ms, spec.weight_elements * 3)

@@ -17,6 +17,8 @@ import onnx_ir as ir
 
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic._context import Context, Outcome
+from onnxquant.dynamic._cost import dynamic_costs
+from onnxquant.dynamic._half import as_float32
 from onnxquant.dynamic.config import DynamicQuantConfig
 
 __all__ = ["DEFAULT_OP_TYPES", "Decision", "rewrite_model"]
@@ -111,14 +113,26 @@ _SUBGRAPHS_OFF = ("inside an If/Loop/Scan body, left float by default (per-call 
                   "subgraphs=True / --subgraphs quantizes them")
 
 
+def _selected(node: ir.Node, ctx: Context) -> bool:
+    return _not_selected(node, ctx.config) is None and (
+        ctx.config.subgraphs or node.graph is ctx.model.graph)
+
+
 def rewrite_model(ctx: Context) -> list[Decision]:
     """Rewrite every selected node of ``ctx.model`` in place; one decision per candidate."""
     decisions = []
-    for node in _candidates(ctx.model, ctx.config):
+    candidates = _candidates(ctx.model, ctx.config)
+    costs = dynamic_costs([n for n in candidates if _selected(n, ctx)], ctx.config)
+    ctx.cost_estimate = costs.estimate() if costs is not None else None
+    slower = costs.floats if costs is not None else {}
+    half_weights: dict[int, ir.Value] = {}
+    for node in candidates:
         graph_name = (node.graph.name if node.graph is not None else None) or ""
         done, reason = False, _not_selected(node, ctx.config)
         if reason is None and not ctx.config.subgraphs and node.graph is not ctx.model.graph:
             reason = _SUBGRAPHS_OFF
+        if reason is None and node in slower:
+            reason = slower[node]
         if reason is None:
             handler = _handler(node.op_type, ctx.config.format)
             if handler is None:
@@ -126,6 +140,7 @@ def rewrite_model(ctx: Context) -> list[Decision]:
                           + (" (contrib_ops is not available)" if node.op_type in _CONTRIB
                              and ctx.config.format is QuantFormat.QOPERATOR else ""))
             else:
+                as_float32(node, ctx.names, half_weights)  # float16: float32 between Casts
                 done, reason = handler(ctx, node)
         action = "quantized" if done else "float"
         decisions.append(Decision(node.name or "", node.op_type, action, reason, graph_name))

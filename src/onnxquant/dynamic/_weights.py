@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxquant.core import numerics
 from onnxquant.core.errors import NumericsError
-from onnxquant.core.model_io import release_external
+from onnxquant.core.external_data import read_array
 from onnxquant.core.qtypes import QuantType
 from onnxquant.dynamic._builder import Names, new_initializer
 
@@ -99,7 +99,7 @@ class WeightStore:
         if key in self._cache:
             return self._cache[key]
         assert source.const_value is not None
-        array = source.const_value.numpy()
+        array = read_array(source.const_value)
         if transform is not None:
             array = transform(array)
         try:
@@ -109,9 +109,6 @@ class WeightStore:
         except NumericsError as err:
             raise NumericsError(f"{err}; exclude the nodes that read '{source.name}' "
                                 "(nodes_to_exclude) or fix the weight") from err
-        finally:  # an external weight's map of its data file goes as soon as it is read
-            del array
-            release_external(source.const_value)
         if not np.all(np.isfinite(tensor.scale)):  # never store a scale of Inf/NaN
             raise NumericsError(f"weight '{source.name}' has a range whose {qtype} scale is not "
                                 "finite; exclude the nodes that read it (nodes_to_exclude)")

@@ -15,6 +15,7 @@ import onnx_ir as ir
 from onnxquant.calibration.evaluation import evaluate_quantized
 from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import UnsupportedModelError
+from onnxquant.core.objective import as_objective
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic._builder import Names, remove_unused_initializers
 from onnxquant.dynamic._context import Context
@@ -147,6 +148,8 @@ def quantize_dynamic(
         format=config.format,
         fidelity=fidelity,
         hints=hints,
+        cost_model=ctx.cost_estimate or {"objective": as_objective(config.objective).value,
+                                         "measured": False},
     )
     logger.info("dynamic quantization: %d of %d candidate nodes quantized",
                 len(result.quantized), len(decisions))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant
 from onnxquant.core.graph import is_float32 as is_float  # float16: not yet
 from onnxquant.dynamic._builder import Builder
@@ -178,7 +179,7 @@ def _gemm_bias(b: Builder, node: ir.Node, beta: float) -> ir.Value | None:
         return c
     stem = f"{node.name or 'gemm'}_bias"
     if is_constant(c):
-        array = c.const_value.numpy().astype(np.float32) * np.float32(beta)  # type: ignore[union-attr]
+        array = read_array(c.const_value).astype(np.float32) * np.float32(beta)  # type: ignore[arg-type]
         return b.initializer(stem, array)
     (scaled,) = b.op("Mul", [c, b.initializer(f"{stem}_beta", np.float32(beta))], stem,
                      dtypes=(_FLOAT,))
@@ -248,7 +249,7 @@ def rewrite_conv(ctx: Context, node: ir.Node) -> Outcome:
     stem = node.name or "conv"
     if bias is not None:
         if is_constant(bias):
-            array = bias.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+            array = read_array(bias.const_value).astype(np.float32)  # type: ignore[arg-type]
             bias = b.initializer(f"{bias.name}_reshaped", array.reshape(channel_shape))
         else:
             shape = b.initializer(f"{stem}_bias_shape", np.array(channel_shape, np.int64))

@@ -9,8 +9,10 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from onnxquant.calibration.fidelity import Fidelity, accuracy_lines
+from onnxquant.core.objective import estimate_line
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.core.speed import Latency
 from onnxquant.core.summary_text import files_lines, reason_lines, size_line, speed_lines
@@ -48,6 +50,8 @@ class DynamicQuantizationResult:
             samples; None when not measured.
         hints: What ``onnxquant preprocess`` would improve in this model (empty when it was
             pre-processed or nothing suggests it).
+        cost_model: The cost model's estimate (objective, whether costs were measured, the
+            measured nodes' float and planned time); see :mod:`onnxquant.core.objective`.
     """
 
     decisions: list[Decision]
@@ -59,6 +63,7 @@ class DynamicQuantizationResult:
     format: QuantFormat
     fidelity: Fidelity | None = None
     hints: list[str] = dataclasses.field(default_factory=list)
+    cost_model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def quantized(self) -> list[Decision]:
@@ -112,6 +117,9 @@ def format_dynamic_summary(result: DynamicQuantizationResult, advice: Sequence[s
         lines += [f"  - {note}" for note in result.runtime_notes]
     lines += accuracy_lines(result.fidelity)
     lines.append(size_line(result.float_bytes, result.quantized_bytes))
+    info = result.cost_model
+    if info and (info.get("measured", True) or info.get("objective") != "balanced"):
+        lines.append(estimate_line(info))
     lines.append(f"time:         {result.seconds:.2f} s")
     lines += [f"pre-process:  {hint}" for hint in result.hints]
     lines += speed_lines([*result.warnings(), *advice], latency)

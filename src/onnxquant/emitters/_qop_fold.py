@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant, is_float
 from onnxquant.core.plan import NodeDecision, QuantPlan
 
@@ -48,7 +49,7 @@ def _constant_factor(node: ir.Node) -> tuple[int, float] | None:
         value = node.inputs[index]
         if value is None or not is_constant(value) or not is_float(value):
             continue
-        data = value.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+        data = read_array(value.const_value).astype(np.float64)  # type: ignore[arg-type]
         if data.size != 1 or not np.isfinite(data).all() or float(data.reshape(-1)[0]) <= 0:
             return None
         c = float(data.reshape(-1)[0])

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from onnxquant.core.bias import quantize_bias
 from onnxquant.core.errors import NumericsError
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant, is_float
 from onnxquant.core.plan import NodeDecision, QuantPlan, TensorQuant
 
@@ -81,7 +82,7 @@ def find_hard_sigmoid_fold(node: ir.Node, integer: set[ir.Node],
     scale = np.asarray(bias.scale, dtype=np.float64)
     if np.any(scale <= 0):
         return None  # a zero bias scale would drop beta / alpha
-    new_bias = value.const_value.numpy().astype(np.float64) + beta / alpha  # type: ignore[union-attr]
+    new_bias = read_array(value.const_value).astype(np.float64) + beta / alpha  # type: ignore[arg-type]
     try:
         quantize_bias(new_bias, np.float32(1.0), scale.astype(np.float32), name=bias.tensor)
     except NumericsError:

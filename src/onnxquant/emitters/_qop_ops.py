@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxquant.core import numerics
 from onnxquant.core.errors import NumericsError
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant, is_float
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan, TensorQuant
 
@@ -138,7 +139,7 @@ def gemm_bias(node: ir.Node, decision: NodeDecision, plan: QuantPlan) -> np.ndar
     if a is None or b is None:
         return "its inputs are not quantized"
     alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
-    data = c.const_value.numpy().astype(np.float64) * beta  # type: ignore[union-attr]
+    data = read_array(c.const_value).astype(np.float64) * beta  # type: ignore[arg-type]
     scale = np.float32(alpha) * b.scale_array()
     if b.axis is not None and data.ndim != 1:
         return "a per-column weight needs a 1-D bias"
@@ -219,7 +220,7 @@ def _reciprocal(node: ir.Node) -> np.ndarray | None:
     divisor = node.inputs[1] if len(node.inputs) > 1 else None
     if divisor is None or not is_constant(divisor) or not is_float(divisor):
         return None
-    data = divisor.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+    data = read_array(divisor.const_value).astype(np.float64)  # type: ignore[arg-type]
     if data.size == 0 or not np.all(np.isfinite(data)) or np.any(data == 0):
         return None
     return (1.0 / data).astype(np.float32)
@@ -283,7 +284,7 @@ def _movement(b: Builder, node: ir.Node, d: NodeDecision) -> IntNode:
     if node.op_type == "Pad" and _attr(node, "mode", "constant") == "constant":
         tq = b.plan.tensors[d.inputs[0]]
         value = node.inputs[2] if len(node.inputs) > 2 else None
-        fill = value.const_value.numpy() if value is not None else np.float32(0)  # type: ignore[union-attr]
+        fill = read_array(value.const_value) if value is not None else np.float32(0)  # type: ignore[arg-type]
         q = numerics.quantize(np.asarray(fill, np.float32).reshape(()), tq.scale_array(),
                               tq.zero_point_array(), tq.quant_type)
         inputs += [None] * (3 - len(inputs))

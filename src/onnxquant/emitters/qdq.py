@@ -19,10 +19,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
+from onnxquant.core.external_data import read_array
 from onnxquant.core.float_scales import half_bias_scale
 from onnxquant.core.graph import STANDS_FOR, add_initializer, iter_nodes, record_stands_for
 from onnxquant.core.names import UniqueNames
 from onnxquant.core.plan import BiasQuant, QuantPlan, TensorQuant
+from onnxquant.emitters._float8_clips import clips_before_float8
 from onnxquant.emitters._qdq_convert import emit_convert
 from onnxquant.emitters._tensor_fields import typed_fields
 
@@ -132,7 +134,7 @@ class _QDQEmitter:
             stored = self.node(graph, "QuantizeLinear", [value, *params], tq.name, tq.axis,
                                tq.quant_type.onnx_dtype, block_size=tq.block_size)
         else:
-            data = tq.quantize(value.const_value.numpy())
+            data = tq.quantize(read_array(value.const_value))
             stored = self.initializer(graph, f"{tq.name}_quantized", data)
         out = self.node(graph, "DequantizeLinear", [stored, *params], tq.name,
                         tq.axis, value.dtype or ir.DataType.FLOAT, block_size=tq.block_size)
@@ -195,7 +197,7 @@ class _QDQEmitter:
         half = half_bias_scale(scale) if dtype == ir.DataType.FLOAT16 else None
         if half is not None:
             scale = half.reshape(scale.shape)
-        data, _ = numerics.quantize_bias(value.const_value.numpy(), np.float32(1.0), scale,
+        data, _ = numerics.quantize_bias(read_array(value.const_value), np.float32(1.0), scale,
                                          name=bias.tensor)
         stored = self.initializer(graph, f"{bias.tensor}_quantized", data.astype(np.int32))
         scale_value = self.initializer(
@@ -256,6 +258,8 @@ class _QDQEmitter:
                 self.bias(self.nodes[decision.name], decision.bias)
         if self.domain:
             self.model.opset_imports.setdefault(self.domain, 1)
+        for graph in (self.model.graph, *self.model.graph.subgraphs()):
+            clips_before_float8(graph, self.names)
         RemoveUnusedNodesPass()(self.model)
         for graph in (self.model.graph, *self.model.graph.subgraphs()):
             _remove_unused_initializers(graph)

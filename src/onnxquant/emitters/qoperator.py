@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxquant.core import numerics
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import (
     STANDS_FOR,
     add_initializer,
@@ -148,7 +149,7 @@ class _QOperatorEmitter:
         assert value.const_value is not None
 
         def make() -> ir.Value:
-            data = numerics.quantize(value.const_value.numpy(), tq.scale_array(),  # type: ignore[union-attr]
+            data = numerics.quantize(read_array(value.const_value), tq.scale_array(),  # type: ignore[arg-type]
                                      tq.zero_point_array(), tq.quant_type, axis=tq.axis)
             if data.ndim < rank:
                 data = data.reshape((1,) * (rank - data.ndim) + data.shape)
@@ -177,7 +178,7 @@ class _QOperatorEmitter:
         assert value is not None and value.const_value is not None
         scale = np.asarray(bias.scale, dtype=np.float32)
         scale = scale.reshape(()) if bias.axis is None else scale
-        data, _ = numerics.quantize_bias(value.const_value.numpy(), np.float32(1.0), scale,
+        data, _ = numerics.quantize_bias(read_array(value.const_value), np.float32(1.0), scale,
                                          name=bias.tensor)
         return self._cached(node, f"{bias.tensor}/int32",
                             lambda: self.constant(node, f"{bias.tensor}_quantized", data))

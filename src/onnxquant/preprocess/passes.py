@@ -18,6 +18,7 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import add_initializer, record_stands_for
 from onnxquant.preprocess.contrib_types import infer_contrib_types
 from onnxquant.preprocess.conv_add import fold_conv_add
@@ -119,7 +120,7 @@ more layer of contrib ops whose inputs were untyped before)."""
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
-    return value.const_value.numpy()
+    return read_array(value.const_value)
 
 
 def fold_batchnorm(model: ir.Model) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.core import numerics
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant, is_float
 from onnxquant.core.plan import BiasQuant, NodeDecision, QuantPlan
 from onnxquant.static._prequantized import dequantize_params
@@ -41,7 +42,7 @@ def _bias_operands(plan: QuantPlan, config: StaticQuantConfig, node: ir.Node, ru
         return None
     if node.op_type == "Gemm" and not _unit_alpha_beta(node):
         return None
-    data = bias.const_value.numpy()  # type: ignore[union-attr]
+    data = read_array(bias.const_value)  # type: ignore[arg-type]
     if data.ndim != 1 or (weight.axis is not None and len(weight.scale) != data.size):
         return None
     w_value = node.inputs[1]

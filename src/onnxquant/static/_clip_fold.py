@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.plan import TensorQuant
 
 __all__ = ["clip_bounds", "within_half_step"]
@@ -22,7 +23,7 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
             value = node.inputs[index]
             if value.const_value is None:  # type: ignore[union-attr]
                 return None
-            bound = float(value.const_value.numpy().reshape(-1)[0])  # type: ignore[union-attr]
+            bound = float(read_array(value.const_value).reshape(-1)[0])  # type: ignore[union-attr]
         else:
             continue
         low, high = (bound, high) if key == "min" else (low, bound)
@@ -35,6 +36,8 @@ def within_half_step(params: TensorQuant, low: float, high: float) -> bool:
     int8 grid over a Clip's [-1, 1] reaches -1 - step/2). A Clip whose bounds keep values off 0
     (Clip(min=1e-10), a guard for a Log or a divisor) is never reproduced by a grid holding 0."""
     qtype = params.quant_type
+    if qtype.is_float:
+        return False  # float8 grids are symmetric around 0: they never clip like a Relu/Clip
     scale, zp = params.scale[0], params.zero_point[0]
     rep_low, rep_high = scale * (qtype.qmin - zp), scale * (qtype.qmax - zp)
     if (low > 0 >= rep_low) or (high < 0 <= rep_high):

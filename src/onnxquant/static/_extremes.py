@@ -16,6 +16,7 @@ import logging
 
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import is_constant, is_float
 from onnxquant.core.weight_grid import (
     GridQuality,
@@ -62,7 +63,7 @@ class _Checker:
         reduce_range = cfg.reduce_range and as_weight
         key = (id(value), qtype.name, symmetric, reduce_range, axis)
         if key not in self.cache:
-            data = value.const_value.numpy()  # type: ignore[union-attr]
+            data = read_array(value.const_value)  # type: ignore[arg-type]
             self.cache[key] = weight_grid_quality(data, qtype, axis=axis, symmetric=symmetric,
                                                   reduce_range=reduce_range)
         return self.cache[key]
@@ -77,7 +78,7 @@ class _Checker:
         axis = weight_axis(node, index, rank) if as_weight else None
         if node.op_type == "ConvTranspose" and _group(node) > 1:
             axis = None
-        data = value.const_value.numpy()  # type: ignore[union-attr]
+        data = read_array(value.const_value)  # type: ignore[arg-type]
         name = value.name or ""
         if cfg.per_channel and axis is not None:
             quality = self.quality(value, as_weight, axis)

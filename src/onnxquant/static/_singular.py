@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.static.rules import singular_input
 
 __all__ = ["GRID_KEEPING_OPS", "OVERFLOWING_OPS", "singular_reach", "grid_keeping_nodes",
@@ -50,7 +51,7 @@ the singular inputs of :data:`~onnxquant.static.rules.SINGULAR_INPUTS`."""
 def _constant_without_zeros(value: ir.Value | None) -> bool:
     if value is None or value.const_value is None:
         return False
-    return bool((value.const_value.numpy() != 0).all())
+    return bool((read_array(value.const_value) != 0).all())
 
 
 def _may_turn_nonfinite(node: ir.Node) -> bool:

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnxquant.core import numerics
 from onnxquant.core.blocks import block_params
 from onnxquant.core.errors import QuantizationError
+from onnxquant.core.external_data import read_array
 from onnxquant.core.float_scales import half_params, std_range, tensor_std
 from onnxquant.core.graph import from_dequantize, is_constant, is_float, is_half
 from onnxquant.core.objective import Objective
@@ -119,7 +120,7 @@ class _Planner:
 
     def constant(self, value: ir.Value, axis: int | None, as_weight: bool) -> TensorQuant:
         cfg = self.config
-        data = value.const_value.numpy()  # type: ignore[union-attr]
+        data = read_array(value.const_value)  # type: ignore[arg-type]
         name = value.name or ""
         override = cfg.tensors.get(name)
         if override is not None:
@@ -137,7 +138,7 @@ class _Planner:
         return _tensor(name, "weight", qtype, scale, zp, axis, "constant", rng)
 
     def _per_channel_fallback(self, node, index, value, params: TensorQuant) -> TensorQuant:
-        data = value.const_value.numpy()  # type: ignore[union-attr]
+        data = read_array(value.const_value)  # type: ignore[arg-type]
         axis = weight_axis(node, index, data.ndim)
         if axis is None or data.ndim < 2 or (node.op_type == "ConvTranspose" and _group(node) > 1):
             return params
@@ -192,7 +193,7 @@ class _Planner:
         """Block-wise parameters of a rank-2 weight: blocks of ``weight_block_size`` along its
         reduction axis (K of MatMul's ``[K, N]``, of Gemm's B by ``transB``)."""
         cfg = self.config
-        data = value.const_value.numpy()  # type: ignore[union-attr]
+        data = read_array(value.const_value)  # type: ignore[arg-type]
         if data.ndim != 2:
             raise BlockSizeError(
                 f"node '{node.name}': block-wise weights (BlockSize={cfg.weight_block_size}) "

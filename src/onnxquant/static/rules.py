@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.qtypes import QuantFormat
 
 __all__ = [
@@ -168,7 +169,7 @@ def singular_input(node: ir.Node, index: int) -> str | None:
     if node.op_type == "Pow":
         exponent = node.inputs[1] if len(node.inputs) > 1 else None
         if exponent is not None and exponent.const_value is not None:
-            values = exponent.const_value.numpy()
+            values = read_array(exponent.const_value)
             if values.size and bool((values >= 0).all()):
                 return None
     return f"input {index} of {node.op_type} '{node.name}' stays float ({entry[1]})"

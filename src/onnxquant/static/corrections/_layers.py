@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant.core.external_data import read_array
 from onnxquant.core.graph import add_initializer
 
 __all__ = ["Channels", "LinearWeight", "constant", "store", "sole_reader", "only_read_by",
@@ -32,7 +33,7 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
         return None
     if value.const_value.dtype not in _FLOATS:
         return None
-    return value.const_value.numpy()
+    return read_array(value.const_value)
 
 
 def store(value: ir.Value, data: np.ndarray) -> None:
@@ -86,7 +87,7 @@ class Channels:
     def data(self) -> np.ndarray:
         """The constant's current data."""
         assert self.value.const_value is not None
-        return self.value.const_value.numpy()
+        return read_array(self.value.const_value)
 
     def count(self) -> int:
         """Number of channels."""

@@ -234,3 +234,24 @@ def test_float8_clip_before_a_quantize_loads_in_onnxruntime(tmp_path):
     got, want = sess.run(None, feeds[0])[0], ref.run(None, feeds[0])[0]
     assert np.isfinite(got).all()
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9
+
+
+def test_float16_concat_stays_float_so_onnxruntime_loads_the_model(tmp_path):
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.normal(size=(4, 2, 1, 1)).astype(np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv1"),
+         helper.make_node("Conv", ["x", "w"], ["b"], name="conv2"),
+         helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="concat"),
+         helper.make_node("Conv", ["c", "w8"], ["y"], name="conv3")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 4, 4])],
+        [w, numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float16), "w8")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    feeds = [{"x": rng.normal(size=(1, 2, 4, 4)).astype(np.float16)} for _ in range(4)]
+    out = tmp_path / "q.onnx"
+    onnxquant.quantize_static(model, out, feeds, onnxquant.StaticQuantConfig(evaluate=False))
+    concat = next(n for n in onnx.load(out).graph.node if n.op_type == "Concat")
+    assert list(concat.input) == ["a", "b"]  # the float values, not DequantizeLinear outputs
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, feeds[0])[0].astype(np.float32)).all()

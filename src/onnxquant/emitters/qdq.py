@@ -147,6 +147,11 @@ class _QDQEmitter:
         assert graph is not None
         quantized_producer = tq.name in self.quantized_producers
         readers = list(value.uses()) if quantized_producer else self.readers.get(tq.name, [])
+        if value.dtype == ir.DataType.FLOAT16:
+            # onnxruntime 1.32 fuses DequantizeLinear -> Concat -> QuantizeLinear into
+            # QLinearConcat even with float16 scales, which it cannot run (the session fails):
+            # a float16 Concat reads the float value instead.
+            readers = [(n, i) for n, i in readers if n.op_type != "Concat"]
         outputs = [i for i, out in enumerate(graph.outputs) if out is value]
         if not readers and not (quantized_producer and outputs):
             return

@@ -6,7 +6,10 @@ Every argument becomes a field of one :class:`onnxquant.DynamicQuantConfig` in
 
 * **Mapped:** ``WeightSymmetric`` → ``weight_symmetric``, ``MatMulConstBOnly`` →
   ``matmul_const_b_only`` (default True, as in onnxruntime), ``EnableSubgraph`` → ``subgraphs``
-  (If/Loop/Scan bodies are quantized only when it is ``True``, as in onnxruntime).
+  (If/Loop/Scan bodies are quantized only when it is ``True``, as in onnxruntime), and
+  onnxquant's own ``Objective`` (default ``"size"``: every selected node is quantized, as
+  onnxruntime does; ``"balanced"`` / ``"speed"`` keep float the Convs whose ConvInteger is
+  measured slower than float).
 * **Accepted, no effect:** keys of static quantization and calibration (dynamic quantization
   computes activation ranges at run time), ``ForceQuantizeNoInputCheck`` and
   ``DefaultTensorType``.
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from onnxquant.core.model_io import ModelInput
 from onnxquant.dynamic.config import DynamicQuantConfig as NativeDynamicQuantConfig
 from onnxquant.ort._errors import InvalidOptionError
-from onnxquant.ort._options import _bool, _enum, _names, _optional_bool
+from onnxquant.ort._options import _bool, _enum, _names, _objective, _optional_bool
 from onnxquant.ort.quant_utils import QuantType
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ _MAPPED = {
     "WeightSymmetric": ("weight_symmetric", _optional_bool),
     "MatMulConstBOnly": ("matmul_const_b_only", _bool),
     "EnableSubgraph": ("subgraphs", _bool),
+    "Objective": ("objective", _objective),
 }
 _NO_EFFECT = (
     "ActivationSymmetric", "ActivationRestrictedAsymmetric", "ForceQuantizeNoInputCheck",
@@ -97,7 +101,7 @@ def _to_native_dynamic_config(
         nodes_to_exclude=_names(nodes_to_exclude, "nodes_to_exclude") or frozenset(),
         external_data=True if use_external_data_format else None,
         evaluate=False,  # onnxruntime measures nothing
-        **fields,
+        **{"objective": "size", **fields},  # quantize what onnxruntime would (Objective)
     )
 
 

@@ -11,8 +11,10 @@
   ``CalibPercentile``, ``UseQDQContribOps``, ``DedicatedQDQPair``,
   ``OpTypesToExcludeOutputQuantization``, ``ForceQuantizeNoInputCheck``, ``MatMulConstBOnly``
   (QOperator only, as in onnxruntime), ``AddQDQPairToWeight``,
-  ``ActivationRestrictedAsymmetric``, ``BlockSize``. Values are type-checked: a bad value
-  raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
+  ``ActivationRestrictedAsymmetric``, ``BlockSize``, and onnxquant's own ``Objective``
+  (default ``"size"``: quantize what onnxruntime would; ``"balanced"`` / ``"speed"`` let
+  onnxquant's measured cost model keep float the nodes that would run slower). Values are
+  type-checked: a bad value raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
   plain mean of the per-feed ranges, so a WARNING says that the ranges differ.
@@ -109,6 +111,16 @@ def _op_type_list(key: str, value: Any) -> frozenset[str]:
     return frozenset(value)
 
 
+def _objective(key: str, value: Any) -> str:
+    """onnxquant's own key: ``"size"`` (the default here: quantize what onnxruntime would,
+    whatever it costs on this CPU), ``"balanced"`` or ``"speed"``."""
+    choices = ("size", "balanced", "speed")
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise InvalidOptionError(f"extra_options[{key!r}] must be one of {choices}, "
+                                 f"got {value!r}")
+    return value.strip().lower()
+
+
 def _block_size(key: str, value: Any) -> int | None:
     """0 or None: no blocks (onnxruntime's default); otherwise a positive block size."""
     if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -161,6 +173,7 @@ _MAPPED: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "AddQDQPairToWeight": ("weight_qdq_pairs", _bool),
     "ActivationRestrictedAsymmetric": ("restricted_zero_points", _bool),
     "BlockSize": ("weight_block_size", _block_size),
+    "Objective": ("objective", _objective),
 }
 
 # extra_options key -> why it has no effect here
@@ -349,7 +362,9 @@ def _to_native_config(
         force_nodes=_names(nodes_to_quantize, "nodes_to_quantize") or frozenset(),
         external_data=True if use_external_data_format else None,
         evaluate=False,  # onnxruntime calibrates on every sample and measures nothing
-        **{"bias_correction": False, **fields},  # onnxruntime keeps biases as they are
+        # onnxruntime keeps biases as they are, and quantizes what it is asked to whatever
+        # that costs on the machine that quantizes (which need not be the one that deploys)
+        **{"bias_correction": False, "objective": "size", **fields},
     )
     if calibration_providers:
         native.providers = tuple(calibration_providers)

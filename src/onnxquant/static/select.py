@@ -34,6 +34,10 @@ def select_nodes(model: ir.Model, config: StaticQuantConfig) -> list[ir.Node]:
         if config.format is QuantFormat.QOPERATOR and any(
                 is_half(v) for v in (*node.inputs, *node.outputs)):
             continue  # QLinear* kernels take float32 scales only; float16 needs QDQ
+        if node.op_type == "Concat" and any(is_half(v) for v in node.inputs):
+            # onnxruntime 1.32 fuses DQ -> Concat -> Q into QLinearConcat even with float16
+            # scales, which QLinearConcat does not take: the session cannot be created.
+            continue
         if (config.format is QuantFormat.QOPERATOR and node.op_type != "MatMul"
                 and (config.activation_type.is_float or config.weight_type.is_float)):
             continue  # float8 QOperator: only com.microsoft QLinearMatMul is defined

@@ -116,14 +116,21 @@ def _shallow_conv():
                   [_vi("x", [1, 2, 10, 10])], [_vi("y", [1, 3, 8, 8])], [w])
 
 
-def test_named_op_types_override_the_qoperator_speed_rules(tmp_path):
-    # A 2-channel 3x3 Conv on a graph input is faster in float (float_conv_depth) ...
-    left = _quantize(tmp_path, _shallow_conv(), quant_format=oqq.QuantFormat.QOperator)
-    assert _ops(left) == ["Conv"]
-    # ... unless the user names Conv.
+def test_the_ort_layer_quantizes_what_onnxruntime_would(tmp_path):
+    # A 2-channel 3x3 Conv on a graph input runs faster in float: onnxquant's own objective
+    # keeps it float (tests run without measuring, on the fallback rules) ...
+    balanced = _quantize(tmp_path, _shallow_conv(), quant_format=oqq.QuantFormat.QOperator,
+                         extra_options={"Objective": "balanced"})
+    assert _ops(balanced) == ["Conv"]
+    # ... onnxquant.ort quantizes it, as onnxruntime does, unless asked otherwise ...
+    left_open = _quantize(tmp_path, _shallow_conv(), quant_format=oqq.QuantFormat.QOperator)
+    assert "QLinearConv" in _ops(left_open)
+    # ... and a Conv the user names is quantized whatever the objective.
     named = _quantize(tmp_path, _shallow_conv(), quant_format=oqq.QuantFormat.QOperator,
-                      op_types_to_quantize=["Conv"])
+                      op_types_to_quantize=["Conv"], extra_options={"Objective": "speed"})
     assert "QLinearConv" in _ops(named)
+    with pytest.raises(ValueError, match="Objective"):
+        _quantize(tmp_path, _shallow_conv(), extra_options={"Objective": "fast"})
 
 
 def test_matmul_const_b_only_keeps_dynamic_matmuls_float(tmp_path):

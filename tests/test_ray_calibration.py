@@ -1,6 +1,7 @@
 """Calibration on a Ray cluster: ranges identical to one process for every method, a shard
 whose feed fails is named in the error, a worker that dies is replaced and its shard retried,
-and a clear message when Ray is missing.
+and a clear message when Ray is missing. GPTQ's Hessians summed on Ray agree with one process
+to float64 rounding, and so do the weights quantized with them.
 
 One local Ray cluster bound to 127.0.0.1 (2 CPUs, no dashboard) serves the whole module; the
 backend uses it as it is (a Ray initialised in the process) and does not shut it down.
@@ -26,6 +27,9 @@ from onnxquant.calibration import ray_cluster
 from onnxquant.calibration.observers import MinMaxObserver
 from onnxquant.cli.main import build_parser
 from onnxquant.cli.static import static_config_from_args
+from onnxquant.cli.weights import weights_config_from_args
+from onnxquant.weight_only import calib
+from onnxquant.weight_only.config import WeightOnlyConfig, WeightOnlyConfigError
 
 METHODS = list(CalibrationMethod)
 
@@ -210,3 +214,100 @@ def test_cli_ray_option_becomes_the_config(monkeypatch):
     assert (remote.calibration_backend, remote.ray_address) == ("ray", "10.1.2.3:6379")
     with pytest.raises(SystemExit):
         parser.parse_args(["static", "-o", "q.onnx", "--ray", "m.onnx"])
+
+
+# --------------------------------------------------------------------------- GPTQ Hessians
+def _gptq_model() -> onnx.ModelProto:
+    """x[B, S, 32] -> MatMul (32x64) -> Relu -> MatMul (64x32), and x -> MatMul (32x32): three
+    GPTQ targets over two distinct A inputs that are not graph inputs, plus x itself."""
+    rng = np.random.default_rng(5)
+    weights = {"w0": rng.normal(size=(32, 64)) / 6, "w1": rng.normal(size=(64, 32)) / 8,
+               "w2": rng.normal(size=(32, 32)) / 6}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w1"], ["y"], name="mm1"),
+         helper.make_node("MatMul", ["x", "w2"], ["z"], name="mm2")],
+        "gptq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _gptq_config(**kwargs) -> WeightOnlyConfig:
+    return WeightOnlyConfig(algorithm="gptq", block_size=16, evaluate=False, **kwargs)
+
+
+def test_gptq_hessians_and_weights_match_one_process(cluster, tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    # 12 feeds: shards 0-7 and 8-11 on two workers; 8+ rows each, so sums fold on both sides
+    feeds = [{"x": rng.normal(size=(2, 4 + i % 3, 32)).astype(np.float32)} for i in range(12)]
+    collected: dict[str, dict] = {}
+    collect = calib.collect_hessians
+
+    def spy(*args, **kwargs):
+        accumulators, samples = collect(*args, **kwargs)
+        collected[kwargs["backend"]] = accumulators
+        return accumulators, samples
+
+    monkeypatch.setattr(calib, "collect_hessians", spy)
+    results = {}
+    for backend, extra in [("local", {}), ("ray", {"calibration_workers": 2})]:
+        config = _gptq_config(calibration_backend=backend, **extra)
+        results[backend] = onnxquant.quantize_weights(
+            _gptq_model(), tmp_path / f"{backend}.onnx", config, feeds)
+    assert results["ray"].calibration_samples == results["local"].calibration_samples == 12
+    one, ray = collected["local"], collected["ray"]
+    assert sorted(ray) == sorted(one) == ["r", "x"]
+    for name in one:
+        assert ray[name].samples == one[name].samples
+        np.testing.assert_allclose(ray[name].hessian(), one[name].hessian(), rtol=1e-12,
+                                   atol=0)
+    local = {t.name: onnx.numpy_helper.to_array(t)
+             for t in onnx.load(tmp_path / "local.onnx").graph.initializer}
+    remote = {t.name: onnx.numpy_helper.to_array(t)
+              for t in onnx.load(tmp_path / "ray.onnx").graph.initializer}
+    assert sorted(remote) == sorted(local)
+    for name, want in local.items():
+        got = remote[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if want.dtype == np.uint8:  # packed codes (and zero points): a rounding tie at most
+            assert int((got != want).sum()) <= 2, name
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=0, err_msg=name)
+
+
+def test_gptq_failing_shard_is_named(cluster):
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.normal(size=(1, 8)).astype(np.float32)} for _ in range(20)]
+    feeds[11] = {"x": rng.normal(size=(1, 6)).astype(np.float32)}  # Reshape fails on 6
+    model = ir.from_proto(_reshape_model())
+    with pytest.raises(onnxquant.CalibrationError) as caught:
+        calib.collect_hessians(model, {"r": 4}, feeds, backend="ray", workers=2)
+    message = str(caught.value)
+    assert "shard 1 (feeds 8-15)" in message and "failed on two Ray workers" in message
+    assert "worker 1 (" in message and "worker 0 (" in message
+    assert "feed 11" in message
+
+
+def test_weight_only_backend_fields_and_cli(monkeypatch):
+    monkeypatch.setattr(ray_cluster, "ray_available", lambda: True)
+    with pytest.raises(WeightOnlyConfigError, match="calibration_backend must be one of"):
+        WeightOnlyConfig(calibration_backend="dask")
+    with pytest.raises(WeightOnlyConfigError, match="needs calibration_backend='ray'"):
+        WeightOnlyConfig(calibration_workers=2)
+    with pytest.raises(WeightOnlyConfigError, match="ray_address must be 'host:port'"):
+        WeightOnlyConfig(calibration_backend="ray", ray_address="my cluster")
+    parser = build_parser()
+    base = ["weights", "m.onnx", "-o", "q.onnx", "--algorithm", "gptq", "--calib", "data"]
+    local = weights_config_from_args(parser.parse_args(base))
+    assert (local.calibration_backend, local.ray_address, local.calibration_workers) == (
+        "local", None, 1)
+    remote = weights_config_from_args(
+        parser.parse_args([*base, "--ray", "10.1.2.3:6379", "--workers", "4"]))
+    assert (remote.calibration_backend, remote.ray_address, remote.calibration_workers) == (
+        "ray", "10.1.2.3:6379", 4)
+    monkeypatch.setattr(ray_cluster, "ray_available", lambda: False)
+    with pytest.raises(onnxquant.CalibrationError, match=r"pip install 'onnxquant\[ray\]'"):
+        calib.collect_hessians(ir.from_proto(_gptq_model()), {"x": 32}, [], backend="ray")

@@ -20,6 +20,11 @@ A shard that fails (the task raised, or its worker died) is run once more, on an
 dead worker is replaced first); if that fails too, the error names both workers and the shard's
 feeds. Calibration never goes on with fewer samples.
 
+The machinery is generic — :func:`map_shards` runs any picklable :class:`ShardJob` (a model
+opened once per worker, then shards of feeds) and hands each shard's result to a merge callback
+in shard order; :func:`run_on_ray` is the static ranges' job, and GPTQ's Hessian accumulation
+(``onnxquant.weight_only``) is another.
+
 Ray is imported only here and only when this backend is used: ``pip install onnxquant[ray]``.
 """
 
@@ -33,8 +38,8 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import onnx_ir as ir
 from tqdm.auto import tqdm
@@ -43,8 +48,8 @@ from onnxquant.calibration.parallel import merge_observers, observe, shard_sessi
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.model_io import PROTOBUF_LIMIT, clone_model, load_external_tensors
 
-__all__ = ["BACKENDS", "RAY_MISSING", "backend_problem", "model_bytes", "ray_available",
-           "ray_session", "run_on_ray", "valid_ray_address"]
+__all__ = ["BACKENDS", "RAY_MISSING", "ShardJob", "backend_problem", "map_shards", "model_bytes",
+           "ray_available", "ray_session", "run_on_ray", "valid_ray_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,24 +165,49 @@ def _loopback(ray: Any) -> Iterator[None]:
             constants.ENABLE_RAY_CLUSTER = before
 
 
-class _ShardRunner:
-    """A Ray actor: one onnxruntime session over the shipped model, running shards."""
+class ShardJob(Protocol):
+    """What a worker does: ``open`` the shipped model once (the job is pickled to the workers
+    before that), then ``run`` shards of feeds, returning a result and how many feeds ran."""
 
-    def __init__(self, model: bytes, providers: list[str], outputs: dict[str, str],
-                 observers: dict, threads: int) -> None:
-        self._session = shard_session(model, providers, threads)
-        self._outputs = outputs
-        self._template = observers
+    def open(self, model: bytes) -> None: ...
+
+    def run(self, first: int, feeds: list[dict]) -> tuple[Any, int]: ...
+
+
+@dataclasses.dataclass
+class _Observe:
+    """The static job: an onnxruntime session over the augmented model updating fresh copies of
+    the observers (their states are the shard's result)."""
+
+    providers: list[str]
+    outputs: dict[str, str]
+    observers: dict
+    threads: int = 1
+    _session: Any = None
+
+    def open(self, model: bytes) -> None:
+        self._session = shard_session(model, self.providers, self.threads)
+
+    def run(self, first: int, feeds: list[dict]) -> tuple[dict, int]:
+        observers = copy.deepcopy(self.observers)
+        return observers, observe(self._session, self.outputs, observers,
+                                  enumerate(feeds, first))
+
+
+class _ShardRunner:
+    """A Ray actor: one :class:`ShardJob` opened over the shipped model, running shards."""
+
+    def __init__(self, model: bytes, job: ShardJob) -> None:
+        self._job = job
+        job.open(model)
 
     def where(self) -> str:
         """Host and process of this worker (for error messages)."""
         return f"{socket.gethostname()} pid {os.getpid()}"
 
-    def run(self, first: int, feeds: list[dict]) -> tuple[dict, int]:
-        """Fresh observers updated with ``feeds`` (numbered from ``first``), and their count."""
-        observers = copy.deepcopy(self._template)
-        return observers, observe(self._session, self._outputs, observers,
-                                  enumerate(feeds, first))
+    def run(self, first: int, feeds: list[dict]) -> tuple[Any, int]:
+        """The job's result for ``feeds`` (numbered from ``first``), and how many it ran."""
+        return self._job.run(first, feeds)
 
 
 @dataclasses.dataclass
@@ -197,11 +227,11 @@ class _Shard:
 class _Pool:
     """The actors, replaced when they die, with where each one runs."""
 
-    def __init__(self, ray: Any, model_ref: Any, args: tuple, workers: int) -> None:
+    def __init__(self, ray: Any, model_ref: Any, job: ShardJob, workers: int) -> None:
         self._ray = ray
         self._cls = ray.remote(num_cpus=1, max_restarts=0)(_ShardRunner)
-        self._model_ref, self._args = model_ref, args
-        self.actors = [self._cls.remote(model_ref, *args) for _ in range(workers)]
+        self._model_ref, self._job = model_ref, job
+        self.actors = [self._cls.remote(model_ref, job) for _ in range(workers)]
         self.where = self._locate(range(workers))
 
     def _locate(self, indexes: Sequence[int]) -> list[str]:
@@ -221,7 +251,7 @@ class _Pool:
     def replace(self, index: int) -> None:
         with contextlib.suppress(Exception):
             self._ray.kill(self.actors[index])
-        self.actors[index] = self._cls.remote(self._model_ref, *self._args)
+        self.actors[index] = self._cls.remote(self._model_ref, self._job)
         self.where[index] = self._locate([index])[0]
 
     def name(self, index: int) -> str:
@@ -252,14 +282,14 @@ def model_bytes(augmented: ir.Model) -> bytes:
     return data
 
 
-def _shards(feeds: Any) -> Iterator[tuple[int, list[dict]]]:
+def _shards(feeds: Any, size: int) -> Iterator[tuple[int, list[dict]]]:
     batch: list[dict] = []
     first = 0
     for index, feed in enumerate(feeds):
         if not batch:
             first = index
         batch.append(feed)
-        if len(batch) == SHARD_FEEDS:
+        if len(batch) == size:
             yield first, batch
             batch = []
     if batch:
@@ -278,55 +308,73 @@ def run_on_ray(augmented: ir.Model, outputs: dict[str, str], observers: dict, fe
         CalibrationError: Ray is missing or unreachable, or a shard failed twice.
     """
     _ray()  # before the model is serialized
-    data = model_bytes(augmented)
+    return map_shards(model_bytes(augmented), _Observe(list(providers), outputs, observers),
+                      feeds, lambda shard: merge_observers(observers, [shard]),
+                      workers=workers, address=address, total=total, progress=progress)
+
+
+def map_shards(model: bytes, job: ShardJob, feeds: Any, merge: Callable[[Any], None], *,
+               workers: int, address: str | None, total: int | None, progress: bool,
+               shard_feeds: int = SHARD_FEEDS, desc: str = "calibrating (ray)") -> int:
+    """Run ``job`` over shards of ``shard_feeds`` consecutive ``feeds`` on ``workers`` Ray
+    actors; ``merge`` gets each shard's result in shard order.
+
+    ``model`` (serialized, see :func:`model_bytes`) is put in the object store once and every
+    actor opens the job over it. A shard that fails is retried once on another worker.
+
+    Returns:
+        The number of feeds processed.
+
+    Raises:
+        CalibrationError: Ray is missing or unreachable, or a shard failed twice.
+    """
     with ray_session(address, workers) as ray:
-        model_ref = ray.put(data)
-        del data
-        pool = _Pool(ray, model_ref, (list(providers), outputs, observers, 1), workers)
+        model_ref = ray.put(model)
+        del model
+        pool = _Pool(ray, model_ref, job, workers)
         try:
-            return _drive(ray, pool, observers, feeds, workers, total, progress)
+            return _drive(ray, pool, merge, _shards(feeds, shard_feeds), workers, total,
+                          progress, desc)
         finally:
             pool.close()
 
 
-def _drive(ray: Any, pool: _Pool, observers: dict, feeds: Any, workers: int,
-           total: int | None, progress: bool) -> int:
+def _drive(ray: Any, pool: _Pool, merge: Callable[[Any], None], source: Any, workers: int,
+           total: int | None, progress: bool, desc: str) -> int:
     """Deal shards to the pool (bounded), retry failures once, merge in shard order."""
     pending: dict[Any, _Shard] = {}
-    done: dict[int, dict] = {}
+    done: dict[int, Any] = {}
     merged = samples = 0
-    source = _shards(feeds)
 
     def submit(shard: _Shard) -> None:
         pending[pool.actors[shard.worker].run.remote(shard.first, shard.feeds)] = shard
 
-    with tqdm(total=total, desc="calibrating (ray)", unit="sample",
-              disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="sample", disable=not progress) as bar:
         for number, (first, batch) in enumerate(source):
             submit(_Shard(number, first, batch, number % workers))
             while len(pending) >= _IN_FLIGHT * workers:
                 samples += _collect(ray, pool, pending, done, submit, workers, bar)
-            merged = _merge_ready(observers, done, merged)
+            merged = _merge_ready(merge, done, merged)
         while pending:
             samples += _collect(ray, pool, pending, done, submit, workers, bar)
-        _merge_ready(observers, done, merged)
+        _merge_ready(merge, done, merged)
     return samples
 
 
-def _collect(ray: Any, pool: _Pool, pending: dict, done: dict[int, dict], submit: Any,
+def _collect(ray: Any, pool: _Pool, pending: dict, done: dict[int, Any], submit: Any,
              workers: int, bar: Any) -> int:
-    """Wait for one shard; store its observers, or resubmit it once, or raise."""
+    """Wait for one shard; store its result, or resubmit it once, or raise."""
     [ref], _ = ray.wait(list(pending), num_returns=1)
     shard = pending.pop(ref)
     try:
-        shard_observers, count = ray.get(ref)
+        result, count = ray.get(ref)
     except ray.exceptions.RayError as err:
         shard.failures.append(f"{pool.name(shard.worker)}: {_reason(err)}")
         if isinstance(err, ray.exceptions.RayActorError):
             pool.replace(shard.worker)
         if shard.attempt >= 1:
             raise CalibrationError(
-                f"calibration {shard.describe()} failed on two Ray workers; no range is "
+                f"calibration {shard.describe()} failed on two Ray workers; nothing is "
                 "computed from fewer samples. " + "; ".join(shard.failures)) from err
         logger.warning("calibration %s failed on %s; retrying it once", shard.describe(),
                        shard.failures[-1])
@@ -337,14 +385,14 @@ def _collect(ray: Any, pool: _Pool, pending: dict, done: dict[int, dict], submit
     if count != len(shard.feeds):
         raise CalibrationError(f"calibration {shard.describe()} ran {count} of "
                                f"{len(shard.feeds)} feeds on {pool.name(shard.worker)}")
-    done[shard.number] = shard_observers
+    done[shard.number] = result
     bar.update(count)
     return count
 
 
-def _merge_ready(observers: dict, done: dict[int, dict], merged: int) -> int:
+def _merge_ready(merge: Callable[[Any], None], done: dict[int, Any], merged: int) -> int:
     """Merge the finished shards that follow the merged ones; returns the next to merge."""
     while merged in done:
-        merge_observers(observers, [done.pop(merged)])
+        merge(done.pop(merged))
         merged += 1
     return merged

@@ -92,11 +92,12 @@ def objective_fields(args: argparse.Namespace) -> dict[str, Any]:
             "measure_costs": False if args.no_measure_costs else None}
 
 
-def add_calibration_workers(group: argparse._ArgumentGroup) -> None:
+def add_calibration_workers(group: argparse._ArgumentGroup,
+                            workers_help: str | None = None) -> None:
     """``--workers N`` and ``--ray [ADDRESS]``: where the calibration inference runs."""
     group.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                       help="processes (with --ray: Ray workers, one CPU each) sharing the "
-                            "calibration inference (same ranges as one)")
+                       help=workers_help or "processes (with --ray: Ray workers, one CPU each) "
+                            "sharing the calibration inference (same ranges as one)")
     group.add_argument("--ray", nargs="?", const="", type=_ray_address, metavar="ADDRESS",
                        help="calibrate on a Ray cluster (pip install 'onnxquant[ray]'): "
                             "ADDRESS is host:port of a cluster started with `ray start --head`; "

@@ -3,7 +3,8 @@
 ``onnxquant weights MODEL -o OUT --bits 4 --block-size 32 --algorithm rtn`` quantizes MatMul
 (and, with ``--op-types MatMul,Gather``, Gather) weights and prints a short summary, with the
 accuracy (on ``--eval DIR``; else GPTQ holds back calibration feeds, or random feeds are used
-when every input is float) and a warning when nothing was quantized. Arguments
+when every input is float) and a warning when nothing was quantized; ``--ray [ADDRESS]`` and
+``--workers N`` accumulate GPTQ's Hessians on a Ray cluster. Arguments
 become a :class:`~onnxquant.weight_only.config.WeightOnlyConfig` in one place,
 :func:`weights_config_from_args`. The main ``onnxquant`` parser adds the subcommand with
 :func:`add_weights_parser`; the command returns its exit code from :func:`run_weights`.
@@ -15,7 +16,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from onnxquant.cli.args import add_verbosity, name_list
+from onnxquant.cli.args import (
+    add_calibration_workers,
+    add_verbosity,
+    calibration_worker_fields,
+    name_list,
+)
 from onnxquant.cli.common import add_eval, check_data, print_warnings
 from onnxquant.core.errors import QuantizationError
 from onnxquant.core.qtypes import QuantFormat
@@ -125,6 +131,8 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="Hessian dampening, fraction of its mean diagonal (default 0.01)")
     gptq.add_argument("--act-order", action="store_true",
                       help="quantize columns by decreasing Hessian diagonal")
+    add_calibration_workers(gptq, "with --ray: Ray workers (one CPU each) sharing GPTQ's "
+                                  "calibration inference (default 1)")
     add_eval(p, "every 10th --calib feed (at most 16) with --algorithm gptq, held back from "
                 "calibration; else 4 random feeds when every model input is a float tensor")
     model = p.add_argument_group("model handling")
@@ -157,6 +165,7 @@ def weights_config_from_args(args: argparse.Namespace) -> WeightOnlyConfig:
         upgrade_opset=args.upgrade_opset,
         evaluate=not args.no_eval,
         progress=not args.quiet,
+        **calibration_worker_fields(args),
     )
 
 

@@ -14,7 +14,8 @@
   ``ActivationRestrictedAsymmetric``, ``BlockSize``, and onnxquant's own ``Objective``
   (default ``"size"``: quantize what onnxruntime would; ``"balanced"`` / ``"speed"`` let
   onnxquant's measured cost model keep float the nodes that would run slower). Values are
-  type-checked: a bad value raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a ``ValueError``).
+  type-checked: a bad value raises :class:`~onnxquant.ort._errors.InvalidOptionError` (a
+  ``ValueError``).
   ``CalibMovingAverage``: onnxquant keeps an exponential moving average (weight
   ``CalibMovingAverageConstant`` for the newest feed); onnxruntime's ``quantize_static`` takes the
   plain mean of the per-feed ranges, so a WARNING says that the ranges differ.

@@ -144,7 +144,8 @@ def _gptq_hessians(model: ir.Model, targets: list[Target], data: Any,
     accumulators, samples = collect_hessians(
         model, wanted, data, providers=config.gptq.providers,
         max_samples=config.gptq.max_calibration_samples, progress=config.progress,
-        hold_back=hold_back)
+        hold_back=hold_back, backend=config.calibration_backend,
+        ray_address=config.ray_address, workers=config.calibration_workers)
     users = [_input_name(t.node) for t in targets
              if t.settings.algorithm is WeightOnlyAlgorithm.GPTQ]
     return HessianStore(accumulators, users), samples

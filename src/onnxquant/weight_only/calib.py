@@ -8,6 +8,9 @@ holds one segment's weights at a time; a small one, or one with subgraphs, runs 
 private copy of its graph (the weights are never copied). Only MatMuls of the main graph are
 calibrated; targets inside If/Loop/Scan bodies fall back to RTN (their A values are not
 addressable from outside the body).
+
+With ``backend="ray"`` the same pieces (``_capture``) run on Ray workers, each over a shard of
+the feeds, and their accumulators are merged in shard order (``_ray``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxquant.calibration.evaluation import HoldBack
-from onnxquant.calibration.readers import count_feeds
-from onnxquant.calibration.runner import calibration_feeds
-from onnxquant.calibration.session import input_specs, make_session, run_batch
+from onnxquant.calibration.runner import calibration_feeds, feed_total
+from onnxquant.calibration.session import input_specs, make_session
 from onnxquant.core import tempdirs
 from onnxquant.core.errors import CalibrationError
-from onnxquant.core.model_io import clone_model, model_size_bytes
+from onnxquant.core.model_io import model_size_bytes
+from onnxquant.weight_only._capture import accumulate, capture, expose_activations
 from onnxquant.weight_only._hessian import HessianAccumulator
 from onnxquant.weight_only._segments import plan_segments, run_segments
 
@@ -48,6 +51,9 @@ def collect_hessians(
     progress: bool = False,
     segment_bytes: int | None = None,
     hold_back: HoldBack | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
+    workers: int = 1,
 ) -> tuple[dict[str, HessianAccumulator], int]:
     """One Hessian accumulator per activation name, filled from ``data``.
 
@@ -62,6 +68,11 @@ def collect_hessians(
             the model from :data:`SEGMENTED_MODEL_BYTES` on, else the whole model).
         hold_back: Sets feeds aside for measuring the accuracy (``max_samples`` then counts
             the calibration feeds only).
+        backend: ``"local"`` (this process) or ``"ray"``: ``workers`` Ray actors each run the
+            whole model over shards of the feeds (see :mod:`onnxquant.weight_only._ray`).
+        ray_address: With ``backend="ray"``: the cluster's ``host:port``; None starts a local
+            cluster (or uses a Ray already initialised in this process).
+        workers: Ray workers (one CPU each).
 
     Returns:
         (accumulators by activation name, number of feeds used).
@@ -70,12 +81,15 @@ def collect_hessians(
         CalibrationError: No feeds, a feed onnxruntime rejects, or an activation whose last
             dimension is not K.
     """
-    accumulators = {name: HessianAccumulator(k) for name, k in activations.items()}
+    if backend == "ray":
+        from onnxquant.weight_only._ray import collect_on_ray
 
-    def update(name: str, array: np.ndarray) -> None:
-        if name in accumulators:
-            _update(accumulators[name], name, array, activations[name])
-
+        feeds = _feeds(model, data, max_samples, False, hold_back)
+        accumulators, samples = collect_on_ray(
+            model, activations, feeds, providers=providers, workers=workers, address=ray_address,
+            total=feed_total(data, max_samples, hold_back), progress=progress)
+        return accumulators, _check_samples(samples)
+    accumulators, update = accumulate(activations)
     with tempdirs.private_dir(None, "onnxquant-gptq-") as workdir:
         segments = plan_segments(model, activations, _budget(model, segment_bytes))
         if segments:
@@ -88,11 +102,15 @@ def collect_hessians(
         else:
             feeds = _feeds(model, data, max_samples, progress, hold_back)
             samples = _run_whole(model, list(activations), feeds, update, providers, workdir)
+    return accumulators, _check_samples(samples)
+
+
+def _check_samples(samples: int) -> int:
     if samples == 0:
         raise CalibrationError(
             "the calibration data yielded no feeds; GPTQ needs at least one "
             "{input_name: array} dict")
-    return accumulators, samples
+    return samples
 
 
 def _budget(model: ir.Model, segment_bytes: int | None) -> int:
@@ -107,11 +125,7 @@ def _feeds(model: ir.Model, data: Any, max_samples: int | None, progress: bool,
     """Validated feeds, at most ``max_samples``, without those ``hold_back`` sets aside,
     with a progress bar."""
     specs, optional = input_specs(model)
-    total = count_feeds(data)
-    if hold_back is not None:
-        total = hold_back.calibration_count(total)
-    if max_samples is not None:
-        total = min(total, max_samples) if total is not None else max_samples
+    total = feed_total(data, max_samples, hold_back)
     with tqdm(total=total, desc="GPTQ calibration", unit="sample", disable=not progress) as bar:
         for feed in calibration_feeds(data, specs, optional, max_samples, hold_back):
             yield feed
@@ -122,43 +136,7 @@ def _run_whole(model: ir.Model, names: list[str], feeds: Iterator[dict],
                update: Callable[[str, np.ndarray], None], providers: Sequence[str],
                workdir: Path) -> int:
     """One session over a copy of the graph that also outputs every activation in ``names``."""
-    graph_inputs = {v.name for v in model.graph.inputs}
-    exposed = [name for name in names if name not in graph_inputs]
-    augmented = clone_model(model)
-    values = _values_by_name(augmented.graph)
-    existing = {v.name for v in augmented.graph.outputs}
-    for name in exposed:
-        if name not in existing:
-            value = values[name]
-            if value.type is None:
-                value.type = ir.TensorType(ir.DataType.FLOAT)
-            augmented.graph.outputs.append(value)
+    augmented, exposed = expose_activations(model, names)
     session = make_session(augmented, providers, workdir)
-    del augmented, values
-    samples = 0
-    for index, feed in enumerate(feeds):
-        results = run_batch(session, exposed, feed, index)
-        for name, array in zip(exposed, results, strict=True):
-            update(name, array)
-        del results
-        for name in names:
-            if name in graph_inputs:
-                update(name, feed[name])
-        samples += 1
-    return samples
-
-
-def _update(accumulator: HessianAccumulator, name: str, array: np.ndarray, k: int) -> None:
-    array = np.asarray(array)
-    if array.ndim == 0 or array.shape[-1] != k:
-        raise CalibrationError(
-            f"activation '{name}' has shape {list(array.shape)}; GPTQ expected its last "
-            f"dimension to be K = {k}")
-    accumulator.update(array)
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs if v.name}
-    for node in graph:
-        values.update({v.name: v for v in node.outputs if v.name})
-    return values
+    del augmented
+    return capture(session, names, exposed, enumerate(feeds), update)

@@ -7,6 +7,7 @@ import enum
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from onnxquant.calibration.ray_cluster import backend_problem
 from onnxquant.core.errors import QuantizationError
 from onnxquant.core.qtypes import QuantFormat
 
@@ -102,6 +103,18 @@ class WeightOnlyConfig:
             stored 2-D in both formats, and MatMul's output shape is restored by a chain of
             shape ops ending in a ``Reshape`` (onnxruntime's graph; A may be 1-D then). False:
             an ``Unsqueeze``/``Add`` after MatMulNBits, an N-D ``DequantizeLinear`` in QDQ.
+        calibration_backend: Where GPTQ's Hessians are accumulated: ``"local"`` (this
+            process) or ``"ray"`` (``calibration_workers`` actors of a Ray cluster, one CPU
+            each, every one running the whole float model over shards of the feeds; ``pip
+            install onnxquant[ray]``; models over 2 GB are refused, as for static). The
+            driver adds the workers' float64 sums in shard order, so the Hessians agree with
+            one process to float64 rounding (not bitwise) and the quantized weights match but
+            for rare rounding ties.
+        ray_address: With ``calibration_backend="ray"``: the ``host:port`` of a running
+            cluster (``ray start --head``; ``"auto"``, ``ray://host:port``); None starts a local
+            cluster bound to 127.0.0.1, or uses a Ray already initialised in this process.
+        calibration_workers: Ray workers sharing GPTQ's calibration inference (more than one
+            needs ``calibration_backend="ray"``).
     """
 
     bits: int = 4
@@ -123,6 +136,9 @@ class WeightOnlyConfig:
     evaluate: bool = True
     progress: bool = False
     reshape_unit_dims: bool = False
+    calibration_backend: str = "local"
+    ray_address: str | None = None
+    calibration_workers: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str):
@@ -151,6 +167,13 @@ class WeightOnlyConfig:
             raise WeightOnlyConfigError("hqq_iterations must be at least 1")
         if not 0 <= self.gptq.percdamp:
             raise WeightOnlyConfigError(f"gptq.percdamp must be >= 0, got {self.gptq.percdamp}")
+        problem = backend_problem(self.calibration_backend, self.ray_address,
+                                  self.calibration_workers)
+        if problem is None and self.calibration_workers > 1 and self.calibration_backend != "ray":
+            problem = ("calibration_workers > 1 needs calibration_backend='ray' (GPTQ's local "
+                       "Hessian collection runs in this process)")
+        if problem is not None:
+            raise WeightOnlyConfigError(problem)
         self.settings_for("")
         for name, override in self.overrides.items():
             bad = set(override) - set(OVERRIDE_KEYS)

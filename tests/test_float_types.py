@@ -255,3 +255,26 @@ def test_float16_concat_stays_float_so_onnxruntime_loads_the_model(tmp_path):
     assert list(concat.input) == ["a", "b"]  # the float values, not DequantizeLinear outputs
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, feeds[0])[0].astype(np.float32)).all()
+
+
+def test_dynamic_float16_layers_run_in_float32_between_casts(tmp_path):
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.normal(size=(32, 16)).astype(np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = tmp_path / "q.onnx"
+    onnxquant.quantize_dynamic(model, out, onnxquant.DynamicQuantConfig(objective="size",
+                                                                          evaluate=False))
+    q = onnx.load(out)
+    ops = [n.op_type for n in q.graph.node]
+    assert "MatMulInteger" in ops and ops.count("Cast") >= 2
+    assert q.graph.output[0].name == "y"
+    assert q.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    x = rng.normal(size=(4, 32)).astype(np.float16)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x.astype(np.float32) @ numpy_helper.to_array(w).astype(np.float32)
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want).max() < 0.05 * np.abs(want).max()

@@ -27,9 +27,11 @@ from onnxquant.core import front_door, model_io
 from onnxquant.core.errors import CalibrationError
 from onnxquant.core.float_scales import std_range
 from onnxquant.core.graph import HALF_QDQ_OPSET, has_half_values
+from onnxquant.core.model_io import clone_model
 from onnxquant.preprocess import passes as preprocess
 from onnxquant.preprocess.hints import preprocessing_hints
 from onnxquant.static import _overrides
+from onnxquant.static._latency_guard import guard_enabled, guard_latency
 from onnxquant.static.config import StaticQuantConfig
 from onnxquant.static.corrections.equalization import equalize_layers
 from onnxquant.static.corrections.pipeline import (
@@ -83,6 +85,8 @@ def _calibrate(model: ir.Model, nodes: list, data: Any, config: StaticQuantConfi
     keep = config.verify_feeds if config.verify_finite and for_check else 0
     if config.needs_correction_feeds and for_check:
         keep = max(keep, config.correction_feeds)
+    if for_check and guard_enabled(config):
+        keep = max(keep, 1)  # the latency guard times the models on it
     if cache is not None and Path(cache).exists():
         statistics, samples = load_cache(cache, settings, names)
         logger.info("calibration statistics loaded from '%s'", cache)
@@ -243,8 +247,14 @@ def quantize_static(
         plan = build_plan(nodes, ranges, config)
         note_corrected_biases(model, plan)
     checked = dataclasses.replace(calibration, feeds=calibration.feeds[:config.verify_feeds])
+    pristine = clone_model(model) if guard_enabled(config) else None
+    planned = plan
     model, plan = emit_verified(model, plan, checked, config, annotated=annotated,
                                 ranges=ranges)
+    if pristine is not None:  # never slower than float: time both models, re-plan if slower
+        model, plan = guard_latency(pristine, model, plan, planned, checked, config,
+                                    ranges=ranges, annotated=annotated)
+        del pristine
     preprocess.drop_inferred_shapes(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)
     del model

@@ -157,6 +157,12 @@ class StaticQuantConfig:
         cost_model: A cost model to decide with instead of measuring here (an object with
             the :class:`onnxquant.core.costs.CostModel` methods: a table measured on the
             target machine, or a fake in tests); it is used even when measuring is off.
+        latency_guard: With speed or balanced and costs measured, time the float and the
+            quantized model after emission (1 thread, about 2 s) and, while the quantized one
+            is more than 3 % slower, keep float the quantized Conv/MatMul/Gemm with the
+            smallest measured gain, then every node not named by the user
+            (:mod:`onnxquant.static._latency_guard`); the plan and summary say what was
+            measured.
         tensors: Per-tensor overrides by tensor name (:class:`TensorOverride`): mixed
             precision (16-bit activations where 8 bits lose too much), fixed ranges, symmetry.
             Nodes that read or write an overridden tensor are quantized like ``force_nodes``.
@@ -229,6 +235,7 @@ class StaticQuantConfig:
     objective: Objective | str = Objective.BALANCED
     measure_costs: bool | None = None
     cost_model: CostModel | None = None
+    latency_guard: bool = True
     tensors: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
     smooth_quant: bool = False
     smooth_quant_alpha: float = 0.5

@@ -28,6 +28,7 @@ from onnxquant.core.summary_text import (
     speed_lines,
 )
 from onnxquant.emitters.qoperator import FALLBACK
+from onnxquant.static._latency_guard import guard_line
 
 __all__ = ["QuantizationResult", "format_summary", "effective_action", "SUGGESTIONS"]
 
@@ -146,10 +147,12 @@ def _cost_lines(plan: QuantPlan) -> list[str]:
     """The cost model's estimate (see :func:`onnxquant.core.objective.estimate_line`); nothing
     when costs were not measured and the objective is the default."""
     info = plan.settings.get("cost_model")
+    guard = plan.settings.get("latency_guard")
+    lines = [guard_line(guard)] if isinstance(guard, dict) and guard else []
     if not isinstance(info, dict) or (not info.get("measured", True)
                                       and info.get("objective") == Objective.BALANCED.value):
-        return []
-    return [estimate_line(info)]
+        return lines
+    return [estimate_line(info), *lines]
 
 
 def format_summary(result: QuantizationResult, advice: Sequence[str] = (),

@@ -19,6 +19,7 @@ from onnxquant.core.objective import as_objective
 from onnxquant.core.qtypes import QuantFormat
 from onnxquant.dynamic._builder import Names, remove_unused_initializers
 from onnxquant.dynamic._context import Context
+from onnxquant.dynamic._latency_guard import feeds_timer, guard_dynamic, guard_enabled
 from onnxquant.dynamic._rewrite import Decision, rewrite_model
 from onnxquant.dynamic._weights import WeightStore
 from onnxquant.dynamic.config import DynamicQuantConfig
@@ -77,6 +78,13 @@ def _finish_model(model: ir.Model, annotated: set[int]) -> None:
         model.opset_imports[_MS] = 1
 
 
+def _rewrite(model: ir.Model, config: DynamicQuantConfig, support: Any) -> Context:
+    """A fresh rewrite context for ``model`` (names, weights and runtime support)."""
+    names = Names(model)
+    return Context(model=model, config=config, names=names, support=support,
+                   weights=WeightStore(names), opset=model_io.default_opset(model))
+
+
 def quantize_dynamic(
     model_input: model_io.ModelInput,
     model_output: str | os.PathLike,
@@ -125,12 +133,18 @@ def quantize_dynamic(
     annotated = preprocess.prepare_for_quantization(model, fold_bn=config.fold_batchnorm)
     float_bytes = entry.source.float_bytes(model)  # after Constant weights became initializers
     hints = preprocessing_hints(model)
-    names = Names(model)
-    ctx = Context(
-        model=model, config=config, names=names,
-        support=probe_runtime() if config.check_runtime else assume_everything(),
-        weights=WeightStore(names), opset=model_io.default_opset(model))
+    support = probe_runtime() if config.check_runtime else assume_everything()
+    pristine = model_io.clone_model(model) if guard_enabled(config, model) else None
+    ctx = _rewrite(model, config, support)
     decisions = rewrite_model(ctx)
+    cost_estimate = ctx.cost_estimate
+    guard: dict[str, Any] | None = None
+    if pristine is not None:
+        def rewrite(target: ir.Model, retry: DynamicQuantConfig) -> list[Decision]:
+            return rewrite_model(_rewrite(target, retry, support))
+
+        model, decisions, guard = guard_dynamic(pristine, model, decisions, config, rewrite,
+                                                feeds_timer(pristine))
     _finish_model(model, annotated)
     written = model_io.save_model(model, entry.output, external_data=config.external_data)
     del model
@@ -148,8 +162,9 @@ def quantize_dynamic(
         format=config.format,
         fidelity=fidelity,
         hints=hints,
-        cost_model=ctx.cost_estimate or {"objective": as_objective(config.objective).value,
-                                         "measured": False},
+        cost_model={**(cost_estimate or {"objective": as_objective(config.objective).value,
+                                          "measured": False}),
+                    **({"latency_guard": guard} if guard else {})},
     )
     logger.info("dynamic quantization: %d of %d candidate nodes quantized",
                 len(result.quantized), len(decisions))

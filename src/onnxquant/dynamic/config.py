@@ -62,6 +62,10 @@ class DynamicQuantConfig:
             :mod:`onnxquant.core.costs`); None measures unless ``ONNXQUANT_MEASURE_COSTS=0``.
             Without measurements every selected node is quantized, as before.
         cost_model: A cost model to decide with instead of measuring (a table or a fake).
+        latency_guard: With speed or balanced and costs measured, time the float and the
+            quantized model on random feeds (float inputs only) and, when the quantized one
+            is slower, rewrite it with its Convs, then every node not named by the user,
+            kept float (:mod:`onnxquant.dynamic._latency_guard`).
     """
 
     weight_type: QuantType = INT8
@@ -84,6 +88,7 @@ class DynamicQuantConfig:
     progress: bool = False
     objective: Objective | str = Objective.BALANCED
     measure_costs: bool | None = None
+    latency_guard: bool = True
     cost_model: CostModel | None = None
 
     def __post_init__(self) -> None:

@@ -120,8 +120,23 @@ def format_dynamic_summary(result: DynamicQuantizationResult, advice: Sequence[s
     info = result.cost_model
     if info and (info.get("measured", True) or info.get("objective") != "balanced"):
         lines.append(estimate_line(info))
+    guard = (info or {}).get("latency_guard")
+    if guard:
+        lines.append(guard_summary(guard))
     lines.append(f"time:         {result.seconds:.2f} s")
     lines += [f"pre-process:  {hint}" for hint in result.hints]
     lines += speed_lines([*result.warnings(), *advice], latency)
     lines += files_lines(result.output_files)
     return "\n".join(lines)
+
+
+def guard_summary(guard: dict[str, Any]) -> str:
+    """The ``latency:`` line of the dynamic latency guard."""
+    if "skipped" in guard and "first_ratio" not in guard:
+        return f"latency:      not timed ({guard['skipped']})"
+    line = f"latency:      whole model measured {guard['first_ratio']:.2f}x float"
+    if guard.get("rounds"):
+        line += (f"; rewritten in {guard['rounds']} round(s) keeping slow layers float -> "
+                 f"{guard['last_ratio']:.2f}x float")
+    return line
+

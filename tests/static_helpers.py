@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxquant
 from onnxquant import StaticQuantConfig, quantize_static
@@ -176,3 +177,15 @@ def check_bias(node: ir.Node, float_bias: np.ndarray | None) -> None:
 
 
 zoo_tensors = zoo.zoo_tensors
+
+
+def one_input_model(nodes: list, inits: dict, shape: list, outputs: list[str]) -> onnx.ModelProto:
+    """A model of ``nodes`` reading one float input ``x`` of ``shape``, with ``inits`` as
+    initializers and shape-inferred ``outputs`` (their types left to inference)."""
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [onnx.ValueInfoProto(name=n) for n in outputs],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=zoo.IR_VERSION)
+    return onnx.shape_inference.infer_shapes(model)

@@ -20,7 +20,8 @@ import model_zoo as zoo
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
+from static_helpers import one_input_model
 
 from onnxquant import DynamicQuantConfig, StaticQuantConfig, quantize_dynamic, quantize_static
 from onnxquant.core import costs
@@ -38,14 +39,7 @@ _RNG = np.random.default_rng(14)
 
 
 # -- models ------------------------------------------------------------------------------------
-def _model(nodes: list, inits: dict, shape: list[int], outputs: list[str]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [onnx.ValueInfoProto(name=n) for n in outputs],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              ir_version=zoo.IR_VERSION)
-    return onnx.shape_inference.infer_shapes(model)
+_model = one_input_model
 
 
 def _w(*shape: int) -> np.ndarray:

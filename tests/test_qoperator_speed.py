@@ -17,7 +17,8 @@ import model_zoo as zoo
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
+from static_helpers import one_input_model
 
 from onnxquant import StaticQuantConfig, quantize_static
 from onnxquant.core.qtypes import INT8, UINT8, QuantFormat
@@ -26,14 +27,7 @@ from onnxquant.preprocess.conv_add import fold_conv_add
 _RNG = np.random.default_rng(11)
 
 
-def _model(nodes: list, inits: dict, shape: list, outputs: list[str]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [onnx.ValueInfoProto(name=n) for n in outputs],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              ir_version=zoo.IR_VERSION)
-    return onnx.shape_inference.infer_shapes(model)
+_model = one_input_model
 
 
 def _weight(*shape: int) -> np.ndarray:
